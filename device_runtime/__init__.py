@@ -1,0 +1,1 @@
+"""device_runtime package (installs as fedspine_jax.device_runtime)."""

@@ -1,0 +1,1 @@
+"""export package (installs as fedspine_jax.export)."""

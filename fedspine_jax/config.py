@@ -1,0 +1,361 @@
+"""Experiment configuration: frozen dataclasses, one per concern, loaded from YAML.
+
+Design note
+-----------
+Every section is a frozen dataclass whose fields carry their allowed values in the
+field metadata (``lo``/``hi`` bounds, ``choices``). :func:`load_config` maps a YAML file
+onto them, applies ``--set section.key=value`` overrides, and validates every value:
+an unknown section or key, a wrong type or an out-of-range value raises
+:class:`ConfigError` naming the key, the value and what is allowed. Nothing downstream
+reads configuration through string keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is not allowed; the message names both."""
+
+
+def _f(default: Any, *, lo: float | None = None, hi: float | None = None,
+       choices: tuple | None = None) -> Any:
+    """A dataclass field with validation metadata (inclusive bounds, allowed choices)."""
+    meta = {"lo": lo, "hi": hi, "choices": choices}
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults")
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    # Pretrained name ("minilm-l6", "smollm2-135m"), a local HF directory, a .gguf file,
+    # a hub id, or "random" for a randomly initialised model of the shape below.
+    source: str = _f("random")
+    # Architecture of a random-init model: "bert", "roberta" (encoders) or "llama" (decoder).
+    arch: str = _f("bert", choices=("bert", "roberta", "llama"))
+    # Width of the residual stream (random init only).
+    hidden_size: int = _f(32, lo=1)
+    # Number of transformer blocks (random init only).
+    num_layers: int = _f(2, lo=1)
+    # Query heads per attention layer (random init only).
+    num_heads: int = _f(4, lo=1)
+    # Key/value heads per layer for grouped-query attention (llama; encoders use num_heads).
+    num_kv_heads: int = _f(2, lo=1)
+    # FFN inner width (random init only).
+    intermediate_size: int = _f(64, lo=1)
+    # Vocabulary size (random init only); must cover the tokenizer's ids.
+    vocab_size: int = _f(30522, lo=2)
+    # Longest position the position embeddings / RoPE cover (random init only).
+    max_positions: int = _f(128, lo=1)
+    # RoPE base frequency (llama only).
+    rope_theta: float = _f(10000.0, lo=1.0)
+    # Tokenizer for a random-init model: a pretrained name or path.
+    tokenizer: str = _f("minilm-l6")
+    # Seed of the random initialisation (frozen weights and task head).
+    seed: int = _f(0, lo=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    # Global LoRA rank R held by the server.
+    rank: int = _f(8, lo=0, hi=1024)
+    # LoRA alpha; the adapter's output is scaled by alpha / r.
+    alpha: float = _f(16.0, lo=0.0)
+    # Linears that carry LoRA: attention (q, k, v, o) and FFN (fc1, fc2 / gate, up, down).
+    targets: tuple = _f(("q", "k", "v", "o", "fc1", "fc2", "gate", "up", "down"))
+    # Ranks the scheduler may assign to a device (sorted, each <= rank).
+    rank_choices: tuple = _f((2, 4, 8))
+    # Std of the Gaussian initialisation of the `a` factor (and of rows added by grow).
+    init_std: float = _f(0.02, lo=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningConfig:
+    # Fraction of prunable (attention-head + FFN-channel) parameters removed at the end.
+    target_ratio: float = _f(0.5, lo=0.0, hi=0.95)
+    # Round by which every device must have reached target_ratio.
+    target_round: int = _f(10, lo=1)
+    # Moving-average factor eta of Eq. 12.
+    eta: float = _f(0.85, lo=0.0, hi=1.0)
+    # Heads every attention layer keeps at least (0 lets a layer lose all its heads).
+    min_heads_per_layer: int = _f(1, lo=0)
+    # FFN channels every layer keeps at least.
+    min_channels_per_layer: int = _f(1, lo=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # Local steps tau per round (Eq. 12 averages over them).
+    local_steps: int = _f(20, lo=1)
+    # Mini-batch size of a local step.
+    batch_size: int = _f(32, lo=1)
+    # AdamW learning rate.
+    learning_rate: float = _f(5e-4, lo=0.0, hi=1.0)
+    # AdamW weight decay.
+    weight_decay: float = _f(0.0, lo=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BanditConfig:
+    # Discount factor lambda of Eq. 4-5.
+    discount: float = _f(0.9, lo=0.0, hi=1.0)
+    # Regions are split while their (normalised) diameter exceeds delta.
+    delta: float = _f(0.1, lo=0.0, hi=2.0)
+    # Scale of the padding function c_t of Eq. 5 (1.0 is the paper's).
+    exploration: float = _f(1.0, lo=0.0)
+    # Fixed capacity of the partition tree (leaves), so select/update are jittable.
+    capacity: int = _f(64, lo=2)
+    # Reward: "paper" is Eq. 3; "log" uses log1p of each factor for scale robustness.
+    reward: str = _f("paper", choices=("paper", "log"))
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregationConfig:
+    # Eq. 16's 1/N: "normalized" uses the normalised weights c_i alone (a weighted mean);
+    # "paper" multiplies them by 1/N as written (shrinks the update N-fold).
+    scaling: str = _f("normalized", choices=("normalized", "paper"))
+    # Only devices that still keep a head/channel contribute to its rows and columns.
+    mask_aware: bool = _f(False)
+
+
+@dataclasses.dataclass(frozen=True)
+class FederationConfig:
+    # Method: fedspine, its ablations, or a baseline.
+    strategy: str = _f("fedspine", choices=(
+        "fedspine", "fedspine_no_ap", "fedspine_no_at", "hetlora",
+        "fedlora_prune", "llmpruner_fedlora", "fedapt"))
+    # Number of devices N.
+    num_devices: int = _f(4, lo=1)
+    # Number of federated rounds.
+    rounds: int = _f(10, lo=1)
+    # Fraction of planned devices whose updates close a round before its deadline.
+    quorum: float = _f(1.0, lo=0.0, hi=1.0)
+    # Wall-clock deadline of a round in seconds (real deployment); 0 waits forever.
+    deadline_s: float = _f(0.0, lo=0.0)
+    # Evaluate the devices' local models every k rounds (0: only at the end).
+    eval_every: int = _f(5, lo=0)
+    # Master seed of the run (data split, device traces, bandit, LoRA init).
+    seed: int = _f(0, lo=0)
+    # Devices report simulated-clock times instead of measured ones (deployment tests).
+    simulated_clock: bool = _f(False)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # Task: sst2 / mnli (classification) or dolly (instruction tuning).
+    task: str = _f("sst2", choices=("sst2", "mnli", "dolly"))
+    # A local directory of JSON Lines laid out like shared/data/<task>, or a hub data-set id.
+    source: str = _f("../shared/data/sst2")
+    # Truncate tokenised inputs to this many tokens.
+    max_len: int = _f(64, lo=4)
+    # Padded sequence-length buckets (each <= max_len; max_len is always one).
+    length_buckets: tuple = _f((16, 32, 64))
+    # Dirichlet concentration alpha of the label partition (large: near IID).
+    dirichlet_alpha: float = _f(0.5, lo=1e-3)
+    # Samples each device holds at least.
+    min_samples_per_device: int = _f(8, lo=1)
+    # Fraction of each device's samples held out for its local evaluation.
+    holdout_fraction: float = _f(0.1, lo=0.0, hi=0.9)
+    # Use at most this many training records (0: all), drawn with the run's seed.
+    max_train_samples: int = _f(0, lo=0)
+    # Evaluate on at most this many records of the evaluation split (0: all).
+    max_eval_samples: int = _f(0, lo=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DevicesConfig:
+    # Heterogeneity preset of paper section 5.3, or "custom" for the counts below.
+    scenario: str = _f("high", choices=("low", "medium", "high", "custom"))
+    # Device counts by type for scenario "custom".
+    num_tx2: int = _f(0, lo=0)
+    num_nx: int = _f(0, lo=0)
+    num_agx: int = _f(0, lo=0)
+    # Every device's power mode is re-drawn every this many rounds.
+    mode_redraw_every: int = _f(20, lo=1)
+    # Relative std of the per-round bandwidth noise.
+    bandwidth_noise: float = _f(0.2, lo=0.0, hi=1.0)
+    # Fraction of peak throughput a local round achieves.
+    efficiency: float = _f(0.3, lo=1e-3, hi=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    # ONNX opset of exported models.
+    opset: int = _f(17, lo=13, hi=23)
+    # Max abs difference ONNX Runtime vs JAX (fp32) above which an export fails.
+    tolerance: float = _f(1e-4, lo=0.0)
+    # Build TensorRT engines in fp16.
+    fp16: bool = _f(False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    lora: LoRAConfig = LoRAConfig()
+    pruning: PruningConfig = PruningConfig()
+    train: TrainConfig = TrainConfig()
+    bandit: BanditConfig = BanditConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    federation: FederationConfig = FederationConfig()
+    data: DataConfig = DataConfig()
+    devices: DevicesConfig = DevicesConfig()
+    export: ExportConfig = ExportConfig()
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return dict(hints)
+
+
+def _check_value(section: str, fld: dataclasses.Field, hint: Any, value: Any) -> Any:
+    key = f"{section}.{fld.name}"
+    origin = typing.get_origin(hint)
+    if origin is types.UnionType or origin is typing.Union:  # pragma: no cover - unused now
+        hint = [a for a in typing.get_args(hint) if a is not type(None)][0]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+    elif hint is tuple:
+        if isinstance(value, (list, tuple)):
+            value = tuple(value)
+        else:
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        want = type(fld.default[0]) if fld.default else None
+        if want is not None and not all(isinstance(v, want) and not isinstance(v, bool)
+                                        for v in value):
+            raise ConfigError(f"{key}={value!r}: expected a list of {want.__name__}")
+    meta = fld.metadata
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ConfigError(f"{key}={value!r}: allowed values are {list(meta['choices'])}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise ConfigError(f"{key}={value!r}: out of range, allowed {rng}")
+    return value
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"section {name!r} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {name}.{unknown[0]}; allowed keys of {name!r}: "
+                          f"{sorted(fields)}")
+    values = {}
+    for fname, fld in fields.items():
+        values[fname] = _check_value(name, fld, hints[fname], raw.get(fname, fld.default))
+    return cls(**values)
+
+
+def _cross_checks(cfg: Config) -> None:
+    rc = cfg.lora.rank_choices
+    if list(rc) != sorted(rc) or not rc or rc[0] < 1 or rc[-1] > cfg.lora.rank:
+        raise ConfigError(f"lora.rank_choices={list(rc)!r}: must be sorted, non-empty, "
+                          f">= 1 and <= lora.rank={cfg.lora.rank}")
+    if any(b > cfg.data.max_len for b in cfg.data.length_buckets):
+        raise ConfigError(f"data.length_buckets={list(cfg.data.length_buckets)!r}: each must "
+                          f"be <= data.max_len={cfg.data.max_len}")
+    if cfg.model.arch == "llama" and cfg.model.num_heads % cfg.model.num_kv_heads:
+        raise ConfigError(f"model.num_kv_heads={cfg.model.num_kv_heads}: must divide "
+                          f"model.num_heads={cfg.model.num_heads}")
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise ConfigError(f"model.num_heads={cfg.model.num_heads}: must divide "
+                          f"model.hidden_size={cfg.model.hidden_size}")
+
+
+def from_dict(raw: dict) -> Config:
+    """Build and validate a :class:`Config` from a nested mapping (missing keys: defaults)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    hints = _section_types()
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r}; allowed sections: {sorted(hints)}")
+    cfg = Config(**{name: _build_section(name, cls, raw.get(name)) for name, cls in hints.items()})
+    _cross_checks(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain nested dicts/lists (YAML-serialisable)."""
+    def plain(v):
+        return list(v) if isinstance(v, tuple) else v
+    return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
+            for s in SECTIONS}
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested mapping."""
+    raw = {k: dict(v or {}) for k, v in (raw or {}).items()}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        path, text = item.split("=", 1)
+        section, key = path.split(".", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        raw.setdefault(section, {})[key] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+                ) -> Config:
+    """Load a YAML config file (or defaults when ``path`` is None), apply overrides, validate.
+
+    Relative ``data.source`` paths are resolved against the current directory, as a
+    user typing them would expect.
+    """
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    return from_dict(apply_overrides(raw, overrides))
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """A copy of ``cfg`` with fields of the named sections replaced, re-validated."""
+    raw = to_dict(cfg)
+    for name, changes in sections.items():
+        if name not in raw:
+            raise ConfigError(f"unknown section {name!r}")
+        raw[name].update(changes)
+    return from_dict(raw)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

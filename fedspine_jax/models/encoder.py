@@ -1,0 +1,89 @@
+"""BERT / RoBERTa encoder for sequence classification, in Flax NNX.
+
+Matches Hugging Face ``BertModel`` / ``RobertaModel`` (post-LN blocks, exact GELU) and the
+heads of ``BertForSequenceClassification`` (pooler dense + tanh on the first token, then a
+linear classifier) and ``RobertaForSequenceClassification`` (no pooler: dense + tanh +
+out_proj on the first token). RoBERTa positions start at ``pad_token_id + 1`` and skip
+padding, as in ``create_position_ids_from_input_ids``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fedspine_jax.models.arch import ArchConfig
+from fedspine_jax.models.layers import NEG_INF, MLP, Attention
+from fedspine_jax.models.lora import HeadParam, LoRALinear
+
+
+class EncoderLayer(nnx.Module):
+    def __init__(self, cfg: ArchConfig, layer: int, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.attn = Attention(cfg, layer, rngs=rngs)
+        self.ln1 = nnx.LayerNorm(d, epsilon=cfg.norm_eps, rngs=rngs)
+        self.mlp = MLP(cfg, layer, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d, epsilon=cfg.norm_eps, rngs=rngs)
+
+    def __call__(self, x_bld, bias):
+        x_bld = self.ln1(x_bld + self.attn(x_bld, bias)[0])
+        return self.ln2(x_bld + self.mlp(x_bld))
+
+
+def _head_linear(d_in, d_out, cfg, rngs):
+    return LoRALinear(d_in, d_out, lora=False, init_std=cfg.init_std, param_type=HeadParam,
+                      rngs=rngs)
+
+
+class Encoder(nnx.Module):
+    """``model(input_ids, attention_mask, token_type_ids=None)``.
+
+    Returns the last hidden states ``(B, L, D)``, or the classification logits
+    ``(B, num_labels)`` when ``cfg.num_labels > 0``.
+    """
+
+    def __init__(self, cfg: ArchConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d = cfg.hidden_size
+        init = nnx.initializers.normal(cfg.init_std)
+        self.word = nnx.Embed(cfg.vocab_size, d, embedding_init=init, rngs=rngs)
+        self.position = nnx.Embed(cfg.max_positions, d, embedding_init=init, rngs=rngs)
+        self.token_type = nnx.Embed(cfg.type_vocab_size, d, embedding_init=init, rngs=rngs)
+        self.ln_emb = nnx.LayerNorm(d, epsilon=cfg.norm_eps, rngs=rngs)
+        self.layers = nnx.List([EncoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        has_head = cfg.num_labels > 0
+        # BERT: frozen pretrained pooler; RoBERTa: a trainable dense layer in the head.
+        self.pooler = nnx.data(LoRALinear(d, d, lora=False, init_std=cfg.init_std, rngs=rngs)
+                               if has_head and cfg.arch != "roberta" else None)
+        self.cls_dense = nnx.data(_head_linear(d, d, cfg, rngs)
+                                  if has_head and cfg.arch == "roberta" else None)
+        self.classifier = nnx.data(_head_linear(d, cfg.num_labels, cfg, rngs)
+                                   if has_head else None)
+
+    def positions(self, input_ids_bl, attention_mask_bl):
+        if self.cfg.arch == "roberta":
+            valid = (input_ids_bl != self.cfg.pad_token_id).astype(jnp.int32)
+            return jnp.cumsum(valid, axis=1) * valid + self.cfg.pad_token_id
+        return jnp.broadcast_to(jnp.arange(input_ids_bl.shape[1]), input_ids_bl.shape)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
+        """input_ids, attention_mask, token_type_ids: (B, L) int -> see class docstring."""
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = (self.word(input_ids) + self.position(self.positions(input_ids, attention_mask))
+             + self.token_type(token_type_ids))
+        x = self.ln_emb(x)
+        bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, NEG_INF)
+        for layer in self.layers:
+            x = layer(x, bias)
+        if self.classifier is None:
+            return x
+        first = x[:, 0]
+        if self.cls_dense is not None:
+            h = jnp.tanh(self.cls_dense(first))
+        else:
+            h = jnp.tanh(self.pooler(first))
+        return self.classifier(h)

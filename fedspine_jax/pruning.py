@@ -1,0 +1,480 @@
+"""Structured-pruning math of FedSpine (paper sections 4.2 and 4.3, Eq. 10-14).
+
+Design note
+-----------
+Everything here works on arrays, never on model objects, and is ``jax.jit``-able (shapes and
+head/kv layouts are static; ratios, eta and scores may be traced).
+
+Orientation: Flax kernels are ``(in, out)``; a LoRA pair is ``a: (in, r)`` (Gaussian init)
+and ``b: (r, out)`` (zero init) with effective update ``scale * a @ b``, ``scale = alpha/r``.
+The paper's B is our ``b``. The paper writes ``W in R^{d x k}`` with ``Delta W = B A``; its
+index formula (Eq. 10) gives the same numbers in either orientation (transposing every matrix
+maps one onto the other), so only the orientation of the *result* differs: ours is
+``(in, out)`` like ``w``.
+
+The flow on a device:
+
+1. every local step: per-weight importances from the LoRA gradients
+   (:func:`lora_guided_importance`, Eq. 10), summed into head and FFN-channel scores
+   (:func:`group_importance`, Eq. 11), folded into a moving average
+   (:func:`update_importance_ema`, Eq. 12);
+2. end of the round: :func:`select_masks` prunes the least important groups until the
+   assigned ratio of prunable parameters is gone;
+3. the report carries :func:`lora_importance_total` (Eq. 13-14).
+
+Groups (Eq. 11): an attention *head* is its ``dh`` output columns of ``q``, the ``dh`` input
+rows of ``o`` (the paper's "columns of o" in its ``(out, in)`` orientation) and its share of
+``k`` and ``v``; an FFN *channel* is its column of every input-side kernel (``fc1``, or
+``gate`` and ``up``) and its row of the output-side kernel (``fc2`` / ``down``). Output biases
+(``o``, ``fc2``) are shared by all groups and never pruned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "lora_guided_importance",
+    "head_importance",
+    "channel_importance",
+    "group_importance",
+    "head_param_counts",
+    "channel_param_count",
+    "update_importance_ema",
+    "select_masks",
+    "lora_importance",
+    "lora_importance_total",
+]
+
+
+def _f32(x) -> jax.Array:
+    """``x`` as an array of at least float32 precision (bf16 squares underflow)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+# --------------------------------------------------------------------------------------
+# Eq. 10: per-weight importance of a frozen kernel from its LoRA gradients
+# --------------------------------------------------------------------------------------
+
+def lora_guided_importance(w: jax.Array, a: jax.Array, b: jax.Array, g_a: jax.Array,
+                           g_b: jax.Array, scale: float | jax.Array = 1.0) -> jax.Array:
+    """LoRA-guided importance of every frozen weight (Eq. 10, after LoRAPrune).
+
+    Orientation ``(in, out)``: ``w: (in, out)``, ``a: (in, r)``, ``b: (r, out)``; ``g_a``,
+    ``g_b`` are the loss gradients with respect to ``a`` and ``b`` as the layer uses them
+    (the forward already applies ``scale``)::
+
+        I = (scale * (g_a @ b + a @ g_b - g_a @ g_b) * (w + scale * a @ b)) ** 2
+
+    Scale (our decision; the paper has no alpha/r): Eq. 10 estimates the frozen kernel's
+    gradient by how one unit SGD step on the factors moves the product:
+    ``(a - g_a)(b - g_b) - a b = -(g_a b + a g_b - g_a g_b)``. The layer's effective update is
+    ``scale * a @ b``, so the same step moves the *effective* kernel by ``scale`` times that,
+    and the weight being removed is the effective ``w + scale * a @ b`` (Eq. 10 zeroes it by
+    setting the LoRA product to ``-w``). ``scale = 1`` is the paper's formula as written.
+
+    Rank 0 (``a: (in, 0)``, ``b: (0, out)``): there are no LoRA gradients, so the gradient
+    estimate and hence the importance are identically 0 (no exception for any weight). A
+    device at rank 0 has no signal to rank groups with; :func:`select_masks` then breaks the
+    ties by position, so callers should keep ranks >= 1 where pruning happens (the
+    scheduler's ``rank_choices`` are >= 1).
+
+    Args:
+      w: (in, out) frozen kernel.
+      a: (in, r) LoRA factor; b: (r, out) LoRA factor (the paper's B).
+      g_a: (in, r) dL/da; g_b: (r, out) dL/db.
+      scale: LoRA scaling alpha / r (float or traced scalar).
+    Returns:
+      (in, out) importances, float32 or wider.
+    """
+    w, a, b, g_a, g_b = (_f32(x) for x in (w, a, b, g_a, g_b))
+    grad_est = scale * (g_a @ b + a @ g_b - g_a @ g_b)          # (in, out)
+    return jnp.square(grad_est * (w + scale * (a @ b)))
+
+
+# --------------------------------------------------------------------------------------
+# Eq. 11: group importance (sum over the weights tied to a head / an FFN channel)
+# --------------------------------------------------------------------------------------
+
+def _kv_layout(num_heads: int, num_kv_heads: int,
+               kv_index: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Static kv index per query head ``(Hq,)`` and query heads per kv head ``(Hkv,)``."""
+    if kv_index is None:
+        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+        kv_index = [h // (num_heads // num_kv_heads) for h in range(num_heads)]
+    idx = np.asarray(kv_index, dtype=np.int32).reshape(-1)
+    if idx.shape[0] != num_heads or (num_heads and (idx.min() < 0 or idx.max() >= num_kv_heads)):
+        raise ValueError(f"kv_index={list(idx)} does not map {num_heads} query heads onto "
+                         f"{num_kv_heads} kv heads")
+    sizes = np.bincount(idx, minlength=num_kv_heads)
+    return idx, sizes
+
+
+def head_importance(iq: jax.Array, ik: jax.Array, iv: jax.Array, io: jax.Array,
+                    num_heads: int, num_kv_heads: int,
+                    kv_index: Sequence[int] | None = None, *,
+                    iq_bias: jax.Array | None = None, ik_bias: jax.Array | None = None,
+                    iv_bias: jax.Array | None = None) -> jax.Array:
+    """Importance of every query head of one attention layer (Eq. 11, group Psi).
+
+    A head ``h`` owns its ``dh`` output columns of ``q`` and its ``dh`` input rows of ``o``
+    (orientation ``(in, out)``; the paper's "columns of o"). With ``Hkv == Hq`` (BERT) it also
+    owns its ``k`` and ``v`` columns.
+
+    Grouped-query attention (decision): heads are scored and masked at *query-head*
+    granularity. A kv head is shared by ``g`` query heads (``g`` = how many entries of
+    ``kv_index`` point at it); each of them is attributed ``1/g`` of that kv head's ``k`` and
+    ``v`` importance, so the scores of a group add up to the weights it really removes. A kv
+    head disappears only when all its query heads are pruned (physical compaction does that),
+    which is exactly when all its shares have been counted. :func:`head_param_counts` counts
+    parameters the same way, so importance per parameter is consistent. The shares use the
+    static layout (not the current mask) so that scores are comparable across steps.
+
+    Args:
+      iq: (D, Hq*dh) per-weight importance of the q kernel.
+      ik, iv: (D, Hkv*dh) of the k and v kernels.
+      io: (Hq*dh, D) of the o kernel.
+      num_heads: Hq; num_kv_heads: Hkv (static).
+      kv_index: optional static (Hq,) kv head of every query head (compacted layers); default
+        ``h // (Hq / Hkv)``.
+      iq_bias: optional (Hq*dh,) per-entry importance of the q bias; ik_bias, iv_bias:
+        optional (Hkv*dh,) of the k and v biases (shared like the kernels).
+    Returns:
+      (Hq,) head scores.
+    """
+    if num_heads == 0:  # every head of a compacted layer is gone
+        return jnp.zeros((0,), jnp.float32)
+    idx, sizes = _kv_layout(num_heads, num_kv_heads, kv_index)
+    dh = iq.shape[1] // num_heads
+    per_q = _f32(iq).reshape(-1, num_heads, dh).sum(axis=(0, 2))
+    per_q = per_q + _f32(io).reshape(num_heads, dh, -1).sum(axis=(1, 2))
+    per_kv = (_f32(ik).reshape(-1, num_kv_heads, dh).sum(axis=(0, 2))
+              + _f32(iv).reshape(-1, num_kv_heads, dh).sum(axis=(0, 2)))
+    if iq_bias is not None:
+        per_q = per_q + _f32(iq_bias).reshape(num_heads, dh).sum(axis=1)
+    for bias in (ik_bias, iv_bias):
+        if bias is not None:
+            per_kv = per_kv + _f32(bias).reshape(num_kv_heads, dh).sum(axis=1)
+    share = per_kv / jnp.maximum(jnp.asarray(sizes, per_kv.dtype), 1.0)
+    return per_q + share[idx]
+
+
+def channel_importance(i_in_list: Sequence[jax.Array], i_out: jax.Array,
+                       b_in_list: Sequence[jax.Array] | None = None) -> jax.Array:
+    """Importance of every FFN channel of one layer (Eq. 11, group Phi).
+
+    Channel ``f`` owns column ``f`` of every input-side kernel and row ``f`` of the
+    output-side kernel (orientation ``(in, out)``).
+
+    Args:
+      i_in_list: per-weight importances of the input-side kernels, each (D, F): ``[fc1]``
+        for encoders, ``[gate, up]`` for LLaMA.
+      i_out: (F, D) of the output-side kernel (``fc2`` / ``down``).
+      b_in_list: optional per-entry importances (F,) of the input-side biases (``fc1``).
+    Returns:
+      (F,) channel scores.
+    """
+    score = _f32(i_out).sum(axis=1)
+    for i_in in i_in_list:
+        score = score + _f32(i_in).sum(axis=0)
+    for bias in b_in_list or ():
+        score = score + _f32(bias)
+    return score
+
+
+_ATTN = ("q", "k", "v", "o")
+_FFN = {False: ("fc1",), True: ("gate", "up")}
+
+
+def group_importance(kernel_importance: Mapping[str, jax.Array], num_heads: int,
+                     num_kv_heads: int, kv_index: Sequence[int] | None = None, *,
+                     bias_importance: Mapping[str, jax.Array] | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Eq. 11 for one transformer layer: head and FFN-channel scores.
+
+    ``kernel_importance`` maps the layer's linear names (the model's attribute names, as in
+    ``LoRAConfig.targets``) to per-weight importances (:func:`lora_guided_importance`):
+    ``q, k, v, o`` and either ``fc1, fc2`` (encoders) or ``gate, up, down`` (LLaMA). A linear
+    without LoRA has no importance estimate: pass ``jnp.zeros_like`` of its kernel.
+    ``bias_importance`` optionally maps ``q, k, v, fc1`` to per-entry bias importances.
+
+    Args:
+      kernel_importance: name -> importance array shaped like that kernel.
+      num_heads, num_kv_heads, kv_index: as in :func:`head_importance`.
+      bias_importance: optional name -> (out,) bias importance.
+    Returns:
+      head scores (Hq,), channel scores (F,).
+    """
+    missing = [n for n in _ATTN if n not in kernel_importance]
+    gated = "gate" in kernel_importance
+    ffn_in, ffn_out = _FFN[gated], ("down" if gated else "fc2")
+    missing += [n for n in (*ffn_in, ffn_out) if n not in kernel_importance]
+    if missing:
+        raise KeyError(f"group_importance: missing kernel importances {missing}")
+    bias = bias_importance or {}
+    heads = head_importance(*(kernel_importance[n] for n in _ATTN), num_heads, num_kv_heads,
+                            kv_index, iq_bias=bias.get("q"), ik_bias=bias.get("k"),
+                            iv_bias=bias.get("v"))
+    channels = channel_importance([kernel_importance[n] for n in ffn_in],
+                                  kernel_importance[ffn_out],
+                                  [bias[n] for n in ffn_in if n in bias])
+    return heads, channels
+
+
+def head_param_counts(hidden_size: int, head_dim: int, num_kv_heads: int,
+                      kv_index: Sequence[int], *, bias: bool) -> np.ndarray:
+    """Frozen parameters one query head carries, counted as :func:`head_importance` does.
+
+    ``q`` columns and ``o`` rows: ``2 * D * dh``; ``k`` and ``v``: ``2 * D * dh / g`` for a kv
+    head shared by ``g`` query heads; with biases (encoders) ``dh`` of q plus ``2 * dh / g``
+    of k and v (the ``o`` bias is shared by all heads and not counted).
+
+    Args:
+      hidden_size: D; head_dim: dh; num_kv_heads: Hkv.
+      kv_index: (Hq,) kv head of every query head.
+      bias: whether q, k, v carry biases.
+    Returns:
+      (Hq,) float64 parameter counts (may be fractional under GQA).
+    """
+    idx, sizes = _kv_layout(len(kv_index), num_kv_heads, kv_index)
+    per_param = hidden_size + (1 if bias else 0)
+    share = 2.0 * per_param * head_dim / np.maximum(sizes, 1)
+    return 2.0 * hidden_size * head_dim + (head_dim if bias else 0) + share[idx]
+
+
+def channel_param_count(hidden_size: int, *, gated: bool, bias: bool) -> int:
+    """Frozen parameters one FFN channel carries: ``2 D`` (fc1/fc2) or ``3 D`` (gate/up/down),
+    plus its ``fc1`` bias entry when ``bias`` (the output bias is shared, not counted)."""
+    return (3 if gated else 2) * hidden_size + (1 if bias else 0)
+
+
+# --------------------------------------------------------------------------------------
+# Eq. 12: moving average over the local steps
+# --------------------------------------------------------------------------------------
+
+def update_importance_ema(prev, new, eta: float | jax.Array, first: bool | jax.Array):
+    """Moving average of group scores (Eq. 12): ``Theta_k = eta Theta_{k-1} + (1-eta) hat_k``.
+
+    Initialisation (decision): ``Theta_1 = hat Theta_1`` (``first`` true) instead of the
+    literal ``Theta_0 = 0``. A zero start multiplies every score by ``1 - eta^k`` (the same
+    factor for all groups, so the ranking would not change), but it would keep scores far
+    below the per-step scale for small k (and identically 0 at ``eta = 1``); starting from the
+    first estimate keeps Theta on the scale of one step's importance. Whether the average is
+    carried across rounds is the caller's choice (set ``first`` at the first step it
+    averages).
+
+    Works on any pytree (e.g. lists of per-layer head and channel scores).
+
+    Args:
+      prev: pytree of arrays, Theta_{k-1} (ignored when ``first``; pass zeros then).
+      new: pytree of the same structure and shapes, hat Theta_k (Eq. 11).
+      eta: moving-average factor in [0, 1] (float or traced scalar).
+      first: whether this is the first step (bool or traced bool).
+    Returns:
+      Theta_k, same structure as ``new``.
+    """
+    return jax.tree.map(
+        lambda p, n: jnp.where(first, n, eta * p + (1.0 - eta) * n).astype(n.dtype),
+        prev, new)
+
+
+# --------------------------------------------------------------------------------------
+# Mask selection (section 4.2, end)
+# --------------------------------------------------------------------------------------
+
+def _flat(tree):
+    """A (L, G) array or a sequence of (G_l,) arrays -> flat (sum G_l,) array and sizes."""
+    if isinstance(tree, (list, tuple)):
+        parts = [jnp.reshape(jnp.asarray(x), (-1,)) for x in tree]
+        sizes = [int(p.shape[0]) for p in parts]
+        flat = jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.float32)
+        return flat, sizes, True
+    arr = jnp.asarray(tree)
+    if arr.ndim != 2:
+        raise ValueError(f"expected (L, G) scores/masks or a list per layer, got {arr.shape}")
+    return arr.reshape(-1), [int(arr.shape[1])] * int(arr.shape[0]), False
+
+
+def _flat_params(params, sizes: list[int], as_list: bool) -> jax.Array:
+    """Parameter counts (scalar, per layer, or per group) broadcast to the flat layout."""
+    if as_list and isinstance(params, (list, tuple)):
+        parts = [jnp.broadcast_to(_f32(p), (s,)) for p, s in zip(params, sizes, strict=True)]
+        return jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.float32)
+    p = _f32(params)
+    if as_list and p.ndim == 0:
+        return jnp.broadcast_to(p, (sum(sizes),))
+    return jnp.broadcast_to(p, (len(sizes), sizes[0] if sizes else 0)).reshape(-1)
+
+
+def _unflat(flat: jax.Array, sizes: list[int], as_list: bool, dtype):
+    flat = flat.astype(dtype)
+    if not as_list:
+        return flat.reshape(len(sizes), -1) if sizes else flat.reshape(0, 0)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(sizes))]
+
+
+def select_masks(head_scores, channel_scores, head_masks, channel_masks,
+                 ratio: float | jax.Array, *, head_params, channel_params,
+                 min_heads: int | jax.Array = 1, min_channels: int | jax.Array = 1):
+    """Prune the least important groups until ``ratio`` of the prunable parameters are gone.
+
+    Section 4.2 ("selects the top p% unimportant groups and sets their masks to 0").
+
+    Decisions:
+
+    * **Global ranking, heads and channels together, by importance per parameter.** The
+      ratio is a fraction of *parameters* (Eq. 2's size constraint), so removing the groups
+      with the lowest Theta / (parameters) is the greedy answer to "remove p of the
+      parameters while losing the least importance" (as in LLM-Pruner's global ranking and
+      APT's parameter-budgeted pruning). Raw sums could not be compared across types: a head
+      carries ~``2 dh`` times a channel's weights, so its Eq. 11 sum is larger for that
+      reason alone. Ranking across layers lets unimportant layers lose more; ``min_heads`` /
+      ``min_channels`` keep every layer alive (the ``min`` most important groups of each layer
+      and type are never candidates).
+    * **Monotone masks.** Pruning only adds to the mask: already-pruned groups stay pruned and
+      count towards the ratio; a ratio already reached prunes nothing.
+    * **Ratio reached from above, to within one small group.** Pass 1 takes the longest
+      prefix of the ranking that stays within the budget; pass 2 fills the remaining gap
+      (smaller than the group that did not fit) with the smallest remaining candidate groups,
+      least important first, until the budget is met. So the achieved ratio is >= ``ratio``
+      (the paper's preference constraint ``1 - size/size_0 >= p``) and overshoots by less
+      than one parameter count of the smallest remaining candidates (one FFN channel in
+      practice), up to float32 rounding (relative 1e-6). If the minimums leave too few
+      candidates, every candidate is pruned and the achieved ratio is below ``ratio``.
+    * Ties (e.g. all-zero scores at rank 0) are broken by position (layer, then index).
+
+    The ratio is over the prunable parameters only: the sum of ``head_params`` and
+    ``channel_params`` over all groups (pruned or not).
+
+    Args:
+      head_scores: (L, H) array or list of (H_l,) arrays: Theta per head (Eq. 12), >= 0.
+      channel_scores: (L, F) array or list of (F_l,) arrays.
+      head_masks, channel_masks: 0/1 masks of the same shapes (1 = kept).
+      ratio: target fraction of prunable parameters removed (float or traced scalar).
+      head_params: frozen parameters per head (> 0): a scalar, one per layer (list form), or
+        an array/list shaped like ``head_scores`` (see :func:`head_param_counts`).
+      channel_params: the same for channels (see :func:`channel_param_count`).
+      min_heads, min_channels: groups every layer keeps at least.
+    Returns:
+      ``(new_head_masks, new_channel_masks, achieved_ratio)``: masks in the input structure
+      and dtype, achieved ratio a float32 scalar.
+    """
+    sh, h_sizes, h_list = _flat(head_scores)
+    sc, c_sizes, c_list = _flat(channel_scores)
+    mh, _, _ = _flat(head_masks)
+    mc, _, _ = _flat(channel_masks)
+    if mh.shape != sh.shape or mc.shape != sc.shape:
+        raise ValueError("masks must have the shapes of their scores")
+    ph = _flat_params(head_params, h_sizes, h_list)
+    pc = _flat_params(channel_params, c_sizes, c_list)
+    n_seg = len(h_sizes) + len(c_sizes)
+    seg_sizes = np.asarray(h_sizes + c_sizes, dtype=np.int64)
+    seg = jnp.asarray(np.repeat(np.arange(n_seg), seg_sizes), jnp.int32)      # (G,)
+    seg_start = jnp.asarray(np.concatenate([[0], np.cumsum(seg_sizes)[:-1]]), jnp.int32)
+    mins = jnp.concatenate([jnp.full((len(h_sizes),), min_heads, jnp.int32),
+                            jnp.full((len(c_sizes),), min_channels, jnp.int32)])
+
+    score = jnp.concatenate([_f32(sh), _f32(sc)])
+    params = jnp.concatenate([ph, pc])
+    kept = jnp.concatenate([mh, mc]) > 0.5
+    density = score / params
+    inf = jnp.asarray(jnp.inf, density.dtype)
+    pos = jnp.arange(score.shape[0], dtype=jnp.int32)
+
+    # Candidates: the kept groups of each (layer, type) segment except its `min` most
+    # important ones. Sort by segment, kept groups first by ascending density.
+    order = jnp.lexsort((jnp.where(kept, density, inf), seg))
+    kept_count = jax.ops.segment_sum(kept.astype(jnp.int32), seg, num_segments=n_seg)
+    seg_sorted = seg[order]
+    rank_in_seg = pos - seg_start[seg_sorted]
+    cand_sorted = kept[order] & (rank_in_seg < kept_count[seg_sorted] - mins[seg_sorted])
+    cand = jnp.zeros_like(kept).at[order].set(cand_sorted)
+
+    total = params.sum()
+    tol = 1e-6 * total
+    budget = ratio * total - jnp.where(kept, 0.0, params).sum()   # still to remove
+
+    # Pass 1: longest prefix of the global ranking within the budget.
+    order1 = jnp.argsort(jnp.where(cand, density, inf), stable=True)
+    c1 = jnp.where(cand, params, 0.0)[order1]
+    take1 = jnp.zeros_like(cand).at[order1].set(cand[order1] & (jnp.cumsum(c1) <= budget + tol))
+    gap = budget - jnp.where(take1, params, 0.0).sum()
+
+    # Pass 2: fill the gap with the smallest remaining candidates, least important first.
+    cand2 = cand & ~take1
+    order2 = jnp.lexsort((jnp.where(cand2, density, inf), jnp.where(cand2, params, inf)))
+    c2 = jnp.where(cand2, params, 0.0)[order2]
+    before = jnp.cumsum(c2) - c2
+    take2 = jnp.zeros_like(cand).at[order2].set(cand2[order2] & (before < gap - tol))
+
+    new_kept = kept & ~take1 & ~take2
+    achieved = jnp.where(total > 0, jnp.where(new_kept, 0.0, params).sum()
+                         / jnp.maximum(total, 1e-30), 0.0).astype(jnp.float32)
+    n_h = sh.shape[0]
+    keep = new_kept.astype(jnp.float32)
+    return (_unflat(keep[:n_h], h_sizes, h_list, mh.dtype),
+            _unflat(keep[n_h:], c_sizes, c_list, mc.dtype), achieved)
+
+
+# --------------------------------------------------------------------------------------
+# Eq. 13-14: importance of a device's LoRA modules
+# --------------------------------------------------------------------------------------
+
+def lora_importance(b: jax.Array, g_b: jax.Array) -> jax.Array:
+    """Importance of one LoRA module: ``I(B) = sum_{m,n} (b[m,n] * g_b[m,n]) ** 2``.
+
+    Decision: the importance of an entry of B is Eq. 9's squared first-order Taylor term,
+    the same criterion the paper uses for the frozen weights (LoRAPrune / APT practice), and
+    Eq. 13 sums it over the entries, as the paper writes. It is invariant to the alpha/r
+    scaling (``g_b`` is the gradient of the scaled layer). Note on footnote 1 ("the scores
+    computed with A and B are equal"): that holds exactly for the *signed* sums,
+    ``sum(a * g_a) == sum(b * g_b) == scale * <a @ b, dL/dW>``, not for the sums of squares
+    used here; we keep the per-entry squared form because Eq. 13 is a sum of non-negative
+    entry importances and the result must be >= 0 (it weights Eq. 3's reward and Eq. 16's
+    aggregation).
+
+    Args:
+      b: (r, out) LoRA factor (the paper's B); g_b: (r, out) dL/db.
+    Returns:
+      scalar (0 for rank 0).
+    """
+    return jnp.sum(jnp.square(_f32(b) * _f32(g_b)))
+
+
+def _singular_value_sum(b: jax.Array) -> jax.Array:
+    if b.size == 0:
+        return jnp.zeros((), jnp.float32)
+    return jnp.sum(jnp.linalg.svd(_f32(b), compute_uv=False))
+
+
+def lora_importance_total(b_list: Sequence[jax.Array], g_b_list: Sequence[jax.Array]
+                          ) -> jax.Array:
+    """Overall LoRA importance of a device, ``I(B_total)`` (Eq. 13 summed over layers + Eq. 14).
+
+    ``I(B_total) = sum_modules lora_importance(b, g_b) + (1/d1) sum_modules sum_e sigma_e(b)``,
+    with ``d1 = len(b_list)`` the number of LoRA modules and ``sigma_e(b)`` the singular
+    values of the module's ``b`` (decision: the paper's "singular values of each trainable
+    weight" of matrix B; ``b`` is ``(r, out)``, so this is cheap, and never forms the
+    ``(in, out)`` product). Rank-0 modules contribute 0 to both terms (they still count in
+    ``d1``). An empty list gives 0.
+
+    Args:
+      b_list: the device's LoRA ``b`` factors, each (r, out) (all layers, all targets).
+      g_b_list: matching dL/db, each (r, out).
+    Returns:
+      scalar, float32.
+    """
+    if len(b_list) != len(g_b_list):
+        raise ValueError(f"{len(b_list)} b factors but {len(g_b_list)} gradients")
+    if not b_list:
+        return jnp.zeros((), jnp.float32)
+    taylor = sum(lora_importance(b, g) for b, g in zip(b_list, g_b_list))
+    sv = sum(_singular_value_sum(b) for b in b_list) / len(b_list)
+    return (taylor + sv).astype(jnp.float32)

@@ -1,0 +1,1 @@
+"""server package (installs as fedspine_jax.server)."""
