@@ -1,0 +1,373 @@
+"""The device's local round (paper sections 4.2-4.3): fine-tune LoRA, score groups, prune.
+
+Design note
+-----------
+A round takes the device's full frozen model with its current masks, the global LoRA
+already shrunk to the device's rank r_i, the task head, the assigned pruning ratio p_i and
+tau batches, and:
+
+1. **Compacts** the model to the structure its masks keep (``models.compaction``), every
+   layer padded to one bucketed head count and channel count (the padding groups keep mask
+   0). Training then really runs on smaller matrices, so a step gets cheaper as p_i grows,
+   and a run compiles once per (head bucket, channel bucket, rank, sequence bucket), not
+   once per mask pattern.
+2. Runs tau jitted AdamW steps (optax; a fresh optimiser state each round) on the LoRA
+   factors and the task head. Each step also computes, from the LoRA gradients of that
+   step, Eq. 10 for every frozen kernel, Eq. 11 per head / channel, and folds them into the
+   Eq. 12 moving average (restarted every round).
+3. Writes the trained factors back into the full-shape LoRA (``expand_lora``) and prunes
+   the least important groups until p_i of the prunable parameters are gone
+   (``pruning.select_masks``: one global ranking by importance per parameter across layers;
+   at least ``pruning.min_heads_per_layer`` heads and ``min_channels_per_layer`` channels
+   stay in every layer). Pruning happens after fine-tuning, so the scores come from the
+   round's own gradients; masks only ever gain zeros.
+
+It reports the loss on a fixed probe batch before and after (Delta F of Eq. 3, measured
+after pruning, so it charges the pruning's damage), the wall-clock compute time, I(B_total)
+of Eq. 13-14, parameters alive, the FLOPs of the round (analytic, at the kept sizes) and
+an estimate of its peak training memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fedspine_jax import pruning
+from fedspine_jax.config import Config
+from fedspine_jax.models.arch import ArchConfig
+from fedspine_jax.models.compaction import compact, expand_lora
+from fedspine_jax.models.lora import HeadParam, lora_scale
+from fedspine_jax.models.state import get_head, get_lora, set_head, set_lora, set_masks
+
+TRAINABLE = nnx.Any(nnx.LoRAParam, HeadParam)
+ATTN = ("q", "k", "v", "o")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalRoundResult:
+    """What a device reports after its local round (and keeps: the new masks)."""
+    lora: dict                 # {path: array} trained LoRA factors, full shapes, rank r_i
+    head: dict                 # {path: array} trained task head
+    head_masks: np.ndarray     # (L, H) 0/1 after this round's pruning
+    channel_masks: np.ndarray  # (L, F) 0/1
+    loss_before: float         # probe-batch loss before training (F before)
+    loss_after: float          # probe-batch loss after training and pruning
+    compute_time_s: float      # wall clock of the tau steps (jit compile excluded)
+    lora_importance: float     # I(B_total), Eq. 13-14
+    ratio: float               # achieved fraction of prunable parameters pruned
+    params_alive: int          # frozen parameters still in the model
+    flops: float               # FLOPs of the round's training steps (kept sizes)
+    peak_memory_bytes: int     # estimated training peak memory
+
+    @property
+    def loss_drop(self) -> float:
+        """Delta F of Eq. 3."""
+        return self.loss_before - self.loss_after
+
+
+# ---------------------------------------------------------------------------------------
+# Loss
+
+
+def loss_fn(model, batch: dict) -> jax.Array:
+    """Mean loss of a batch: classification cross-entropy weighted by ``example_mask``, or
+    causal-LM cross-entropy on the response tokens (``labels`` are already shifted, see
+    ``data``), weighted by ``loss_mask * example_mask``."""
+    w = batch["example_mask"].astype(jnp.float32)
+    if model.cfg.is_decoder:
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        tw = batch["loss_mask"].astype(jnp.float32) * w[:, None]
+        return jnp.sum(ce * tw) / jnp.maximum(jnp.sum(tw), 1.0)
+    logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Eq. 10-11 inside the step
+
+
+def _linears(layer):
+    mlp = layer.mlp
+    ffn = (("gate", mlp.gate), ("up", mlp.up), ("down", mlp.down)) if mlp.gated else (
+        ("fc1", mlp.fc1), ("fc2", mlp.fc2))
+    return tuple((n, getattr(layer.attn, n)) for n in ATTN) + ffn
+
+
+def group_scores(model, grads_model) -> tuple[jax.Array, jax.Array]:
+    """Eq. 10 for every frozen kernel, summed into Eq. 11 head / channel scores.
+
+    Args:
+      model: the (compacted) model; grads_model: the same graph holding the LoRA gradients
+        in its ``lora_a`` / ``lora_b`` slots.
+    Returns:
+      head scores (L, H_c), channel scores (L, F_c) of the compacted layers.
+    """
+    hs, cs = [], []
+    for lay, glay in zip(model.layers, grads_model.layers):
+        imp = {}
+        for (name, lin), (_, glin) in zip(_linears(lay), _linears(glay)):
+            if lin.rank > 0:
+                imp[name] = pruning.lora_guided_importance(
+                    lin.kernel[...], lin.lora_a[...], lin.lora_b[...], glin.lora_a[...],
+                    glin.lora_b[...], scale=lora_scale(lin.alpha, lin.rank))
+            else:  # no adapter (rank 0 or not a LoRA target): no LoRA-guided signal
+                imp[name] = jnp.zeros_like(lin.kernel[...])
+        h, c = pruning.group_importance(imp, lay.attn.num_heads, lay.attn.num_kv_heads,
+                                        lay.attn.kv_index)
+        hs.append(h)
+        cs.append(c)
+    return jnp.stack(hs), jnp.stack(cs)
+
+
+@functools.lru_cache(maxsize=None)
+def _optimizer(lr: float, weight_decay: float) -> optax.GradientTransformation:
+    return optax.adamw(lr, weight_decay=weight_decay)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "eta"),
+                   donate_argnames=("trainable", "opt_state"))
+def train_step(graphdef, tx, eta, trainable, opt_state, rest, ema, gb_sum, first, batch):
+    """One AdamW step on LoRA + head, with the Eq. 10-12 importance update.
+
+    Args:
+      graphdef: static graph of the compacted model; tx: optax transformation.
+      trainable: LoRA + head state (donated); opt_state: optimiser state (donated).
+      rest: frozen weights and masks; ema: (heads (L, H_c), channels (L, F_c)) Eq. 12 state.
+      gb_sum: running sum of the ``lora_b`` gradients (for Eq. 13); first: bool scalar.
+      batch: dict of (B, S) int32 arrays (see ``data.collate``).
+    Returns:
+      trainable, opt_state, ema, gb_sum, loss (before this step's update).
+    """
+    def f(tr):
+        return loss_fn(nnx.merge(graphdef, tr, rest), batch)
+
+    loss, grads = jax.value_and_grad(f)(trainable)
+    model = nnx.merge(graphdef, trainable, rest)
+    hs, cs = group_scores(model, nnx.merge(graphdef, grads, rest))
+    ema = pruning.update_importance_ema(ema, (hs, cs), eta, first)
+    gb = nnx.state(nnx.merge(graphdef, grads, rest), nnx.LoRAParam)
+    gb_sum = jax.tree.map(jnp.add, gb_sum, gb)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, ema, gb_sum, loss
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def eval_loss(graphdef, trainable, rest, batch):
+    return loss_fn(nnx.merge(graphdef, trainable, rest), batch)
+
+
+# ---------------------------------------------------------------------------------------
+# Sizes, FLOPs, memory
+
+
+def bucket_sizes(head_masks: np.ndarray, channel_masks: np.ndarray) -> tuple[int, int]:
+    """Uniform per-layer (heads, channels) of the compacted training model: the most any
+    layer keeps, rounded up to a bucket (quarters of the heads, eighths of the channels),
+    so a whole run compiles for only a handful of sizes."""
+    h_full, f_full = head_masks.shape[1], channel_masks.shape[1]
+    h_step, f_step = max(1, h_full // 4), max(1, f_full // 8)
+    h = int(head_masks.sum(1).max())
+    f = int(channel_masks.sum(1).max())
+    return (min(h_full, -(-h // h_step) * h_step), min(f_full, -(-f // f_step) * f_step))
+
+
+def step_flops(arch: ArchConfig, heads: np.ndarray, kv_heads: np.ndarray,
+               channels: np.ndarray, rank: int, batch: int, seq: int) -> float:
+    """FLOPs of one training step (forward + backward) at the kept sizes.
+
+    Per token and linear ``(i, o)``: forward ``2 i o`` + LoRA ``2 r (i + o)``; backward
+    ``2 i o`` (input gradient only: the kernel is frozen) + LoRA ``4 r (i + o)``. Attention
+    scores and mixing: ``4 S dh`` per head and token forward, twice that backward.
+
+    Args:
+      heads, kv_heads, channels: (L,) kept counts per layer; rank: LoRA rank.
+    """
+    d, dh = arch.hidden_size, arch.head_dim
+    total = 0.0
+    for h, kv, f in zip(heads, kv_heads, channels):
+        dims = [(d, h * dh), (d, kv * dh), (d, kv * dh), (h * dh, d)]
+        dims += [(d, f)] * (2 if arch.is_decoder else 1) + [(f, d)]
+        for i, o in dims:
+            total += 4 * i * o + 6 * rank * (i + o)
+        total += 3 * 4 * seq * dh * h
+    tokens = batch * seq
+    head = 2 * d * (arch.vocab_size if arch.is_decoder else max(arch.num_labels, 1))
+    return float(tokens * (total + 3 * head))
+
+
+def estimate_peak_memory(arch: ArchConfig, frozen_params: int, trainable_params: int,
+                         heads: int, channels: int, batch: int, seq: int) -> int:
+    """Bytes of a training step in fp32: frozen weights, trainable weights with their
+    gradient and two AdamW moments, and the activations kept for the backward pass
+    (per layer about ``10 D + 2 F`` values per token and ``2 H S`` attention probabilities)."""
+    d = arch.hidden_size
+    per_layer = batch * seq * (10 * d + 2 * channels + 2 * heads * seq)
+    acts = arch.num_layers * per_layer + 2 * batch * seq * (
+        arch.vocab_size if arch.is_decoder else d)
+    return int(4 * (frozen_params + 4 * trainable_params + acts))
+
+
+def _to_jnp(batch: dict) -> dict:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# The local round
+
+
+def local_round(model, lora: dict, head: dict, head_masks: np.ndarray,
+                channel_masks: np.ndarray, ratio: float, batches: Iterator[dict],
+                probe: dict, cfg: Config) -> LocalRoundResult:
+    """One device round: tau steps of LoRA fine-tuning on the compacted model, Eq. 10-12
+    importance, then pruning to ``ratio``.
+
+    Args:
+      model: the device's full model (frozen weights); its LoRA, head and masks are
+        overwritten with the arguments and, on return, hold the round's result.
+      lora: ``{path: array}`` global LoRA shrunk to the device's rank r_i (full shapes).
+      head: ``{path: array}`` task head (empty for a decoder).
+      head_masks: (L, H) and channel_masks: (L, F) 0/1 masks from earlier rounds.
+      ratio: assigned pruning ratio p_i (fraction of prunable parameters).
+      batches: iterator of training batches (``cfg.train.local_steps`` are drawn).
+      probe: a fixed batch on which the loss before / after is measured.
+      cfg: the run's config (train, pruning sections).
+    Returns:
+      :class:`LocalRoundResult`.
+    """
+    arch: ArchConfig = model.cfg
+    set_lora(model, lora)
+    if head:
+        set_head(model, head)
+    set_masks(model, head_masks, channel_masks)
+    small, index = compact(model, sizes=bucket_sizes(np.asarray(head_masks),
+                                                     np.asarray(channel_masks)))
+    graphdef, trainable, rest = nnx.split(small, TRAINABLE, nnx.Variable)
+    tx = _optimizer(cfg.train.learning_rate, cfg.train.weight_decay)
+    opt_state = tx.init(trainable)
+    n_layers = arch.num_layers
+    hc, fc = len(index.heads[0]), len(index.channels[0])
+    ema = (jnp.zeros((n_layers, hc)), jnp.zeros((n_layers, fc)))
+    gb_sum = jax.tree.map(jnp.zeros_like, nnx.state(small, nnx.LoRAParam))
+    probe_j = _to_jnp(probe)
+    loss_before = float(eval_loss(graphdef, trainable, rest, probe_j))
+
+    steps = cfg.train.local_steps
+    data = [_to_jnp(next(batches)) for _ in range(steps)]
+    # Compile every batch shape outside the timed loop (a device compiles once per bucket).
+    for shape in sorted({d["input_ids"].shape for d in data}):
+        example = next(d for d in data if d["input_ids"].shape == shape)
+        copies = jax.tree.map(jnp.copy, (trainable, opt_state))
+        jax.block_until_ready(train_step(graphdef, tx, cfg.pruning.eta, *copies, rest, ema,
+                                         gb_sum, jnp.asarray(True), example))
+    t0 = time.perf_counter()
+    for k, batch in enumerate(data):
+        trainable, opt_state, ema, gb_sum, _ = train_step(
+            graphdef, tx, cfg.pruning.eta, trainable, opt_state, rest, ema, gb_sum,
+            jnp.asarray(k == 0), batch)
+    jax.block_until_ready(trainable)
+    compute_time = time.perf_counter() - t0
+
+    # Eq. 13-14 with the round's mean lora_b gradient and the trained b.
+    small = nnx.merge(graphdef, trainable, rest)
+    b_list = [v[...] for p, v in nnx.to_flat_state(nnx.state(small, nnx.LoRAParam))
+              if p[-1] == "lora_b"]
+    gb_list = [v[...] / steps for p, v in nnx.to_flat_state(gb_sum) if p[-1] == "lora_b"]
+    importance = float(pruning.lora_importance_total(b_list, gb_list))
+
+    # Back to full shapes; scores of groups outside the compacted model are irrelevant
+    # (those groups are already pruned and stay pruned).
+    expand_lora(model, small, index)
+    if head:
+        set_head(model, get_head(small))
+    full_h = np.zeros(head_masks.shape, np.float32)
+    full_c = np.zeros(channel_masks.shape, np.float32)
+    ema_h, ema_c = np.asarray(ema[0]), np.asarray(ema[1])
+    for layer in range(n_layers):
+        full_h[layer, index.heads[layer]] = ema_h[layer]
+        full_c[layer, index.channels[layer]] = ema_c[layer]
+    head_params = np.stack([
+        pruning.head_param_counts(arch.hidden_size, arch.head_dim, arch.num_kv_heads,
+                                  arch.kv_index(i), bias=not arch.is_decoder)
+        for i in range(n_layers)])
+    new_h, new_c, achieved = pruning.select_masks(
+        jnp.asarray(full_h), jnp.asarray(full_c), jnp.asarray(head_masks, jnp.float32),
+        jnp.asarray(channel_masks, jnp.float32), float(ratio),
+        head_params=jnp.asarray(head_params, jnp.float32),
+        channel_params=pruning.channel_param_count(arch.hidden_size, gated=arch.is_decoder,
+                                                   bias=not arch.is_decoder),
+        min_heads=cfg.pruning.min_heads_per_layer,
+        min_channels=cfg.pruning.min_channels_per_layer)
+    new_h, new_c = np.asarray(new_h), np.asarray(new_c)
+    set_masks(model, new_h, new_c)
+
+    # Loss after training and pruning, on the same probe batch (masked full model).
+    g_full, tr_full, rest_full = nnx.split(model, TRAINABLE, nnx.Variable)
+    loss_after = float(eval_loss(g_full, tr_full, rest_full, probe_j))
+
+    kept_h = np.asarray(head_masks).sum(1).astype(int)
+    kept_c = np.asarray(channel_masks).sum(1).astype(int)
+    kv_kept = np.array([len(np.unique(np.asarray(arch.kv_index(i))[np.flatnonzero(
+        np.asarray(head_masks)[i])])) for i in range(n_layers)])
+    b, s = data[0]["input_ids"].shape
+    rank = next(iter(lora.values())).shape[-1] if lora else 0
+    flops = sum(step_flops(arch, kept_h, kv_kept, kept_c, rank, *d["input_ids"].shape)
+                for d in data)
+    frozen = sum(int(x.size) for x in jax.tree.leaves(
+        nnx.state(model, nnx.All(nnx.Param, nnx.Not(TRAINABLE)))))
+    pruned_params = float(achieved) * float(
+        head_params.sum() + new_c.size * pruning.channel_param_count(
+            arch.hidden_size, gated=arch.is_decoder, bias=not arch.is_decoder))
+    trainable_n = sum(int(x.size) for x in jax.tree.leaves(trainable))
+    peak = estimate_peak_memory(arch, frozen, trainable_n, hc, fc, b, s)
+    return LocalRoundResult(
+        lora=get_lora(model), head=get_head(model) if head else {}, head_masks=new_h,
+        channel_masks=new_c, loss_before=loss_before, loss_after=loss_after,
+        compute_time_s=compute_time, lora_importance=importance, ratio=float(achieved),
+        params_alive=int(round(frozen - pruned_params)), flops=flops,
+        peak_memory_bytes=peak)
+
+
+def initial_masks(arch: ArchConfig) -> tuple[np.ndarray, np.ndarray]:
+    """All-ones masks ``(L, H)``, ``(L, F)`` of an unpruned model."""
+    return (np.ones((arch.num_layers, arch.num_heads), np.float32),
+            np.ones((arch.num_layers, arch.intermediate_size), np.float32))
+
+
+__all__ = ["LocalRoundResult", "bucket_sizes", "estimate_peak_memory", "group_scores",
+           "evaluate", "initial_masks", "local_round", "loss_fn", "step_flops", "train_step"]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _correct(graphdef, state, batch):
+    """(correct, counted) of a batch: label accuracy, or next-token accuracy on the
+    response tokens for a decoder."""
+    model = nnx.merge(graphdef, state)
+    w = batch["example_mask"].astype(jnp.float32)
+    if model.cfg.is_decoder:
+        pred = jnp.argmax(model(batch["input_ids"], batch["attention_mask"]), -1)
+        tw = batch["loss_mask"].astype(jnp.float32) * w[:, None]
+        return jnp.sum((pred == batch["labels"]) * tw), jnp.sum(tw)
+    logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    return jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * w), jnp.sum(w)
+
+
+def evaluate(model, batches) -> float:
+    """Accuracy of ``model`` over an iterable of batches (see :func:`_correct`)."""
+    graphdef, state = nnx.split(model)
+    correct = total = 0.0
+    for batch in batches:
+        c, n = _correct(graphdef, state, _to_jnp(batch))
+        correct, total = correct + float(c), total + float(n)
+    return correct / max(total, 1.0)

@@ -1,0 +1,98 @@
+"""The local round: real statistics, monotone pruning to the ratio, faster when pruned,
+and it learns on real data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedspine_jax import data as D
+from fedspine_jax.config import load_config, replace
+from fedspine_jax.models import ArchConfig, build_model, load_pretrained, load_tokenizer
+from fedspine_jax.models.state import get_head, get_lora
+from fedspine_jax.train import (
+    bucket_sizes,
+    evaluate,
+    initial_masks,
+    local_round,
+    step_flops,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tiny_config_path, shared_data):
+    cfg = load_config(tiny_config_path, [f"data.source={shared_data / 'sst2'}"])
+    tok = load_tokenizer(cfg.model.tokenizer)
+    task = D.load_task(cfg.data, tok, 0)
+    parts = D.partition(task, cfg.federation.num_devices, cfg.data, 0)
+    m = cfg.model
+    arch = ArchConfig(arch="bert", vocab_size=m.vocab_size, hidden_size=m.hidden_size,
+                      num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_heads,
+                      head_dim=m.hidden_size // m.num_heads, intermediate_size=m.intermediate_size,
+                      max_positions=m.max_positions, num_labels=2, lora_rank=4)
+    return cfg, task, parts, arch
+
+
+def test_tiny_local_round_statistics_and_monotone_masks(tiny_setup):
+    cfg, task, parts, arch = tiny_setup
+    model = build_model(arch, 0)
+    hm, cm = initial_masks(arch)
+    train = task.train.take(parts[0].train_idx)
+    batches = D.Batches(train, cfg.train.batch_size, 0)
+    probe = D.collate(train, np.arange(cfg.train.batch_size), cfg.train.batch_size)
+    lora, head = get_lora(model), get_head(model)
+    flops, alive = [], []
+    for ratio in (0.2, 0.5, 0.5):
+        res = local_round(model, lora, head, hm, cm, ratio, batches, probe, cfg)
+        # pruning only adds zeros, and reaches the ratio from above within one group
+        assert np.all(res.head_masks <= hm) and np.all(res.channel_masks <= cm)
+        assert ratio - 1e-6 <= res.ratio <= ratio + 0.05
+        # statistics are measurements, not constants
+        assert np.isfinite(res.loss_before) and np.isfinite(res.loss_after)
+        assert res.loss_before != res.loss_after
+        assert res.compute_time_s > 0 and res.lora_importance > 0
+        assert res.peak_memory_bytes > 0 and res.flops > 0
+        # the LoRA actually changed
+        assert any(not np.allclose(res.lora[k], lora[k]) for k in lora)
+        flops.append(res.flops)
+        alive.append(res.params_alive)
+        lora, head, hm, cm = res.lora, res.head, res.head_masks, res.channel_masks
+    assert flops[1] < flops[0]  # the round after pruning costs fewer FLOPs
+    assert alive[0] > alive[1] == alive[2]  # 0.5 reached in round 2, nothing more in round 3
+
+
+def test_step_flops_fall_with_kept_sizes():
+    arch = ArchConfig(arch="bert", vocab_size=100, hidden_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=4, head_dim=16, intermediate_size=128, num_labels=2)
+    full = step_flops(arch, np.array([4, 4]), np.array([4, 4]), np.array([128, 128]), 8, 4, 16)
+    half = step_flops(arch, np.array([2, 2]), np.array([2, 2]), np.array([64, 64]), 8, 4, 16)
+    assert half < 0.6 * full
+
+
+def test_bucket_sizes_are_coarse():
+    hm = np.ones((3, 12))
+    cm = np.ones((3, 1536))
+    hm[0, :5] = 0
+    cm[:, :700] = 0
+    assert bucket_sizes(hm, cm) == (12, 1536 - 576)  # max kept heads 12; 836 -> 960
+    hm[:, :5] = 0
+    assert bucket_sizes(hm, cm)[0] == 9  # 7 kept -> next multiple of 3
+
+
+@pytest.mark.slow
+def test_minilm_local_round_raises_heldout_accuracy(shared_data, tiny_config_path):
+    cfg = load_config(tiny_config_path, [
+        f"data.source={shared_data / 'sst2'}", "data.max_train_samples=400",
+        "data.max_eval_samples=200", "train.local_steps=40", "train.batch_size=16",
+        "train.learning_rate=0.002", "data.max_len=64", "data.length_buckets=[32, 64]"])
+    model, tok = load_pretrained("minilm-l6", num_labels=2, lora_rank=8)
+    task = D.load_task(cfg.data, tok, 0)
+    hm, cm = initial_masks(model.cfg)
+    before = evaluate(model, D.eval_batches(task.eval, 50))
+    batches = D.Batches(task.train, 16, 0)
+    probe = D.collate(task.train, np.arange(16), 16)
+    res = local_round(model, get_lora(model), get_head(model), hm, cm, 0.0, batches, probe,
+                      replace(cfg, pruning={"target_ratio": 0.0}))
+    after = evaluate(model, D.eval_batches(task.eval, 50))
+    assert res.loss_after < res.loss_before
+    assert after > before + 0.1, (before, after)
