@@ -146,6 +146,10 @@ class FederationConfig:
     seed: int = _f(0, lo=0)
     # Devices report simulated-clock times instead of measured ones (deployment tests).
     simulated_clock: bool = _f(False)
+    # Accuracy whose first crossing gives the "time to target accuracy" (0: not tracked).
+    target_accuracy: float = _f(0.0, lo=0.0, hi=1.0)
+    # Keep only the newest this many round checkpoints of a run.
+    keep_checkpoints: int = _f(3, lo=1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,7 +45,7 @@ from fedspine_jax import pruning
 from fedspine_jax.config import Config
 from fedspine_jax.models.arch import ArchConfig
 from fedspine_jax.models.compaction import compact, expand_lora
-from fedspine_jax.models.lora import HeadParam, lora_scale
+from fedspine_jax.models.lora import HeadParam, Mask, lora_scale
 from fedspine_jax.models.state import get_head, get_lora, set_head, set_lora, set_masks
 
 TRAINABLE = nnx.Any(nnx.LoRAParam, HeadParam)
@@ -135,37 +135,60 @@ def _optimizer(lr: float, weight_decay: float) -> optax.GradientTransformation:
     return optax.adamw(lr, weight_decay=weight_decay)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "eta"),
+CRITERIA = ("lora", "fisher", "taylor")
+
+
+def _mask_scores(mask_grads_model) -> tuple[jax.Array, jax.Array]:
+    """Per-group mask gradients dL/dm: heads (L, H_c), channels (L, F_c)."""
+    return (jnp.stack([lay.attn.head_mask[...] for lay in mask_grads_model.layers]),
+            jnp.stack([lay.mlp.channel_mask[...] for lay in mask_grads_model.layers]))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "eta", "criterion"),
                    donate_argnames=("trainable", "opt_state"))
-def train_step(graphdef, tx, eta, trainable, opt_state, rest, ema, gb_sum, first, batch):
-    """One AdamW step on LoRA + head, with the Eq. 10-12 importance update.
+def train_step(graphdef, tx, eta, criterion, trainable, opt_state, masks, rest, ema, gb_sum,
+               first, batch):
+    """One AdamW step on LoRA + head, with the group-importance update (Eq. 12 average).
+
+    Per-step group scores by ``criterion``:
+
+    * ``"lora"`` (FedSpine): Eq. 10 from the LoRA gradients, summed per group (Eq. 11);
+    * ``"fisher"`` (FedLoRA + Prune, after Kwon et al.'s mask tuning): the squared gradient
+      of the loss w.r.t. the group's mask, ``(dL/dm)^2`` (batch-level Fisher estimate);
+    * ``"taylor"`` (LLM-Pruner; FedAPT): ``|dL/dm|``, the first-order Taylor estimate of
+      removing the group, which equals LLM-Pruner's vector-wise ``|sum_group w dL/dw|`` and
+      APT's activation-times-gradient salience summed over the group's outputs.
 
     Args:
-      graphdef: static graph of the compacted model; tx: optax transformation.
+      graphdef: static graph of the compacted model; tx: optax transformation; eta: Eq. 12.
       trainable: LoRA + head state (donated); opt_state: optimiser state (donated).
-      rest: frozen weights and masks; ema: (heads (L, H_c), channels (L, F_c)) Eq. 12 state.
+      masks: the mask state; rest: frozen weights.
+      ema: (heads (L, H_c), channels (L, F_c)) Eq. 12 state.
       gb_sum: running sum of the ``lora_b`` gradients (for Eq. 13); first: bool scalar.
       batch: dict of (B, S) int32 arrays (see ``data.collate``).
     Returns:
       trainable, opt_state, ema, gb_sum, loss (before this step's update).
     """
-    def f(tr):
-        return loss_fn(nnx.merge(graphdef, tr, rest), batch)
+    def f(tr, mk):
+        return loss_fn(nnx.merge(graphdef, tr, mk, rest), batch)
 
-    loss, grads = jax.value_and_grad(f)(trainable)
-    model = nnx.merge(graphdef, trainable, rest)
-    hs, cs = group_scores(model, nnx.merge(graphdef, grads, rest))
-    ema = pruning.update_importance_ema(ema, (hs, cs), eta, first)
-    gb = nnx.state(nnx.merge(graphdef, grads, rest), nnx.LoRAParam)
-    gb_sum = jax.tree.map(jnp.add, gb_sum, gb)
+    loss, (grads, mask_grads) = jax.value_and_grad(f, argnums=(0, 1))(trainable, masks)
+    grads_model = nnx.merge(graphdef, grads, masks, rest)
+    if criterion == "lora":
+        scores = group_scores(nnx.merge(graphdef, trainable, masks, rest), grads_model)
+    else:
+        g = _mask_scores(nnx.merge(graphdef, trainable, mask_grads, rest))
+        scores = jax.tree.map(jnp.square if criterion == "fisher" else jnp.abs, g)
+    ema = pruning.update_importance_ema(ema, scores, eta, first)
+    gb_sum = jax.tree.map(jnp.add, gb_sum, nnx.state(grads_model, nnx.LoRAParam))
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     return trainable, opt_state, ema, gb_sum, loss
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def eval_loss(graphdef, trainable, rest, batch):
-    return loss_fn(nnx.merge(graphdef, trainable, rest), batch)
+def eval_loss(graphdef, state, batch):
+    return loss_fn(nnx.merge(graphdef, state), batch)
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,7 +252,7 @@ def _to_jnp(batch: dict) -> dict:
 
 def local_round(model, lora: dict, head: dict, head_masks: np.ndarray,
                 channel_masks: np.ndarray, ratio: float, batches: Iterator[dict],
-                probe: dict, cfg: Config) -> LocalRoundResult:
+                probe: dict, cfg: Config, criterion: str = "lora") -> LocalRoundResult:
     """One device round: tau steps of LoRA fine-tuning on the compacted model, Eq. 10-12
     importance, then pruning to ``ratio``.
 
@@ -243,6 +266,7 @@ def local_round(model, lora: dict, head: dict, head_masks: np.ndarray,
       batches: iterator of training batches (``cfg.train.local_steps`` are drawn).
       probe: a fixed batch on which the loss before / after is measured.
       cfg: the run's config (train, pruning sections).
+      criterion: group-importance criterion (see :func:`train_step`; baselines differ).
     Returns:
       :class:`LocalRoundResult`.
     """
@@ -253,7 +277,9 @@ def local_round(model, lora: dict, head: dict, head_masks: np.ndarray,
     set_masks(model, head_masks, channel_masks)
     small, index = compact(model, sizes=bucket_sizes(np.asarray(head_masks),
                                                      np.asarray(channel_masks)))
-    graphdef, trainable, rest = nnx.split(small, TRAINABLE, nnx.Variable)
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r}: allowed {list(CRITERIA)}")
+    graphdef, trainable, masks, rest = nnx.split(small, TRAINABLE, Mask, nnx.Variable)
     tx = _optimizer(cfg.train.learning_rate, cfg.train.weight_decay)
     opt_state = tx.init(trainable)
     n_layers = arch.num_layers
@@ -261,7 +287,7 @@ def local_round(model, lora: dict, head: dict, head_masks: np.ndarray,
     ema = (jnp.zeros((n_layers, hc)), jnp.zeros((n_layers, fc)))
     gb_sum = jax.tree.map(jnp.zeros_like, nnx.state(small, nnx.LoRAParam))
     probe_j = _to_jnp(probe)
-    loss_before = float(eval_loss(graphdef, trainable, rest, probe_j))
+    loss_before = float(eval_loss(*nnx.split(small), probe_j))
 
     steps = cfg.train.local_steps
     data = [_to_jnp(next(batches)) for _ in range(steps)]
@@ -269,18 +295,18 @@ def local_round(model, lora: dict, head: dict, head_masks: np.ndarray,
     for shape in sorted({d["input_ids"].shape for d in data}):
         example = next(d for d in data if d["input_ids"].shape == shape)
         copies = jax.tree.map(jnp.copy, (trainable, opt_state))
-        jax.block_until_ready(train_step(graphdef, tx, cfg.pruning.eta, *copies, rest, ema,
-                                         gb_sum, jnp.asarray(True), example))
+        jax.block_until_ready(train_step(graphdef, tx, cfg.pruning.eta, criterion, *copies,
+                                         masks, rest, ema, gb_sum, jnp.asarray(True), example))
     t0 = time.perf_counter()
     for k, batch in enumerate(data):
         trainable, opt_state, ema, gb_sum, _ = train_step(
-            graphdef, tx, cfg.pruning.eta, trainable, opt_state, rest, ema, gb_sum,
-            jnp.asarray(k == 0), batch)
+            graphdef, tx, cfg.pruning.eta, criterion, trainable, opt_state, masks, rest, ema,
+            gb_sum, jnp.asarray(k == 0), batch)
     jax.block_until_ready(trainable)
     compute_time = time.perf_counter() - t0
 
     # Eq. 13-14 with the round's mean lora_b gradient and the trained b.
-    small = nnx.merge(graphdef, trainable, rest)
+    small = nnx.merge(graphdef, trainable, masks, rest)
     b_list = [v[...] for p, v in nnx.to_flat_state(nnx.state(small, nnx.LoRAParam))
               if p[-1] == "lora_b"]
     gb_list = [v[...] / steps for p, v in nnx.to_flat_state(gb_sum) if p[-1] == "lora_b"]
@@ -313,8 +339,7 @@ def local_round(model, lora: dict, head: dict, head_masks: np.ndarray,
     set_masks(model, new_h, new_c)
 
     # Loss after training and pruning, on the same probe batch (masked full model).
-    g_full, tr_full, rest_full = nnx.split(model, TRAINABLE, nnx.Variable)
-    loss_after = float(eval_loss(g_full, tr_full, rest_full, probe_j))
+    loss_after = float(eval_loss(*nnx.split(model), probe_j))
 
     kept_h = np.asarray(head_masks).sum(1).astype(int)
     kept_c = np.asarray(channel_masks).sum(1).astype(int)
@@ -346,7 +371,7 @@ def initial_masks(arch: ArchConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 __all__ = ["LocalRoundResult", "bucket_sizes", "estimate_peak_memory", "group_scores",
-           "evaluate", "initial_masks", "local_round", "loss_fn", "step_flops", "train_step"]
+           "CRITERIA", "evaluate", "initial_masks", "local_round", "loss_fn", "step_flops", "train_step"]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -1,0 +1,124 @@
+"""Orbax checkpoints of the federation state (and any extra run state), for exact resume.
+
+A checkpoint is one orbax ``StandardCheckpointer`` directory ``DIR/round_XXXXX`` holding a
+tree of numpy arrays: ``{"server": <FederationState as a tree>, "extra": {...}}``. Orbax
+writes to a temporary directory and renames it when complete, so a crash mid-save leaves
+the previous checkpoint intact and no half-written one is ever picked up.
+Module paths in LoRA keys (``layers/0/attn/q/lora_a``) are stored with ``/`` replaced by
+``|`` because orbax uses the tree path as a file path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fedspine_jax import bandit
+from fedspine_jax.federation import DeviceUpdate, Federation, FederationState
+
+_STEP = re.compile(r"^round_(\d+)$")
+
+
+def _enc(d: dict) -> dict:
+    return {k.replace("/", "|"): np.asarray(v) for k, v in d.items()}
+
+
+def _dec(d: dict) -> dict:
+    return {k.replace("|", "/"): np.asarray(v, np.float32) for k, v in (d or {}).items()}
+
+
+def _update_tree(u: DeviceUpdate) -> dict:
+    t = {f.name: np.asarray(getattr(u, f.name)) for f in dataclasses.fields(u)
+         if f.name not in ("lora", "head")}
+    t["lora"], t["head"] = _enc(u.lora), _enc(u.head)
+    return t
+
+
+def _update_from_tree(t: dict) -> DeviceUpdate:
+    kw = {}
+    for f in dataclasses.fields(DeviceUpdate):
+        v = t[f.name]
+        if f.name in ("lora", "head"):
+            kw[f.name] = _dec(v)
+        elif f.name in ("head_masks", "channel_masks"):
+            kw[f.name] = np.asarray(v, np.float32)
+        elif f.name in ("device_id", "round", "num_samples", "peak_memory_bytes",
+                        "params_alive"):
+            kw[f.name] = int(v)
+        else:
+            kw[f.name] = float(v)
+    return DeviceUpdate(**kw)
+
+
+def state_to_tree(state: FederationState) -> dict:
+    """A FederationState as a tree of numpy arrays."""
+    t = {"round": np.int64(state.round), "lora": _enc(state.lora), "head": _enc(state.head),
+         "last_p": np.asarray(state.last_p),
+         "updates": {str(i): _update_tree(u) for i, u in enumerate(state.updates)}}
+    if state.bandit is not None:
+        t["bandit"] = {f.name: np.asarray(getattr(state.bandit, f.name))
+                       for f in dataclasses.fields(state.bandit) if f.name != "params"}
+    if state.plan_p is not None:
+        t["plan_p"], t["plan_r"] = np.asarray(state.plan_p), np.asarray(state.plan_r)
+    return t
+
+
+def state_from_tree(t: dict, fed: Federation) -> FederationState:
+    """Inverse of :func:`state_to_tree` (the bandit's static params come from the config)."""
+    b_state = None
+    if "bandit" in t:
+        params = bandit.BanditParams.from_config(fed.bandit_config())
+        b_state = bandit.BanditState(params=params, **{k: jnp.asarray(v)
+                                                       for k, v in t["bandit"].items()})
+    ups = tuple(_update_from_tree(t["updates"][k])
+                for k in sorted(t.get("updates", {}) or {}, key=int))
+    return FederationState(
+        round=int(t["round"]), lora=_dec(t["lora"]), head=_dec(t.get("head")), bandit=b_state,
+        last_p=np.asarray(t["last_p"], np.float32),
+        plan_p=np.asarray(t["plan_p"], np.float32) if "plan_p" in t else None,
+        plan_r=np.asarray(t["plan_r"], np.int32) if "plan_r" in t else None, updates=ups)
+
+
+def steps(directory: str | Path) -> list[int]:
+    """Completed checkpoint steps in ``directory``, ascending."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in d.iterdir() if (m := _STEP.match(p.name)))
+
+
+def save(directory: str | Path, step: int, state: FederationState, extra: dict | None = None,
+         keep: int | None = None) -> Path:
+    """Write checkpoint ``step`` (overwriting one of the same step); keep the newest ``keep``."""
+    d = Path(directory).resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"round_{step:05d}"
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(path, {"server": state_to_tree(state), "extra": extra or {}}, force=True)
+    ckpt.wait_until_finished()
+    if keep is not None:
+        import shutil
+
+        for old in steps(d)[:-keep]:
+            shutil.rmtree(d / f"round_{old:05d}", ignore_errors=True)
+    return path
+
+
+def restore(directory: str | Path, fed: Federation, step: int | None = None
+            ) -> tuple[FederationState, dict, int]:
+    """(state, extra, step) of checkpoint ``step`` (default: the newest)."""
+    d = Path(directory).resolve()
+    available = steps(d)
+    if not available:
+        raise FileNotFoundError(f"no checkpoint in {str(d)!r}")
+    step = available[-1] if step is None else step
+    if step not in available:
+        raise FileNotFoundError(f"no checkpoint round_{step:05d} in {str(d)!r}; "
+                                f"have {available}")
+    tree = ocp.StandardCheckpointer().restore(d / f"round_{step:05d}")
+    return state_from_tree(tree["server"], fed), tree.get("extra") or {}, step

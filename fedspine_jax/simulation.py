@@ -1,0 +1,359 @@
+"""In-process federation on one machine: ``fedspine simulate`` and ``fedspine compare``.
+
+Design note
+-----------
+The simulator drives the same :class:`~fedspine_jax.federation.Federation` round as the
+gRPC server and the same ``train.local_round`` as a device agent. All devices share one
+frozen model object (their frozen weights are identical); a device's own state is its
+masks and the position of its data stream, and the LoRA and head it receives each round.
+Time is the simulated clock of ``heterogeneity``: a device's completion time is the FLOPs
+its round reports over its throughput in that round plus its LoRA download and upload
+bytes over its bandwidth; a device whose estimated training memory exceeds its memory
+fails the round (no update; charged the deadline). A round lasts as long as its slowest
+device; the run's clock is the sum of the rounds.
+
+Every ``federation.eval_every`` rounds each device's local model (its masks, the global
+LoRA shrunk to its last rank, the global head) is evaluated on the task's evaluation
+split; the mean is the paper's Test Accuracy. The run writes ``config.yaml``,
+``metrics.jsonl`` (one line per device and round, plus one per round), ``summary.json``
+and orbax checkpoints after every round; ``--resume`` continues from the newest
+checkpoint and ends in the same state as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedspine_jax import checkpoint, data, heterogeneity
+from fedspine_jax.config import Config, dump_config, load_config, replace
+from fedspine_jax.federation import DeviceUpdate, Federation
+from fedspine_jax.models import ArchConfig, build_model, load_pretrained, load_tokenizer
+from fedspine_jax.models.compaction import compact
+from fedspine_jax.models.state import get_head, get_lora, set_head, set_lora, set_masks
+from fedspine_jax.train import evaluate, initial_masks, local_round
+
+BYTES_PER_PARAM = 4  # LoRA factors travel as float32
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs that is derived from the config (not checkpointed)."""
+    cfg: Config
+    model: object
+    task: data.TaskData
+    devices: list
+    fleet: heterogeneity.Fleet
+    fed: Federation
+
+
+def build_model_for(cfg: Config, num_labels: int | None):
+    """The model of ``cfg.model`` with ``cfg.lora`` adapters at the global rank."""
+    m = cfg.model
+    targets = cfg.lora.targets
+    if m.source == "random":
+        heads = m.num_heads
+        arch = ArchConfig(
+            arch=m.arch, vocab_size=m.vocab_size, hidden_size=m.hidden_size,
+            num_layers=m.num_layers, num_heads=heads,
+            num_kv_heads=m.num_kv_heads if m.arch == "llama" else heads,
+            head_dim=m.hidden_size // heads, intermediate_size=m.intermediate_size,
+            max_positions=m.max_positions, type_vocab_size=1 if m.arch == "roberta" else 2,
+            rope_theta=m.rope_theta, pad_token_id=1 if m.arch == "roberta" else 0,
+            num_labels=num_labels or 0, lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+            lora_targets=tuple(targets), lora_init_std=cfg.lora.init_std,
+            norm_eps=1e-6 if m.arch == "llama" else 1e-12)
+        return build_model(arch, m.seed)
+    model, _ = load_pretrained(m.source, num_labels=num_labels, lora_rank=cfg.lora.rank,
+                               lora_alpha=cfg.lora.alpha, lora_targets=tuple(targets),
+                               seed=m.seed, with_tokenizer=False)
+    return model
+
+
+def setup(cfg: Config) -> Setup:
+    """Load model, data, partition and fleet for a run (deterministic from the config)."""
+    tokenizer = load_tokenizer(cfg.model.tokenizer if cfg.model.source == "random"
+                               else cfg.model.source)
+    task = data.load_task(cfg.data, tokenizer, cfg.federation.seed)
+    model = build_model_for(cfg, task.num_labels)
+    n = cfg.federation.num_devices
+    devices = data.partition(task, n, cfg.data, cfg.federation.seed)
+    fleet = heterogeneity.build_fleet(cfg)
+    # capability tier: 0 = strongest type (AGX), used by HETLoRA's rank policy
+    tiers = (heterogeneity.AGX - np.asarray(fleet.device_type)).astype(int)
+    return Setup(cfg, model, task, devices, fleet, Federation(cfg, n, tiers))
+
+
+def _device_examples(s: Setup, i: int) -> tuple[data.Examples, data.Examples]:
+    d = s.devices[i]
+    return s.task.train.take(d.train_idx), s.task.train.take(d.holdout_idx)
+
+
+def evaluate_devices(s: Setup, state, masks: list, ranks: np.ndarray) -> np.ndarray:
+    """Test accuracy of every device's local model on the task's evaluation split."""
+    accs = []
+    shrunk = {}
+    for i, (hm, cm) in enumerate(masks):
+        r = int(ranks[i])
+        if r not in shrunk:
+            shrunk[r] = s.fed.shrink(state.lora, r)
+        set_lora(s.model, shrunk[r])
+        if state.head:
+            set_head(s.model, state.head)
+        set_masks(s.model, hm, cm)
+        accs.append(evaluate(s.model, data.eval_batches(s.task.eval, 64)))
+    return np.asarray(accs)
+
+
+def _lora_bytes(lora: dict) -> int:
+    return int(sum(v.size for v in lora.values())) * BYTES_PER_PARAM
+
+
+def inference_cost(s: Setup, masks: list, state, batch: int = 32, repeats: int = 5) -> dict:
+    """Latency (s) and weight + activation memory (bytes) of the final pruned models,
+    physically compacted with the LoRA merged, at (batch, max_len); mean over devices."""
+    seq = s.cfg.data.max_len
+    ids = jnp.ones((batch, seq), jnp.int32)
+    am = jnp.ones((batch, seq), jnp.int32)
+    lat, mem = [], []
+    set_lora(s.model, state.lora)
+    if state.head:
+        set_head(s.model, state.head)
+    seen = {}
+    for hm, cm in masks:
+        key = (hm.tobytes(), cm.tobytes())
+        if key not in seen:
+            set_masks(s.model, hm, cm)
+            small, _ = compact(s.model, merge_lora=True)
+            from flax import nnx
+
+            graphdef, st = nnx.split(small)
+            fwd = jax.jit(lambda st, x, m: nnx.merge(graphdef, st)(x, m))
+            jax.block_until_ready(fwd(st, ids, am))
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                jax.block_until_ready(fwd(st, ids, am))
+            weights = sum(int(x.size) for x in jax.tree.leaves(st)) * 4
+            d = small.cfg.hidden_size
+            acts = batch * seq * (4 * d + max(small.cfg.layer_channels) +
+                                  2 * max(len(k) for k in small.cfg.layer_kv_index) * seq) * 4
+            seen[key] = ((time.perf_counter() - t0) / repeats, weights + acts)
+        lat.append(seen[key][0])
+        mem.append(seen[key][1])
+    return {"latency_s": float(np.mean(lat)), "memory_bytes": float(np.mean(mem))}
+
+
+def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Simulate ``cfg.federation.rounds`` rounds; write the run directory; return the summary."""
+    out = Path(out)
+    ckdir = out / "checkpoints"
+    if resume:
+        if not checkpoint.steps(ckdir):
+            raise FileNotFoundError(f"--resume: no checkpoint in {str(ckdir)!r}")
+        saved = load_config(out / "config.yaml")
+        if saved != cfg:
+            cfg = saved  # a resumed run continues with the config it started with
+    elif out.exists() and (out / "metrics.jsonl").exists():
+        raise FileExistsError(f"{str(out)!r} already holds a run; use --resume or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    s = setup(cfg)
+    n, rounds = cfg.federation.num_devices, cfg.federation.rounds
+    arch = s.model.cfg
+    hm0, cm0 = initial_masks(arch)
+    if resume:
+        state, extra, _ = checkpoint.restore(ckdir, s.fed)
+        masks = [(np.asarray(extra["head_masks"][i]), np.asarray(extra["channel_masks"][i]))
+                 for i in range(n)]
+        streams = [dict(epoch=int(extra["stream"][i][0]), position=int(extra["stream"][i][1]))
+                   for i in range(n)]
+        clock = float(extra["clock"])
+        last_rank = np.asarray(extra["last_rank"], np.int32)
+        peak_mem = float(extra["peak_memory"])
+        _truncate_metrics(out / "metrics.jsonl", state.round - 1)
+    else:
+        state = s.fed.init(get_lora(s.model), get_head(s.model))
+        masks = [(hm0.copy(), cm0.copy()) for _ in range(n)]
+        streams = [dict(epoch=0, position=0) for _ in range(n)]
+        clock, peak_mem = 0.0, 0.0
+        last_rank = np.full(n, cfg.lora.rank, np.int32)
+        (out / "metrics.jsonl").write_text("")
+    examples = [_device_examples(s, i) for i in range(n)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=rounds, initial=state.round - 1, desc="rounds", unit="round")
+    criterion = s.fed.strategy.criterion
+    while state.round <= rounds:
+        t = state.round
+        state, tasks = s.fed.plan(state)
+        flops, mem_need, pending = np.zeros(n), np.zeros(n), []
+        for i, task in enumerate(tasks):
+            train_ex, hold_ex = examples[i]
+            batches = data.Batches(train_ex, cfg.train.batch_size,
+                                   cfg.federation.seed * 1000 + i, **streams[i])
+            probe_src = hold_ex if len(hold_ex) else train_ex
+            probe = data.collate(probe_src, np.arange(min(len(probe_src),
+                                                          cfg.train.batch_size)),
+                                 cfg.train.batch_size)
+            res = local_round(s.model, task.lora, task.head, masks[i][0], masks[i][1],
+                              task.ratio, batches, probe, cfg, criterion=criterion)
+            streams[i] = batches.state()
+            flops[i], mem_need[i] = res.flops, res.peak_memory_bytes
+            pending.append((res, _lora_bytes(task.lora), len(train_ex)))
+        times = heterogeneity.completion_time(
+            s.fleet, t - 1, flops, np.array([p[1] for p in pending]),
+            np.array([p[1] for p in pending]))
+        fits = heterogeneity.fits_memory(s.fleet, mem_need)
+        times = heterogeneity.apply_memory_policy(times, fits, cfg.federation.deadline_s)
+        for i, (res, _, n_train) in enumerate(pending):
+            if not fits[i]:
+                continue  # out of memory: no update (design note)
+            masks[i] = (res.head_masks, res.channel_masks)
+            last_rank[i] = tasks[i].rank
+            upd = DeviceUpdate(
+                device_id=i, round=t, lora=res.lora, head=res.head, head_masks=res.head_masks,
+                channel_masks=res.channel_masks, num_samples=n_train,
+                loss_before=res.loss_before, loss_after=res.loss_after,
+                lora_importance=res.lora_importance, ratio=res.ratio,
+                compute_time_s=float(times.comp[i]), comm_time_s=float(times.comm[i]),
+                flops=res.flops, peak_memory_bytes=res.peak_memory_bytes,
+                params_alive=res.params_alive)
+            state = s.fed.accept(state, upd)
+        state, report = s.fed.close(state, force=True)
+        round_time = float(np.max(times.total))
+        clock += round_time
+        peak_mem = max(peak_mem, float(mem_need[fits].max()) if fits.any() else 0.0)
+        acc = None
+        k = cfg.federation.eval_every
+        if (k and t % k == 0) or t == rounds:
+            acc = evaluate_devices(s, state, masks, last_rank)
+        rewards = dict(zip(report.device_ids.tolist(), report.rewards.tolist()))
+        lines = []
+        for i, (res, _, _) in enumerate(pending):
+            lines.append({
+                "round": t, "device": i, "device_type": s.fleet.type_names[i],
+                "p": float(report.p[i]), "r": int(report.r[i]), "ratio": res.ratio,
+                "completion_time": float(times.total[i]), "compute_time": float(times.comp[i]),
+                "comm_time": float(times.comm[i]),
+                "waiting_time": round_time - float(times.total[i]),
+                "loss_before": res.loss_before, "loss_drop": res.loss_drop,
+                "lora_importance": res.lora_importance, "reward": rewards.get(i),
+                "flops": res.flops, "peak_memory_bytes": res.peak_memory_bytes,
+                "fits_memory": bool(fits[i]), "measured_compute_s": res.compute_time_s,
+                "accuracy": None if acc is None else float(acc[i])})
+        lines.append({"round": t, "summary": True, "clock": clock, "round_time": round_time,
+                      "waiting_time": float(heterogeneity.waiting_time(times.total)),
+                      "mean_sparsity": float(np.mean([ln["ratio"] for ln in lines])),
+                      "accuracy": None if acc is None else float(acc.mean())})
+        with open(out / "metrics.jsonl", "a") as f:
+            for ln in lines:
+                f.write(json.dumps(ln) + "\n")
+        extra = {"head_masks": np.stack([m[0] for m in masks]),
+                 "channel_masks": np.stack([m[1] for m in masks]),
+                 "stream": np.array([[st["epoch"], st["position"]] for st in streams]),
+                 "clock": np.float64(clock), "last_rank": last_rank,
+                 "peak_memory": np.float64(peak_mem)}
+        checkpoint.save(ckdir, t, state, extra, keep=cfg.federation.keep_checkpoints)
+        if bar is not None:
+            bar.set_postfix(sim_time=f"{clock:.0f}s", acc="-" if acc is None else
+                            f"{acc.mean():.3f}", sparsity=f"{lines[-1]['mean_sparsity']:.2f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    summary = summarize(out, cfg)
+    summary["inference"] = inference_cost(s, masks, state)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _truncate_metrics(path: Path, last_round: int) -> None:
+    """Drop metric lines of rounds after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines()
+            if ln.strip() and json.loads(ln)["round"] <= last_round]
+    path.write_text("".join(x + "\n" for x in keep))
+
+
+def summarize(out: Path, cfg: Config) -> dict:
+    """Summary figures of a run from its metrics.jsonl."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    rounds = [r for r in rows if r.get("summary")]
+    evals = [r for r in rounds if r["accuracy"] is not None]
+    target = cfg.federation.target_accuracy
+    hit = next((r for r in evals if target and r["accuracy"] >= target), None)
+    devs = [r for r in rows if not r.get("summary")]
+    return {
+        "method": cfg.federation.strategy, "rounds": len(rounds),
+        "final_accuracy": evals[-1]["accuracy"] if evals else None,
+        "final_sparsity": rounds[-1]["mean_sparsity"] if rounds else None,
+        "simulated_time_s": rounds[-1]["clock"] if rounds else 0.0,
+        "target_accuracy": target or None,
+        "time_to_target_s": hit["clock"] if hit else None,
+        "mean_waiting_time_s": float(np.mean([r["waiting_time"] for r in rounds])) if rounds
+        else None,
+        "training_peak_memory_bytes": max((r["peak_memory_bytes"] for r in devs
+                                           if r["fits_memory"]), default=None),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None,
+                   help="YAML config (default: configs/sst2_minilm.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--methods", default=None,
+                   help="compare: comma-separated methods (add 'ablations' for both ablations)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _default_config() -> str:
+    here = Path(__file__).resolve().parents[1] / "configs" / "sst2_minilm.yaml"
+    return str(here)
+
+
+def run_cli(args) -> int:
+    import sys
+
+    cfg = load_config(args.config or _default_config(), args.overrides)
+    if args.command == "compare":
+        from fedspine_jax.report import render_comparison
+
+        methods = (args.methods or "fedspine,hetlora,fedlora_prune,llmpruner_fedlora,fedapt"
+                   ).split(",")
+        if "ablations" in methods:
+            methods = [m for m in methods if m != "ablations"] + ["fedspine_no_ap",
+                                                                  "fedspine_no_at"]
+        compare_runs(cfg, methods, args.out, progress=not args.no_progress)
+        render_comparison(args.out)
+        return 0
+    summary = run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    json.dump(summary, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+def compare_runs(cfg: Config, methods: list[str], out: str | Path, progress: bool = True
+                 ) -> dict:
+    """Run every method on the same config, seeds, partition and device traces."""
+    out = Path(out)
+    results = {}
+    for m in methods:
+        results[m] = run(replace(cfg, federation={"strategy": m}), out / m,
+                         resume=(out / m / "checkpoints").exists(), progress=progress)
+    return results
