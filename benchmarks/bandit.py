@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -75,11 +76,12 @@ class NumpyAgent:
         span = b_hi - b_lo
         b = b_lo + min(int(np.floor(f32(draw[1]) * f32(span))), span - 1)
         p = f32(min(max(f32(p_lo + f32(u * head)), p_lo), p_hi))
-        side_u = f32(f32(u_hi - u_lo) * f32(head / f32(prm.target_ratio))) \
-            if prm.target_ratio > 0 else f32(0.0)
+        p_scale = f32(1.0 / prm.target_ratio) if prm.target_ratio > 0 else f32(0.0)
+        side_u = f32(f32(u_hi - u_lo) * head) * p_scale
         side_b = f32(span) / f32(len(prm.rank_choices)) if span > 1 else f32(0.0)
         self.leaf = j
-        if side_u * side_u + side_b * side_b > f32(prm.delta) ** 2 and live < prm.capacity:
+        if (side_u * side_u + side_b * side_b > f32(prm.delta) ** 2 and live < prm.capacity
+                and self.count[j] > 1e-30):
             m = live
             for arr in (self.u_lo, self.u_hi, self.b_lo, self.b_hi):
                 arr[m] = arr[j]
@@ -122,10 +124,10 @@ def run_numpy(params, draws_tad):
 
 # ---------------------------------------------------------------- the JAX side
 def make_jax_run(cfg: Config, num_agents: int, rounds: int):
+    """A jitted ``run(key)``: one fleet of agents for ``rounds`` rounds under ``lax.scan``."""
     ranks = jnp.asarray(cfg.lora.rank_choices)
     k = len(cfg.lora.rank_choices)
 
-    @jax.jit
     def run(key):
         init_key, round_key = jax.random.split(key)
         state = bandit.init(cfg, num_agents, init_key)
@@ -139,21 +141,35 @@ def make_jax_run(cfg: Config, num_agents: int, rounds: int):
         state, (p, r) = jax.lax.scan(body, state, keys)
         return state, p, r, keys
 
-    return run
+    return jax.jit(run), run
+
+
+def time_best(fn, key, repeats):
+    """(compile + first run seconds, best of ``repeats`` later runs)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(key))
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(jax.random.fold_in(key, i)))
+        best = min(best, time.perf_counter() - t0)
+    return first, best
 
 
 def check_agreement(cfg: Config, num_agents: int, rounds: int, key) -> dict:
     """The NumPy peer, fed the JAX run's draws, chooses the same arms every round."""
-    run = make_jax_run(cfg, num_agents, rounds)
+    run, _ = make_jax_run(cfg, num_agents, rounds)
     state, p, r, keys = run(key)
     init_key, _ = jax.random.split(key)
     state0 = bandit.init(cfg, num_agents, init_key)
     draws = np.stack([np.asarray(bandit.arm_draws(state0, kt)) for kt in keys])
     p_np, r_np = run_numpy(state.params, draws)
     p, r = np.asarray(p), np.asarray(r)
-    return {"agents": num_agents, "rounds": rounds,
-            "ranks_equal": bool(np.array_equal(r, r_np)),
-            "max_abs_dp": float(np.max(np.abs(p - p_np)))}
+    ranks_equal = bool(np.array_equal(r, r_np))
+    max_dp = float(np.max(np.abs(p - p_np)))
+    return {"agents": num_agents, "rounds": rounds, "ranks_equal": ranks_equal,
+            "max_abs_dp": max_dp, "ok": ranks_equal and max_dp <= 1e-6}
 
 
 def main() -> None:
@@ -161,46 +177,54 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--ref-agents", type=int, default=100)
+    ap.add_argument("--fleets", type=int, default=100,
+                    help="also run this many fleets of agents/fleets agents under jax.vmap")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
     # Defaults except a later target round, so the p schedule is live for half the run.
-    cfg = replace(Config(), pruning={"target_round": max(1, args.rounds // 2)},
-                  bandit={"discount": 0.99})
+    cfg = replace(Config(), pruning={"target_round": max(1, args.rounds // 2)})
     key = jax.random.key(0)
 
     agree = check_agreement(cfg, 8, args.rounds, jax.random.key(1))
 
-    run = make_jax_run(cfg, args.agents, args.rounds)
-    t0 = time.perf_counter()
-    jax.block_until_ready(run(key))
-    compile_s = time.perf_counter() - t0
-    best = float("inf")
-    for i in range(args.repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(jax.random.fold_in(key, i)))
-        best = min(best, time.perf_counter() - t0)
+    run, _ = make_jax_run(cfg, args.agents, args.rounds)
+    compile_s, best = time_best(run, key, args.repeats)
     jax_rate = args.agents * args.rounds / best
+
+    # The sweep's shape: many fleets, vmapped over fleets, same agent-rounds in total.
+    per_fleet = max(1, args.agents // args.fleets)
+    _, fleet_run = make_jax_run(cfg, per_fleet, args.rounds)
+    fleets_run = jax.jit(lambda k: jax.vmap(fleet_run)(jax.random.split(k, args.fleets)))
+    _, fleets_best = time_best(fleets_run, key, args.repeats)
+    fleets_rate = args.fleets * per_fleet * args.rounds / fleets_best
 
     params = bandit.BanditParams.from_config(cfg)
     draws = np.random.default_rng(0).random((args.rounds, args.ref_agents, 2), np.float32)
-    t0 = time.perf_counter()
-    run_numpy(params, draws)
-    np_s = time.perf_counter() - t0
+    np_s = float("inf")
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        run_numpy(params, draws)
+        np_s = min(np_s, time.perf_counter() - t0)
     np_rate = args.ref_agents * args.rounds / np_s
 
     print(json.dumps({
         "benchmark": "bandit_select_update",
-        "machine": f"{platform.machine()} {jax.devices()[0].platform} x{jax.device_count()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                   f"jax {jax.__version__} on {jax.devices()[0].platform}",
         "agents": args.agents, "rounds": args.rounds, "capacity": cfg.bandit.capacity,
         "rank_choices": list(cfg.lora.rank_choices),
         "jax_agent_rounds_per_s": round(jax_rate),
         "jax_best_s": round(best, 4), "jax_compile_s": round(compile_s, 2),
+        "jax_fleets": f"{args.fleets} x {per_fleet} agents (vmap over fleets)",
+        "jax_fleets_agent_rounds_per_s": round(fleets_rate),
         "numpy_agents": args.ref_agents,
         "numpy_agent_rounds_per_s": round(np_rate),
         "speedup": round(jax_rate / np_rate, 1),
         "agreement": agree,
     }, indent=2))
+    if not agree["ok"]:
+        raise SystemExit("the NumPy peer disagrees with fedspine_jax.bandit")
 
 
 if __name__ == "__main__":

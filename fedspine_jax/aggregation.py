@@ -186,6 +186,7 @@ def aggregation_weights(importances: Array, scaling: str = "normalized") -> Arra
     total = jnp.sum(clipped)
     ok = jnp.all(jnp.isfinite(imp)) & (total > 0)
     c = jnp.where(ok, clipped / jnp.where(ok, total, 1.0), 1.0 / n)
+    # Eq. 16's 1/N: kept only under "paper" (it shrinks the update N-fold; see above).
     return c / n if scaling == "paper" else c
 
 
@@ -217,7 +218,7 @@ def aggregate_lora(a_list: Sequence[Array], b_list: Sequence[Array], weights: Ar
 @functools.partial(jax.jit, static_argnames=("rank",))
 def aggregate_lora_batched(a_list: Sequence[Array], b_list: Sequence[Array], weights: Array,
                            rank: int) -> tuple[Array, Array]:
-    """:func:`aggregate_lora` for L same-shaped linears at once (vmap over a layer axis).
+    """:func:`aggregate_lora` for L same-shaped linears at once (one jitted loop over L).
 
     The server aggregates every LoRA linear of the model each round (72 for roberta-base);
     stacking the linears of one shape (e.g. q, k, v, o of all layers) gives one compiled call.
@@ -233,8 +234,12 @@ def aggregate_lora_batched(a_list: Sequence[Array], b_list: Sequence[Array], wei
     _check_pairs(a_list, b_list, jnp.shape(weights)[-1])
     n_layers = a_list[0].shape[0]
     w_ln = jnp.broadcast_to(jnp.asarray(weights), (n_layers, len(a_list)))
-    return jax.vmap(lambda a_l, b_l, w_n: _refactor(*_stack(a_l, b_l, w_n), rank))(
-        list(a_list), list(b_list), w_ln)
+    # lax.map, not vmap: jaxlib's CPU LAPACK kernels split a *batched* QR/SVD over XLA's
+    # intra-op thread pool and wait for it from inside a pool thread; two such calls at
+    # once (the A- and B-side QRs are independent) fill a 2-thread pool and deadlock
+    # (jaxlib 0.10.2, 2-core CPU). One linear per step keeps every LAPACK call unbatched.
+    return jax.lax.map(lambda xs: _refactor(*_stack(*xs), rank),
+                       (list(a_list), list(b_list), w_ln))
 
 
 @functools.partial(jax.jit, static_argnames=("rank",))

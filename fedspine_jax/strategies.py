@@ -118,7 +118,8 @@ class Strategy:
             return aggregation.hetlora_aggregate([x[0] for x in pruned], [x[1] for x in pruned],
                                                  rank)
         w = jnp.asarray(num_samples, jnp.float32)
-        return aggregation.fedavg_lora(a_list, b_list, w / jnp.sum(w))
+        a, b = aggregation.fedavg_lora(a_list, b_list, w / jnp.sum(w))
+        return aggregation.pad_lora(a, b, rank)  # FedAPT trains below R early on
 
 
 STRATEGIES = {

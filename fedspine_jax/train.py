@@ -197,10 +197,10 @@ def eval_loss(graphdef, state, batch):
 
 def bucket_sizes(head_masks: np.ndarray, channel_masks: np.ndarray) -> tuple[int, int]:
     """Uniform per-layer (heads, channels) of the compacted training model: the most any
-    layer keeps, rounded up to a bucket (quarters of the heads, eighths of the channels),
+    layer keeps, rounded up to a bucket (quarters of the heads and of the channels),
     so a whole run compiles for only a handful of sizes."""
     h_full, f_full = head_masks.shape[1], channel_masks.shape[1]
-    h_step, f_step = max(1, h_full // 4), max(1, f_full // 8)
+    h_step, f_step = max(1, h_full // 4), max(1, f_full // 4)
     h = int(head_masks.sum(1).max())
     f = int(channel_masks.sum(1).max())
     return (min(h_full, -(-h // h_step) * h_step), min(f_full, -(-f // f_step) * f_step))
@@ -287,7 +287,9 @@ def local_round(model, lora: dict, head: dict, head_masks: np.ndarray,
     ema = (jnp.zeros((n_layers, hc)), jnp.zeros((n_layers, fc)))
     gb_sum = jax.tree.map(jnp.zeros_like, nnx.state(small, nnx.LoRAParam))
     probe_j = _to_jnp(probe)
-    loss_before = float(eval_loss(*nnx.split(small), probe_j))
+    # Loss before and after on the full masked model (equal to the compacted one's), so
+    # this evaluation compiles once per rank, not once per size bucket.
+    loss_before = float(eval_loss(*nnx.split(model), probe_j))
 
     steps = cfg.train.local_steps
     data = [_to_jnp(next(batches)) for _ in range(steps)]

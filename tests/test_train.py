@@ -74,7 +74,7 @@ def test_bucket_sizes_are_coarse():
     cm = np.ones((3, 1536))
     hm[0, :5] = 0
     cm[:, :700] = 0
-    assert bucket_sizes(hm, cm) == (12, 1536 - 576)  # max kept heads 12; 836 -> 960
+    assert bucket_sizes(hm, cm) == (12, 1152)  # max kept heads 12; 836 channels -> 1152
     hm[:, :5] = 0
     assert bucket_sizes(hm, cm)[0] == 9  # 7 kept -> next multiple of 3
 

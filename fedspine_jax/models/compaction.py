@@ -21,6 +21,7 @@ The compacted model's outputs equal the masked model's (fp32 round-off).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import numpy as np
@@ -87,19 +88,31 @@ def compact_arch(cfg: ArchConfig, index: CompactIndex, merge_lora: bool) -> Arch
 
 
 def _copy_linear(dst, src, *, out_idx=None, in_idx=None, merge: bool) -> None:
-    """Gather ``src`` (a LoRALinear) into ``dst`` along its output and/or input axis."""
-    w = src.merged_kernel() if merge else src.kernel[...]
+    """Gather ``src`` (a LoRALinear) into ``dst`` along its output and/or input axis.
+
+    Gathers run in NumPy on host copies: compaction happens once per round outside jit,
+    where dispatching one XLA op per gather would cost more than the copies themselves.
+    """
+    w = np.asarray(src.merged_kernel() if merge else src.kernel[...])
     if out_idx is not None:
         w = w[:, out_idx]
     if in_idx is not None:
         w = w[in_idx, :]
-    dst.kernel.set_value(w)
+    dst.kernel.set_value(jnp.asarray(w))
     if src.bias is not None:
-        dst.bias.set_value(src.bias[...] if out_idx is None else src.bias[...][out_idx])
+        bias = np.asarray(src.bias[...])
+        dst.bias.set_value(jnp.asarray(bias if out_idx is None else bias[out_idx]))
     if dst.lora_a is not None and not merge:
-        a, b = src.lora_a[...], src.lora_b[...]
-        dst.lora_a.set_value(a if in_idx is None else a[in_idx, :])
-        dst.lora_b.set_value(b if out_idx is None else b[:, out_idx])
+        a, b = np.asarray(src.lora_a[...]), np.asarray(src.lora_b[...])
+        dst.lora_a.set_value(jnp.asarray(a if in_idx is None else a[in_idx, :]))
+        dst.lora_b.set_value(jnp.asarray(b if out_idx is None else b[:, out_idx]))
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract(cls, cfg: ArchConfig):
+    """(graphdef, abstract state) of a model of ``cfg``; tracing a model's init costs
+    seconds, and a run compacts to the same few bucketed shapes again and again."""
+    return nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
 
 
 def compact(model, *, merge_lora: bool = False, sizes: tuple[int, int] | None = None,
@@ -118,7 +131,7 @@ def compact(model, *, merge_lora: bool = False, sizes: tuple[int, int] | None = 
     index = index or compact_index(model, sizes)
     cfg: ArchConfig = model.cfg
     new_cfg = compact_arch(cfg, index, merge_lora)
-    new = nnx.eval_shape(lambda: type(model)(new_cfg, rngs=nnx.Rngs(0)))
+    new = nnx.merge(*_abstract(type(model), new_cfg), copy=True)
     src_state = nnx.state(model)
     dst_state = nnx.state(new)
     # Non-layer variables (embeddings, norms, heads) copy unchanged.
@@ -135,7 +148,7 @@ def compact(model, *, merge_lora: bool = False, sizes: tuple[int, int] | None = 
         _copy_linear(da.k, sa.k, out_idx=kvc, merge=merge_lora)
         _copy_linear(da.v, sa.v, out_idx=kvc, merge=merge_lora)
         _copy_linear(da.o, sa.o, in_idx=qc, merge=merge_lora)
-        da.head_mask.set_value(sa.head_mask[...][index.heads[i]])
+        da.head_mask.set_value(jnp.asarray(np.asarray(sa.head_mask[...])[index.heads[i]]))
         sm, dm = src.mlp, dst.mlp
         if sm.gated:
             _copy_linear(dm.gate, sm.gate, out_idx=ch, merge=merge_lora)
@@ -144,7 +157,7 @@ def compact(model, *, merge_lora: bool = False, sizes: tuple[int, int] | None = 
         else:
             _copy_linear(dm.fc1, sm.fc1, out_idx=ch, merge=merge_lora)
             _copy_linear(dm.fc2, sm.fc2, in_idx=ch, merge=merge_lora)
-        dm.channel_mask.set_value(sm.channel_mask[...][ch])
+        dm.channel_mask.set_value(jnp.asarray(np.asarray(sm.channel_mask[...])[ch]))
         for name in ("norm1", "norm2", "ln1", "ln2"):
             if hasattr(src, name):
                 s_mod, d_mod = getattr(src, name), getattr(dst, name)
@@ -177,9 +190,14 @@ def expand_lora(full_model, compact_model, index: CompactIndex) -> None:
         for f, s, out_idx, in_idx in pairs:
             if f.lora_a is None:
                 continue
-            a, b = f.lora_a[...], f.lora_b[...]
-            a = s.lora_a[...] if in_idx is None else a.at[jnp.asarray(in_idx)].set(s.lora_a[...])
-            b = s.lora_b[...] if out_idx is None else b.at[:, jnp.asarray(out_idx)].set(
-                s.lora_b[...])
-            f.lora_a.set_value(a)
-            f.lora_b.set_value(b)
+            a, b = np.array(f.lora_a[...]), np.array(f.lora_b[...])
+            if in_idx is None:
+                a = np.asarray(s.lora_a[...])
+            else:
+                a[in_idx] = np.asarray(s.lora_a[...])
+            if out_idx is None:
+                b = np.asarray(s.lora_b[...])
+            else:
+                b[:, out_idx] = np.asarray(s.lora_b[...])
+            f.lora_a.set_value(jnp.asarray(a))
+            f.lora_b.set_value(jnp.asarray(b))

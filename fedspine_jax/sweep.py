@@ -1,0 +1,721 @@
+"""``fedspine sweep``: S-UCB hyperparameter sweeps on synthetic fleets (issue 8).
+
+Design note
+-----------
+A *configuration* is one point of the search space: the bandit's ``discount``, ``delta``
+and ``exploration``, the rank set ``lora.rank_choices`` and the ``reward`` variant. A
+*cell* is a configuration run on one fleet composition with one seed: a fleet of S-UCB
+agents (one per device) playing ``federation.rounds`` rounds against the synthetic
+environment of :mod:`fedspine_jax.sweep_env`. The agents are exactly
+:func:`fedspine_jax.bandit.select` / :func:`~fedspine_jax.bandit.update` fed
+:func:`~fedspine_jax.bandit.reward` (Eq. 3); this module only wires them to the
+environment.
+
+*Batching.* :class:`~fedspine_jax.bandit.BanditParams` are static (pytree metadata), so
+cells of different configurations cannot share one traced program. The cells are grouped
+by configuration (and fleet size, the only shape that varies); each group is one jitted
+program, a ``jax.vmap`` over its seeds x fleets of a ``lax.scan`` over rounds, compiled
+once, and its cell axis is sharded over a 1-D mesh of every local device
+(``NamedSharding``; the cell axis is padded to a multiple of the device count with copies
+of the last cell, which are dropped). Cells are independent, so results do not depend on
+the number of devices. A sweep compiles once per configuration; the rounds and fleets of
+a configuration are what it scales in.
+
+*Randomness.* Cell ``(seed s, fleet f)`` uses ``fold_in(fold_in(key(federation.seed), s),
+f)`` in every configuration: all configurations meet the same power modes, bandwidths and
+surface noise and draw from the same bandit streams (common random numbers), so their
+differences are not sampling noise between configurations.
+
+*Scores.* Decision: every cell is scored with one reward variant, ``sweep.score``,
+whatever variant its agents learn from. The "paper" reward (Eq. 3 in raw units) and the
+"log" reward differ in scale by orders of magnitude, so cumulative rewards of the two
+would not be comparable; the agents of a "paper" configuration still learn from "paper".
+Three figures rank a configuration, means over its seeds and fleets, per agent:
+
+* cumulative reward: the realised (noisy) score reward summed over rounds;
+* regret (Eq. 7) against the best fixed arm in hindsight: for every device and every arm
+  of a grid (``sweep.u_grid`` values of the headroom fraction ``u`` of S-UCB's arm space
+  times every rank of the sweep's rank sets), the device's own p-trajectory under that
+  fixed arm is rolled out through the schedule of :func:`fedspine_jax.bandit.p_bounds`,
+  and its mean reward (the environment's plug-in mean surfaces, the device's realised
+  power modes, the rest of the fleet's realised times) is summed over rounds; the best
+  arm's sum minus that of the arms actually played, evaluated the same way. Decision: the
+  grid spans the ranks of all rank sets, so regrets are comparable across rank sets; a
+  fixed arm is not the best adaptive policy, so regret can be negative;
+* waiting time: Eq. 1, ``Gamma = mean_i (max_j T_j - T_i)``, averaged over rounds.
+
+The output directory gets ``results.json`` (ranked configurations, per-fleet figures and
+per-round curves), ``results.md`` (the table) and two plots: ``regret.png`` (cumulative
+regret of the top configurations) and ``choices.png`` (the best configuration's mean
+``p`` and ``r`` per device type over rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fedspine_jax import bandit, heterogeneity as het, sweep_env
+from fedspine_jax.config import Config, ConfigError, apply_overrides, from_dict, replace
+
+FORMAT = "fedspine-sweep/1"
+_CELLS = "cells"  # name of the mesh axis the cells are sharded over
+
+
+# ---------------------------------------------------------------------- the sweep spec
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetSpec:
+    """A fleet composition: a preset of paper section 5.3 or per-type counts.
+
+    Attributes:
+        name: label in the results (the preset's name, or ``agx=3,nx=3,tx2=4``).
+        scenario: ``low`` / ``medium`` / ``high`` (``federation.num_devices`` devices) or
+            ``custom`` (the counts below).
+        counts: ``(agx, nx, tx2)`` for ``custom``.
+    """
+
+    name: str
+    scenario: str
+    counts: tuple[int, int, int] = (0, 0, 0)
+
+    def build(self, cfg: Config) -> het.Fleet:
+        """The devices, built by :func:`fedspine_jax.heterogeneity.build_fleet`."""
+        if self.scenario == "custom":
+            agx, nx, tx2 = self.counts
+            cfg = replace(cfg, devices={"scenario": "custom", "num_agx": agx, "num_nx": nx,
+                                        "num_tx2": tx2},
+                          federation={"num_devices": agx + nx + tx2})
+        else:
+            cfg = replace(cfg, devices={"scenario": self.scenario})
+        return het.build_fleet(cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """The search space and the cells of a sweep (the ``sweep:`` section of a config).
+
+    Attributes:
+        search: ``grid`` (every combination) or ``random`` (``samples`` combinations of
+            the grid drawn without replacement with ``federation.seed``).
+        samples: configurations drawn by a random search.
+        discount, delta, exploration: values of ``bandit.*`` to try.
+        rank_choices: rank sets (``lora.rank_choices``) to try.
+        reward: reward variants (``bandit.reward``) the agents learn from.
+        seeds: seeds per configuration and fleet.
+        fleets: fleet compositions.
+        score: the reward variant every cell is scored with (module note, Scores).
+        u_grid: values of the headroom fraction u in the regret's arm grid.
+        env: JSON file of environment parameters (``fedspine sweep --calibrate``);
+            empty: the built-in surfaces of :func:`sweep_env.default_params`.
+    """
+
+    search: str = "grid"
+    samples: int = 8
+    discount: tuple[float, ...] = (0.9, 0.99)
+    delta: tuple[float, ...] = (0.1,)
+    exploration: tuple[float, ...] = (0.1, 0.3)
+    rank_choices: tuple[tuple[int, ...], ...] = ((2, 4, 8),)
+    reward: tuple[str, ...] = ("log",)
+    seeds: int = 4
+    fleets: tuple[FleetSpec, ...] = (FleetSpec("high", "high"),)
+    score: str = "log"
+    u_grid: int = 11
+    env: str = ""
+
+    def points(self, seed: int) -> list[Point]:
+        """The configurations to run, in grid order."""
+        grid = [Point(*v) for v in itertools.product(
+            self.discount, self.delta, self.exploration, self.rank_choices, self.reward)]
+        if self.search == "random" and self.samples < len(grid):
+            pick = np.random.default_rng(seed).choice(len(grid), self.samples, replace=False)
+            grid = [grid[i] for i in sorted(pick.tolist())]
+        return grid
+
+    @property
+    def all_ranks(self) -> tuple[int, ...]:
+        """Every rank of every rank set: the rank axis of the regret's arm grid."""
+        return tuple(sorted({r for rc in self.rank_choices for r in rc}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One configuration of the search space."""
+
+    discount: float
+    delta: float
+    exploration: float
+    rank_choices: tuple[int, ...]
+    reward: str
+
+    @property
+    def label(self) -> str:
+        ranks = ",".join(str(r) for r in self.rank_choices)
+        return (f"lambda={self.discount:g} delta={self.delta:g} c={self.exploration:g} "
+                f"r={{{ranks}}} {self.reward}")
+
+    def config(self, base: Config) -> Config:
+        """``base`` with this configuration's bandit and rank set (validated)."""
+        return replace(base, bandit={"discount": self.discount, "delta": self.delta,
+                                     "exploration": self.exploration, "reward": self.reward},
+                       lora={"rank_choices": self.rank_choices,
+                             "rank": max(base.lora.rank, max(self.rank_choices))})
+
+    def as_dict(self) -> dict:
+        return {"discount": self.discount, "delta": self.delta,
+                "exploration": self.exploration, "rank_choices": list(self.rank_choices),
+                "reward": self.reward}
+
+
+def _values(key: str, raw, kind, lo=None, hi=None, choices=None) -> tuple:
+    """Validate a list of values of ``sweep.key``; errors name the key."""
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ConfigError(f"sweep.{key}={raw!r}: expected a non-empty list")
+    out = []
+    for v in raw:
+        ok = (isinstance(v, kind) and not isinstance(v, bool)) or (
+            kind is float and isinstance(v, int) and not isinstance(v, bool))
+        if not ok:
+            raise ConfigError(f"sweep.{key}: {v!r} is not a {kind.__name__}")
+        if choices is not None and v not in choices:
+            raise ConfigError(f"sweep.{key}: {v!r} not in {list(choices)}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ConfigError(f"sweep.{key}: {v!r} out of range [{lo}, {hi}]")
+        out.append(kind(v))
+    if len(set(out)) != len(out):
+        raise ConfigError(f"sweep.{key}={raw!r}: values repeat")
+    return tuple(out)
+
+
+def _int(key: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ConfigError(f"sweep.{key}={v!r}: expected an integer >= {lo}")
+    return v
+
+
+def _fleet(v) -> FleetSpec:
+    if isinstance(v, str):
+        if v not in het.SCENARIOS:
+            raise ConfigError(f"sweep.fleets: {v!r} is not one of {sorted(het.SCENARIOS)} "
+                              f"or a mapping of counts {{agx: n, nx: n, tx2: n}}")
+        return FleetSpec(v, v)
+    if isinstance(v, dict):
+        bad = sorted(set(v) - {"agx", "nx", "tx2"})
+        if bad:
+            raise ConfigError(f"sweep.fleets: unknown device type {bad[0]!r} "
+                              f"(allowed: agx, nx, tx2)")
+        counts = tuple(_int(f"fleets.{k}", v.get(k, 0), 0) for k in ("agx", "nx", "tx2"))
+        if sum(counts) < 1:
+            raise ConfigError(f"sweep.fleets: {v!r} has no devices")
+        name = ",".join(f"{k}={c}" for k, c in zip(("agx", "nx", "tx2"), counts) if c)
+        return FleetSpec(name, "custom", counts)
+    raise ConfigError(f"sweep.fleets: {v!r} is neither a preset name nor a mapping")
+
+
+def spec_from_dict(raw: dict | None, base: Config) -> SweepSpec:
+    """Build and validate a :class:`SweepSpec` from the ``sweep:`` mapping.
+
+    Missing keys take the defaults; unknown keys and bad values raise
+    :class:`~fedspine_jax.config.ConfigError` naming ``sweep.<key>``.
+    """
+    raw = dict(raw or {})
+    default = SweepSpec()
+    known = {f.name for f in dataclasses.fields(SweepSpec)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown key sweep.{unknown[0]}; allowed keys of 'sweep': "
+                          f"{sorted(known)}")
+
+    def get(k):
+        return raw.get(k, getattr(default, k))
+
+    search = get("search")
+    if search not in ("grid", "random"):
+        raise ConfigError(f"sweep.search={search!r}: allowed values are ['grid', 'random']")
+    rank_sets = get("rank_choices")
+    if not isinstance(rank_sets, (list, tuple)) or not rank_sets:
+        raise ConfigError(f"sweep.rank_choices={rank_sets!r}: expected a list of rank lists")
+    rank_sets = tuple(_values("rank_choices", rs, int, lo=1) for rs in rank_sets)
+    for rs in rank_sets:
+        if list(rs) != sorted(rs):
+            raise ConfigError(f"sweep.rank_choices: {list(rs)} must be sorted")
+    fleets = get("fleets")
+    if isinstance(fleets, (str, dict)) or not fleets:
+        raise ConfigError(f"sweep.fleets={fleets!r}: expected a non-empty list")
+    fleets = tuple(f if isinstance(f, FleetSpec) else _fleet(f) for f in fleets)
+    if len({f.name for f in fleets}) != len(fleets):
+        raise ConfigError("sweep.fleets: fleets repeat")
+    score = get("score")
+    if score not in ("paper", "log"):
+        raise ConfigError(f"sweep.score={score!r}: allowed values are ['paper', 'log']")
+    env = get("env")
+    if not isinstance(env, str):
+        raise ConfigError(f"sweep.env={env!r}: expected a path (or empty)")
+    spec = SweepSpec(
+        search=search, samples=_int("samples", get("samples"), 1),
+        discount=_values("discount", get("discount"), float, 0.0, 1.0),
+        delta=_values("delta", get("delta"), float, 0.0, 2.0),
+        exploration=_values("exploration", get("exploration"), float, 0.0),
+        rank_choices=rank_sets,
+        reward=_values("reward", get("reward"), str, choices=("paper", "log")),
+        seeds=_int("seeds", get("seeds"), 1), fleets=fleets, score=score,
+        u_grid=_int("u_grid", get("u_grid"), 1), env=env)
+    for pt in spec.points(base.federation.seed):  # every cell's config must validate
+        pt.config(base)
+    return spec
+
+
+def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+               ) -> tuple[Config, SweepSpec]:
+    """A config file with an optional ``sweep:`` section (the search space).
+
+    Every other section is the base :class:`~fedspine_jax.config.Config` of all cells
+    (``federation.rounds`` rounds, ``federation.num_devices`` devices for the presets,
+    ``pruning`` schedule, ``devices`` knobs). ``--set`` overrides apply to both, e.g.
+    ``--set sweep.seeds=8``.
+    """
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} must be a mapping of sections")
+    raw = apply_overrides(raw, overrides)
+    sweep_raw = raw.pop("sweep", None)
+    cfg = from_dict(raw)
+    return cfg, spec_from_dict(sweep_raw, cfg)
+
+
+# ---------------------------------------------------------------------- one cell
+
+
+class Trajectory(NamedTuple):
+    """A cell's rounds, stacked by ``lax.scan``: ``(T, N)`` per device or ``(T,)``."""
+
+    p: jax.Array          # pruning ratio chosen in the round
+    last_p: jax.Array     # the ratio before it (p^{t-1})
+    r: jax.Array          # int32 rank chosen
+    mode: jax.Array       # int32 power mode
+    time: jax.Array       # completion time T_i^t (s)
+    reward: jax.Array     # (T,) score reward summed over the devices
+    waiting: jax.Array    # (T,) Eq. 1
+
+
+def rollout(cfg: Config, score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_env.Hardware,
+            device_type: jax.Array, distance_group: jax.Array, key: jax.Array, rounds: int
+            ) -> Trajectory:
+    """One fleet of S-UCB agents for ``rounds`` rounds (``lax.scan``); jit- and vmap-able.
+
+    Each round: :func:`bandit.select` -> :func:`sweep_env.sample_round` ->
+    :func:`bandit.reward` (Eq. 3 with ``cfg``'s variant) -> :func:`bandit.update`.
+
+    Args:
+        cfg: the configuration's config (bandit, rank set, pruning schedule).
+        score_cfg: ``cfg`` with the score variant (module note, Scores).
+        env, hw: the synthetic environment.
+        device_type, distance_group: int ``(N,)``.
+        key: the cell's key (raw ``uint32 (2,)`` or typed).
+        rounds: ``T``.
+
+    Returns:
+        A :class:`Trajectory`.
+    """
+    k_init, k_select, k_env = jax.random.split(key, 3)
+    state = bandit.init(cfg, device_type.shape[0], k_init)
+    same = cfg.bandit.reward == score_cfg.bandit.reward
+
+    def step(state, t):
+        last_p = state.last_p
+        state, p, r = bandit.select(state, jax.random.fold_in(k_select, t))
+        out = sweep_env.sample_round(env, hw, device_type, distance_group, p, r, t, k_env)
+        dp = p - last_p
+        rew = bandit.reward(out.loss_drop, dp, out.importance, out.time, cfg)
+        state = bandit.update(state, rew)
+        score = rew if same else bandit.reward(out.loss_drop, dp, out.importance, out.time,
+                                               score_cfg)
+        waiting = jnp.mean(jnp.max(out.time) - out.time)  # Eq. 1
+        return state, Trajectory(p=p, last_p=last_p, r=r, mode=out.mode, time=out.time,
+                                 reward=jnp.sum(score), waiting=waiting)
+
+    _, traj = jax.lax.scan(step, state, jnp.arange(1, rounds + 1, dtype=jnp.int32))
+    return traj
+
+
+def hindsight_regret(score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_env.Hardware,
+                     arm_u: tuple[float, ...], arm_r: tuple[int, ...], device_type: jax.Array,
+                     distance_group: jax.Array, traj: Trajectory) -> jax.Array:
+    """Per-round regret (Eq. 7) of a cell against each device's best fixed arm in hindsight.
+
+    Arms are ``(u, r)`` pairs (``G`` of them): ``u`` is the fraction of the round's p
+    headroom taken, as in S-UCB's arm space, so a fixed arm's pruning ratio follows
+    ``p^t = p_lo + u (p_hi - p_lo)`` with ``[p_lo, p_hi]`` from :func:`bandit.p_bounds`
+    at the arm's own ``p^{t-1}``. An arm's mean reward in round ``t`` is
+    :func:`bandit.reward` (``score_cfg``) of the plug-in mean loss drop, importance and
+    time (:func:`sweep_env.mean_outcome`, realised power mode), against the fleet's
+    realised mean time with the device's own time replaced by the arm's. The played arms
+    are evaluated the same way. Two passes: the arms' totals give each device's best arm,
+    then the best arm's and the played arm's per-round rewards are differenced.
+
+    Args:
+        score_cfg: config of the score reward (and the pruning schedule).
+        env, hw: the synthetic environment.
+        arm_u, arm_r: the grid's u values and ranks (static).
+        device_type, distance_group: int ``(N,)``.
+        traj: the cell's :class:`Trajectory`.
+
+    Returns:
+        float32 ``(T,)``: regret summed over the devices, per round.
+    """
+    n = device_type.shape[0]
+    rounds = traj.p.shape[0]
+    u_g = jnp.repeat(jnp.asarray(arm_u, jnp.float32), len(arm_r))        # (G,)
+    r_g = jnp.tile(jnp.asarray(arm_r, jnp.int32), len(arm_u))            # (G,)
+    # p_bounds reads only the params, round and last_p of a state: a one-agent template
+    # whose round / last_p are replaced by the arms' ((N, G) or (N,)).
+    template = bandit.init(score_cfg, 1, jax.random.PRNGKey(0))
+
+    def fixed_p(last_p, t, u):
+        lo, hi = bandit.p_bounds(template.replace(
+            round=jnp.full(last_p.shape, t - 1, jnp.int32), last_p=last_p))
+        return jnp.clip(lo + u * (hi - lo), lo, hi)
+
+    def mean_reward(t, mode, own, fleet_mean, dev_t, dev_g, p, dp, r):
+        loss, imp, t_arm = sweep_env.mean_outcome(env, hw, dev_t, dev_g, mode, p, r, t)
+        # The fleet's mean time with this device's realised time `own` replaced by the
+        # arm's; Eq. 3's mean over devices is then that of [t_arm, 2 mean - t_arm] (same
+        # mean, same |dT|), so bandit.reward computes it unchanged.
+        mean = fleet_mean + (t_arm - own) / n
+        times = jnp.stack([t_arm, 2.0 * mean - t_arm], axis=-1)
+        return bandit.reward(loss[..., None], dp[..., None], imp[..., None], times,
+                             score_cfg)[..., 0]
+
+    ts = jnp.arange(1, rounds + 1, dtype=jnp.int32)
+    dt_col, dg_col = device_type[:, None], distance_group[:, None]
+
+    def totals(carry, xs):
+        last_p, total = carry
+        t, mode, time = xs
+        p = fixed_p(last_p, t, u_g[None, :])
+        rew = mean_reward(t, mode[:, None], time[:, None], jnp.mean(time), dt_col, dg_col,
+                          p, p - last_p, r_g[None, :])
+        return (p, total + rew), None
+
+    zeros = jnp.zeros((n, u_g.shape[0]), jnp.float32)
+    (_, total), _ = jax.lax.scan(totals, (zeros, zeros), (ts, traj.mode, traj.time))
+    best = jnp.argmax(total, axis=1)                                      # (N,)
+    u_best, r_best = u_g[best], r_g[best]
+
+    def gaps(last_p, xs):
+        t, mode, time, p_pol, last_pol, r_pol = xs
+        p = fixed_p(last_p, t, u_best)
+        mean = jnp.mean(time)
+        r_star = mean_reward(t, mode, time, mean, device_type, distance_group, p, p - last_p,
+                             r_best)
+        r_played = mean_reward(t, mode, time, mean, device_type, distance_group, p_pol,
+                               p_pol - last_pol, r_pol)
+        return p, jnp.sum(r_star - r_played)
+
+    _, regret = jax.lax.scan(gaps, jnp.zeros((n,), jnp.float32),
+                             (ts, traj.mode, traj.time, traj.p, traj.last_p, traj.r))
+    return regret
+
+
+def cell_metrics(cfg: Config, score_cfg: Config, hw: sweep_env.Hardware,
+                 arm_u: tuple[float, ...], arm_r: tuple[int, ...], rounds: int,
+                 env: sweep_env.EnvParams, device_type: jax.Array, distance_group: jax.Array,
+                 key: jax.Array) -> dict[str, jax.Array]:
+    """A cell's per-round figures: :func:`rollout` then :func:`hindsight_regret`.
+
+    Returns:
+        ``reward``, ``regret``, ``waiting``: float32 ``(T,)`` (the first two summed over
+        devices); ``p_type``, ``r_type``: float32 ``(T, 3)``, mean p and r per device type
+        (``heterogeneity.TX2, NX, AGX``; NaN for a type the fleet lacks).
+    """
+    traj = rollout(cfg, score_cfg, env, hw, device_type, distance_group, key, rounds)
+    regret = hindsight_regret(score_cfg, env, hw, arm_u, arm_r, device_type, distance_group,
+                              traj)
+    mask = device_type[None, :, None] == jnp.arange(len(het.TYPE_NAMES))[None, None, :]
+    count = jnp.sum(mask, axis=1).astype(jnp.float32)                   # (1, K)
+
+    def by_type(x):  # (T, N) -> (T, K): reductions only, no dot (same result batched)
+        return jnp.sum(jnp.where(mask, x[:, :, None].astype(jnp.float32), 0.0), axis=1) / count
+
+    return {"reward": traj.reward, "regret": regret, "waiting": traj.waiting,
+            "p_type": by_type(traj.p), "r_type": by_type(traj.r)}
+
+
+# ---------------------------------------------------------------------- the sweep
+
+
+def device_mesh() -> Mesh:
+    """A 1-D mesh (axis ``cells``) of every local device."""
+    return Mesh(np.array(jax.devices()), (_CELLS,))
+
+
+def group_program(cfg: Config, score_cfg: Config, hw: sweep_env.Hardware,
+                  arm_u: tuple[float, ...], arm_r: tuple[int, ...], rounds: int, mesh: Mesh):
+    """The jitted program of one group: :func:`cell_metrics` vmapped over cells.
+
+    Called as ``program(env, device_type (B, N), distance_group (B, N), keys (B, 2))``
+    with ``B`` a multiple of ``mesh.size``; the cell axis is sharded over ``mesh``.
+    """
+    cell = functools.partial(cell_metrics, cfg, score_cfg, hw, arm_u, arm_r, rounds)
+    shard, rep = NamedSharding(mesh, P(_CELLS)), NamedSharding(mesh, P())
+    return jax.jit(jax.vmap(cell, in_axes=(None, 0, 0, 0)),
+                   in_shardings=(rep, shard, shard, shard), out_shardings=shard)
+
+
+def _cell_key(seed: int, s: int, f: int) -> np.ndarray:
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), s), f)
+    return np.asarray(key, np.uint32)
+
+
+def _run_group(program, mesh: Mesh, env: sweep_env.EnvParams, types: np.ndarray,
+               groups: np.ndarray, keys: np.ndarray) -> dict[str, np.ndarray]:
+    """Pad the cells to a multiple of the device count, shard, run, unpad."""
+    b = types.shape[0]
+    pad = (-b) % mesh.size
+    arrays = [np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) for x in (types, groups, keys)]
+    shard, rep = NamedSharding(mesh, P(_CELLS)), NamedSharding(mesh, P())
+    arrays = [jax.device_put(x, shard) for x in arrays]
+    out = program(jax.device_put(env, rep), *arrays)
+    return {k: np.asarray(v)[:b] for k, v in out.items()}
+
+
+def _nan_to_none(x: np.ndarray) -> list:
+    return [None if not np.isfinite(v) else float(v) for v in np.asarray(x, np.float64).ravel()]
+
+
+def _summarise(point: Point, cells: list[dict], fleets: list[FleetSpec]) -> dict:
+    """Mean (and std) figures of a configuration over its cells, per agent."""
+    cum = np.array([c["reward"].sum() / c["n"] for c in cells])
+    reg = np.array([c["regret"].sum() / c["n"] for c in cells])
+    wait = np.array([c["waiting"].mean() for c in cells])
+    per_fleet = {}
+    for f in fleets:
+        mine = [i for i, c in enumerate(cells) if c["fleet"] == f.name]
+        per_fleet[f.name] = {"cumulative_reward": float(cum[mine].mean()),
+                             "regret": float(reg[mine].mean()),
+                             "waiting_time_s": float(wait[mine].mean())}
+    curve = np.mean([np.cumsum(c["regret"]) / c["n"] for c in cells], axis=0)
+    with np.errstate(invalid="ignore"):  # a type no fleet has stays NaN -> null
+        p_type = np.nanmean(np.stack([c["p_type"] for c in cells]), axis=0)
+        r_type = np.nanmean(np.stack([c["r_type"] for c in cells]), axis=0)
+    return {
+        "label": point.label, **point.as_dict(),
+        "cumulative_reward": float(cum.mean()), "cumulative_reward_std": float(cum.std()),
+        "regret": float(reg.mean()), "regret_std": float(reg.std()),
+        "waiting_time_s": float(wait.mean()), "cells": len(cells), "per_fleet": per_fleet,
+        "curves": {"cumulative_regret": _nan_to_none(curve),
+                   "p_by_type": {n: _nan_to_none(p_type[:, k])
+                                 for k, n in enumerate(het.TYPE_NAMES)},
+                   "r_by_type": {n: _nan_to_none(r_type[:, k])
+                                 for k, n in enumerate(het.TYPE_NAMES)}},
+    }
+
+
+def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str | Path,
+              env_name: str = "builtin", progress: bool = True) -> dict:
+    """Run every configuration of ``spec`` on its seeds x fleets; write ``out``.
+
+    Args:
+        cfg: the base config (rounds, fleet size, pruning schedule, device knobs, seed).
+        spec: the search space and cells.
+        env: the synthetic environment's surfaces.
+        out: output directory (created; files are overwritten).
+        env_name: how the results name the environment (a file name, not a path).
+        progress: show a tqdm bar over configurations.
+
+    Returns:
+        The ``results.json`` content plus a ``timing`` entry (not written to the file, so
+        the file depends only on the inputs).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mesh = device_mesh()
+    hw = sweep_env.Hardware.from_config(cfg)
+    rounds, seed = cfg.federation.rounds, cfg.federation.seed
+    arm_u = tuple(float(u) for u in np.linspace(0.0, 1.0, spec.u_grid)) if spec.u_grid > 1 \
+        else (1.0,)
+    arm_r = spec.all_ranks
+    fleets = [(f, f.build(cfg)) for f in spec.fleets]
+    sizes = sorted({fl.num_devices for _, fl in fleets})
+    points = spec.points(seed)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(points) * len(sizes), desc="sweep", unit="group")
+    t0 = time.perf_counter()
+    results = []
+    for point in points:
+        pcfg = point.config(cfg)
+        score_cfg = replace(pcfg, bandit={"reward": spec.score})
+        cells = []
+        for n in sizes:
+            mine = [(fi, f, fl) for fi, (f, fl) in enumerate(fleets) if fl.num_devices == n]
+            combos = [(s, fi, f, fl) for s in range(spec.seeds) for fi, f, fl in mine]
+            types = np.stack([fl.device_type for _, _, _, fl in combos]).astype(np.int32)
+            groups = np.stack([fl.distance_group for _, _, _, fl in combos]).astype(np.int32)
+            keys = np.stack([_cell_key(seed, s, fi) for s, fi, _, _ in combos])
+            program = group_program(pcfg, score_cfg, hw, arm_u, arm_r, rounds, mesh)
+            res = _run_group(program, mesh, env, types, groups, keys)
+            for i, (s, _, f, _) in enumerate(combos):
+                cells.append({"fleet": f.name, "seed": s, "n": n,
+                              **{k: v[i] for k, v in res.items()}})
+            if bar is not None:
+                bar.update(1)
+        results.append(_summarise(point, cells, spec.fleets))
+        if bar is not None:
+            best = max(results, key=lambda r: r["cumulative_reward"])
+            bar.set_postfix(best=f"{best['cumulative_reward']:.3g}")
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - t0
+    results.sort(key=lambda r: (-r["cumulative_reward"], r["regret"]))
+    for i, r in enumerate(results):
+        r["rank"] = i + 1
+    doc = {
+        "format": FORMAT, "env": env_name, "rounds": rounds, "seeds": spec.seeds,
+        "score_reward": spec.score, "search": spec.search,
+        "target_ratio": cfg.pruning.target_ratio, "target_round": cfg.pruning.target_round,
+        "regret_arms": {"u": list(arm_u), "ranks": list(arm_r)},
+        "fleets": [{"name": f.name, "devices": fl.num_devices,
+                    "types": {n: int(np.sum(fl.device_type == k))
+                              for k, n in enumerate(het.TYPE_NAMES)}} for f, fl in fleets],
+        "results": [{"rank": r.pop("rank"), **r} for r in results],
+    }
+    (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "results.md").write_text(markdown_table(doc))
+    plot(doc, out)
+    agent_rounds = len(points) * spec.seeds * sum(fl.num_devices for _, fl in fleets) * rounds
+    return {**doc, "timing": {"wall_s": wall, "agent_rounds": agent_rounds,
+                              "devices": mesh.size, "platform": jax.devices()[0].platform}}
+
+
+def markdown_table(doc: dict) -> str:
+    """The ranked configurations as a Markdown table (per agent, mean +- std over cells)."""
+    lines = [f"# S-UCB sweep: {len(doc['results'])} configurations, {doc['rounds']} rounds, "
+             f"{doc['seeds']} seeds, fleets {', '.join(f['name'] for f in doc['fleets'])}",
+             "",
+             f"Score reward: `{doc['score_reward']}`; environment: `{doc['env']}`. "
+             "Figures per agent, mean over seeds and fleets (+- std).",
+             "",
+             "| rank | discount | delta | exploration | ranks | reward | cumulative reward "
+             "| regret | waiting time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["results"]:
+        lines.append(
+            f"| {r['rank']} | {r['discount']:g} | {r['delta']:g} | {r['exploration']:g} | "
+            f"{','.join(map(str, r['rank_choices']))} | {r['reward']} | "
+            f"{r['cumulative_reward']:.4g} +- {r['cumulative_reward_std']:.2g} | "
+            f"{r['regret']:.4g} +- {r['regret_std']:.2g} | {r['waiting_time_s']:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, out: Path, top: int = 5) -> None:
+    """``regret.png`` (top configurations) and ``choices.png`` (best configuration)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = doc["results"]
+    rounds = np.arange(1, doc["rounds"] + 1)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in res[:top]:
+        ax.plot(rounds, np.array(r["curves"]["cumulative_regret"], float),
+                label=f"#{r['rank']} {r['label']}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative regret per agent")
+    ax.set_title(f"S-UCB regret vs the best fixed arm ({doc['score_reward']} reward)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "regret.png", dpi=110)
+    plt.close(fig)
+
+    best = res[0]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name in het.TYPE_NAMES:
+        p = np.array([np.nan if v is None else v for v in best["curves"]["p_by_type"][name]])
+        r = np.array([np.nan if v is None else v for v in best["curves"]["r_by_type"][name]])
+        if np.all(np.isnan(p)):
+            continue
+        axes[0].plot(rounds, p, label=name)
+        axes[1].plot(rounds, r, label=name)
+    axes[0].set_ylabel("pruning ratio p (mean)")
+    axes[1].set_ylabel("LoRA rank r (mean)")
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.legend()
+    fig.suptitle(f"chosen (p, r) per device type: #1 {best['label']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "choices.png", dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None,
+                   help="YAML config with a 'sweep:' section (e.g. configs/sweep.yaml); "
+                        "default: built-in defaults")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE",
+                   help="override a config or sweep value, e.g. sweep.seeds=8 (repeatable)")
+    p.add_argument("--out", default=None,
+                   help="sweep: output directory; --calibrate: the parameters' JSON file "
+                        "(default RUN_DIR/sweep_env.json)")
+    p.add_argument("--env", default=None,
+                   help="environment parameters (JSON from --calibrate); overrides sweep.env")
+    p.add_argument("--calibrate", default=None, metavar="RUN_DIR",
+                   help="fit the environment to a simulation run directory and save it")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run_cli(args) -> int:
+    if args.calibrate:
+        env, info = sweep_env.calibrate(args.calibrate)
+        path = Path(args.out) if args.out else Path(args.calibrate) / "sweep_env.json"
+        sweep_env.save_params(env, path, info)
+        fits = {name: {s: {"r2": t[s]["r2"], "rmse": t[s]["rmse"]}
+                       for s in sweep_env.SURFACES} | {"rows": t["rows"], "pooled": t["pooled"]}
+                for name, t in info["types"].items()}
+        json.dump({"env": str(path), "rows": info["rows"], "fits": fits}, sys.stdout, indent=2)
+        print()
+        return 0
+    if not args.out:
+        print("fedspine sweep: --out DIR is required (or --calibrate RUN_DIR)", file=sys.stderr)
+        return 2
+    cfg, spec = load_sweep(args.config, args.overrides)
+    env_path = args.env or spec.env
+    env = sweep_env.load_params(env_path) if env_path else sweep_env.default_params()
+    doc = run_sweep(cfg, spec, env, args.out, env_name=Path(env_path).name if env_path
+                    else "builtin", progress=not args.no_progress)
+    top = [{k: r[k] for k in ("rank", "label", "cumulative_reward", "regret", "waiting_time_s")}
+           for r in doc["results"][:5]]
+    json.dump({"out": str(args.out), "configurations": len(doc["results"]), "top": top,
+               "timing": doc["timing"]}, sys.stdout, indent=2)
+    print()
+    return 0

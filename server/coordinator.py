@@ -1,0 +1,566 @@
+"""The server's round driver: the core ``Federation`` round behind a thread-safe facade.
+
+Design note
+-----------
+The coordinator owns one :class:`~fedspine_jax.federation.FederationState` and moves it only
+through ``Federation.plan / accept / close``: it holds no round logic of its own. What it
+adds is what a network needs and a simulator does not:
+
+* **When a round closes** (the transport's decision the core leaves open). A round is
+  *open* from the first time a device fetches its task (so a server that waits for its
+  devices to start, or was restarted, does not burn the deadline). It closes as soon as
+  (a) every device has answered (an update, or a report that it cannot send one: out of
+  memory, failed) -- ``close(force=True)``, as the simulator does; or (b) the quorum
+  ``ceil(federation.quorum * N)`` of updates has arrived -- ``close()``; or (c)
+  ``federation.deadline_s`` has passed since the round opened and at least one update
+  arrived -- ``close(force=True)``; the devices that did not report are the round's
+  stragglers (an update they send later is refused as stale). With no update at the
+  deadline the round keeps waiting: a round that learns nothing would still advance the
+  schedule.
+* **Per-device records the simulator keeps in local variables**: each device's masks and
+  data-stream position after its last accepted round, its last rank, the run's clock.
+  They travel in every task, so a device agent is stateless: killed, restarted on another
+  machine, it continues exactly where the server's record says.
+* **Durability.** After every closed round the state (planned for the next round) and the
+  records are saved as an orbax checkpoint (``checkpoints/round_XXXXX``: XXXXX rounds
+  closed, as the simulator names them). Every accepted update (and every out-of-memory /
+  failure report) is first written to a journal file (``journal/``, fsync'd, atomically
+  renamed) and only then acknowledged. A restarted server restores the newest checkpoint,
+  re-plans the round (planning is deterministic and idempotent) and replays that round's
+  journal through ``Federation.accept``, in arrival order: nothing acknowledged is lost and
+  nothing is counted twice (a device that retries an acknowledged upload is told it is a
+  duplicate; the same device sending a *different* update for the round is refused).
+  Journal files of closed rounds are deleted after the checkpoint that contains them.
+
+Everything else -- metrics lines compatible with the simulator's (``fedspine report``
+reads both), evaluation of the devices' models every ``federation.eval_every`` rounds --
+reuses ``fedspine_jax.simulation``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from fedspine_jax import checkpoint, simulation
+from fedspine_jax.config import Config, dump_config, load_config, to_dict
+from fedspine_jax.federation import DeviceUpdate, UpdateRejected
+from fedspine_jax.models.state import get_head, get_lora
+from fedspine_jax.server import wire
+from fedspine_jax.train import initial_masks
+
+log = logging.getLogger("fedspine.server")
+
+# A fetch long-polls at most this long before answering WAIT.
+MAX_WAIT_S = 30.0
+
+
+class StaleUpdate(UpdateRejected):
+    """An update for a round the server is not collecting (late, early, or already closed)."""
+
+
+class RunDone(Exception):
+    """The run has finished all its rounds."""
+
+
+def config_digest(cfg: Config) -> str:
+    """sha256 of the config that devices and server must share (``data.source`` excluded:
+    each machine has its own path to its data)."""
+    d = to_dict(cfg)
+    d["data"] = {k: v for k, v in d["data"].items() if k != "source"}
+    return hashlib.sha256(yaml.safe_dump(d, sort_keys=True).encode()).hexdigest()
+
+
+def update_digest(u: DeviceUpdate) -> str:
+    """sha256 of an update's tensors and statistics (detects a retried upload)."""
+    h = hashlib.sha256()
+    for f in dataclasses.fields(u):
+        v = getattr(u, f.name)
+        if isinstance(v, dict):
+            for k in sorted(v):
+                h.update(k.encode())
+                h.update(np.ascontiguousarray(v[k], np.float32).tobytes())
+        elif isinstance(v, np.ndarray):
+            h.update(np.ascontiguousarray(v, np.float32).tobytes())
+        else:
+            h.update(repr(v).encode())
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class Task:
+    """A device's task as the servicer streams it."""
+    round: int
+    ratio: float
+    rank: int
+    stream: tuple[int, int]
+    deadline_in_s: float
+    chunks: list           # TensorChunk messages: LoRA, head, then the device's masks
+    num_tensors: int
+
+
+class Coordinator:
+    """Drive ``cfg.federation.rounds`` rounds of the core federation for remote devices.
+
+    Args:
+      cfg: the run's config (devices must use the same one; see :func:`config_digest`).
+      out: run directory (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``,
+        ``journal/``, ``summary.json``).
+      resume: continue the run in ``out`` (its newest checkpoint and journal).
+    """
+
+    def __init__(self, cfg: Config, out: str | Path, resume: bool = False):
+        self.out = Path(out)
+        self.ckdir = self.out / "checkpoints"
+        self.jdir = self.out / "journal"
+        if resume:
+            if not checkpoint.steps(self.ckdir):
+                raise FileNotFoundError(f"--resume: no checkpoint in {str(self.ckdir)!r}")
+            saved = load_config(self.out / "config.yaml")
+            if config_digest(saved) != config_digest(cfg):
+                raise ValueError(f"--resume: the config differs from the run's "
+                                 f"{str(self.out / 'config.yaml')!r}")
+        elif (self.out / "metrics.jsonl").exists() or checkpoint.steps(self.ckdir):
+            raise FileExistsError(f"{str(self.out)!r} already holds a run; use --resume or "
+                                  f"another --out")
+        self.cfg = cfg
+        self.digest = config_digest(cfg)
+        self.s = simulation.setup(cfg)
+        self.fed = self.s.fed
+        self.n = cfg.federation.num_devices
+        self.rounds = cfg.federation.rounds
+        self._cv = threading.Condition()
+        self._seq = 0
+        self._gave_up: dict[int, str] = {}       # device -> "out_of_memory" / "failed: ..."
+        self._digests: dict[int, str] = {}       # device -> digest of its accepted update
+        self._measured: dict[int, tuple] = {}    # device -> (compute_s, comm_s) measured
+        self._registered: set[int] = set()
+        self._told_done: set[int] = set()
+        self._opened_at: float | None = None
+        self._accept_s = 0.0
+        self._deadline_logged = False
+        self._payload: dict[int, list] = {}      # rank -> TensorChunks of LoRA + head
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.jdir.mkdir(exist_ok=True)
+        arch = self.s.model.cfg
+        self._mask_shapes = ((arch.num_layers, arch.num_heads),
+                             (arch.num_layers, arch.intermediate_size))
+        if resume:
+            self._restore()
+        else:
+            dump_config(cfg, self.out / "config.yaml")
+            (self.out / "metrics.jsonl").write_text("")
+            hm0, cm0 = initial_masks(arch)
+            self.head_masks = np.stack([hm0] * self.n)
+            self.channel_masks = np.stack([cm0] * self.n)
+            self.stream = np.zeros((self.n, 2), np.int64)
+            self.last_rank = np.full(self.n, cfg.lora.rank, np.int32)
+            self.clock = self.wall_clock = self.peak_memory = 0.0
+            self.state, _ = self.fed.plan(self.fed.init(get_lora(self.s.model),
+                                                        get_head(self.s.model)))
+            self._save()
+        self._build_payload()
+        # The largest honest update is the full-rank payload; twice that is refused
+        # outright (smaller mistakes get the core's precise shape error).
+        full = sum(v.nbytes for v in self.state.lora.values()) + sum(
+            v.nbytes for v in self.state.head.values()) + (
+            self.head_masks[0].nbytes + self.channel_masks[0].nbytes)
+        self.max_update_bytes = 2 * int(full) + (64 << 10)
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def _extra(self) -> dict:
+        return {"head_masks": self.head_masks, "channel_masks": self.channel_masks,
+                "stream": self.stream, "last_rank": self.last_rank,
+                "clock": np.float64(self.clock), "wall_clock": np.float64(self.wall_clock),
+                "peak_memory": np.float64(self.peak_memory)}
+
+    def _save(self) -> None:
+        checkpoint.save(self.ckdir, self.state.round - 1, self.state, self._extra(),
+                        keep=self.cfg.federation.keep_checkpoints)
+        for p in self.jdir.glob("r*.npz"):
+            if int(p.name[1:6]) < self.state.round:
+                p.unlink(missing_ok=True)
+
+    def _restore(self) -> None:
+        state, extra, step = checkpoint.restore(self.ckdir, self.fed)
+        self.head_masks = np.asarray(extra["head_masks"], np.float32)
+        self.channel_masks = np.asarray(extra["channel_masks"], np.float32)
+        self.stream = np.asarray(extra["stream"], np.int64)
+        self.last_rank = np.asarray(extra["last_rank"], np.int32)
+        self.clock = float(extra["clock"])
+        self.wall_clock = float(extra.get("wall_clock", 0.0))
+        self.peak_memory = float(extra["peak_memory"])
+        if state.round <= self.rounds:
+            state, _ = self.fed.plan(state)
+        self.state = state
+        _truncate_metrics(self.out / "metrics.jsonl", state.round - 1)
+        replayed = 0
+        for path in self.jdir.glob("*.tmp"):
+            path.unlink(missing_ok=True)  # a journal write that never completed
+        for path in sorted(self.jdir.glob("r*.npz")):
+            if int(path.name[1:6]) != state.round:
+                path.unlink(missing_ok=True)
+                continue
+            self._seq = max(self._seq, int(path.name[7:13]) + 1)
+            kind, u, meta = _read_entry(path)
+            if kind == "update":
+                self._commit_update(self.fed.accept(self.state, u), u, meta)
+            else:
+                self._commit_gave_up(meta)
+            replayed += 1
+        log.info("resumed from checkpoint round_%05d: collecting round %d, %d journal "
+                 "entries replayed", step, state.round, replayed)
+
+    def _journal(self, arrays: dict, meta: dict) -> None:
+        """Write one journal entry durably (tmp file, fsync, atomic rename, fsync dir)."""
+        name = f"r{self.state.round:05d}_{self._seq:06d}_d{meta['device_id']}.npz"
+        self._seq += 1
+        tmp = self.jdir / (name + ".tmp")
+        payload = {k.replace("/", "|"): v for k, v in arrays.items()}
+        payload["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        with open(tmp, "wb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.jdir / name)
+        fd = os.open(self.jdir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- the transport-facing API (thread-safe) --------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.state.round > self.rounds
+
+    def register(self, device_id: int, digest: str) -> dict:
+        """Check the device's config digest; return what the device needs to know."""
+        if digest != self.digest:
+            raise ValueError(f"device {device_id} runs a different config (digest "
+                             f"{digest[:12]}..., server {self.digest[:12]}...): start it "
+                             f"with the server's config")
+        with self._cv:
+            first = device_id not in self._registered
+            self._registered.add(device_id)
+            current = self.state.round
+        if first:
+            log.info("device %d registered", device_id)
+        return {"num_devices": self.n, "rounds": self.rounds, "current_round": current,
+                "config_digest": self.digest, "chunk_bytes": wire.CHUNK_BYTES,
+                "max_update_bytes": self.max_update_bytes}
+
+    def is_registered(self, device_id: int) -> bool:
+        with self._cv:
+            return device_id in self._registered
+
+    def _answered(self) -> set[int]:
+        return {u.device_id for u in self.state.updates} | set(self._gave_up)
+
+    def fetch(self, device_id: int, wait_s: float) -> Task | None:
+        """The device's task, or None (nothing yet: ask again); raises :class:`RunDone`."""
+        until = time.monotonic() + max(0.0, min(float(wait_s), MAX_WAIT_S))
+        with self._cv:
+            while True:
+                if self.done:
+                    self._told_done.add(device_id)
+                    self._cv.notify_all()
+                    raise RunDone()
+                if device_id not in self._answered():
+                    return self._task(device_id)
+                left = until - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cv.wait(left)
+
+    def _task(self, i: int) -> Task:
+        st = self.state
+        now = time.monotonic()
+        if self._opened_at is None:
+            self._opened_at = now
+            log.info("round %d open", st.round)
+        dl = self.cfg.federation.deadline_s
+        left = max(0.0, self._opened_at + dl - now) if dl > 0 else 0.0
+        rank = int(st.plan_r[i])
+        masks = list(wire.dict_chunks({"head_masks": self.head_masks[i],
+                                       "channel_masks": self.channel_masks[i]}))
+        payload = self._payload[rank]
+        return Task(round=st.round, ratio=float(st.plan_p[i]), rank=rank,
+                    stream=(int(self.stream[i, 0]), int(self.stream[i, 1])),
+                    deadline_in_s=left, chunks=payload + masks,
+                    num_tensors=len(st.lora) + len(st.head) + 2)
+
+    def _build_payload(self) -> None:
+        """Pre-serialise the round's LoRA (one per planned rank) and head."""
+        self._payload = {}
+        if self.done:
+            return
+        _, tasks = self.fed.plan(self.state)  # idempotent: the plan is in the state
+        for t in tasks:
+            if t.rank not in self._payload:
+                self._payload[t.rank] = list(wire.dict_chunks(
+                    wire.join_payload(t.lora, t.head)))
+
+    def submit(self, u: DeviceUpdate, stream: tuple[int, int], measured: tuple[float, float]
+               ) -> bool:
+        """Validate, journal and record one update; True if it was a duplicate (a retry).
+
+        Raises :class:`StaleUpdate` (wrong round) or ``UpdateRejected`` (anything else),
+        leaving the state unchanged.
+        """
+        t0 = time.perf_counter()
+        digest = update_digest(u)
+        with self._cv:
+            st = self.state
+            if u.round == st.round and u.device_id in {x.device_id for x in st.updates}:
+                if self._digests.get(u.device_id) == digest:
+                    return True
+                raise UpdateRejected(f"device {u.device_id} already sent a different update "
+                                     f"for round {st.round}")
+            if u.round == st.round and u.device_id in self._gave_up:
+                raise UpdateRejected(f"device {u.device_id} reported "
+                                     f"{self._gave_up[u.device_id]} for round {st.round}")
+            try:
+                new = self.fed.accept(st, u)
+            except UpdateRejected as e:
+                if u.round != st.round:
+                    raise StaleUpdate(str(e)) from None
+                raise
+            self._check_masks(u)
+            meta = {"kind": "update", "device_id": int(u.device_id), "round": int(u.round),
+                    "stream": [int(stream[0]), int(stream[1])], "digest": digest,
+                    "measured": [float(measured[0]), float(measured[1])],
+                    **_scalars(u)}
+            self._journal(_update_arrays(u), meta)
+            self._commit_update(new, u, meta)
+            self._accept_s += time.perf_counter() - t0
+            self._cv.notify_all()
+        log.info("round %d: update from device %d accepted (%d/%d)", u.round, u.device_id,
+                 len(new.updates), self.n)
+        return False
+
+    def _check_masks(self, u: DeviceUpdate) -> None:
+        i = u.device_id
+        for name, got, shape, before in (
+                ("head_masks", u.head_masks, self._mask_shapes[0], self.head_masks[i]),
+                ("channel_masks", u.channel_masks, self._mask_shapes[1],
+                 self.channel_masks[i])):
+            got = np.asarray(got)
+            if got.dtype != np.float32 or got.shape != shape:
+                raise UpdateRejected(f"{name} has shape {got.shape} ({got.dtype}), expected "
+                                     f"{shape} float32")
+            if not np.all((got == 0) | (got == 1)):
+                raise UpdateRejected(f"{name} holds values other than 0 and 1")
+            if np.any(got > before):
+                raise UpdateRejected(f"{name} revives pruned groups (masks only gain zeros)")
+
+    def _commit_update(self, new_state, u: DeviceUpdate, meta: dict) -> None:
+        i = u.device_id
+        self.state = new_state
+        self.head_masks[i] = u.head_masks
+        self.channel_masks[i] = u.channel_masks
+        self.stream[i] = meta["stream"]
+        self.last_rank[i] = int(self.state.plan_r[i])
+        self.peak_memory = max(self.peak_memory, float(u.peak_memory_bytes))
+        self._digests[i] = meta["digest"]
+        self._measured[i] = tuple(meta["measured"])
+
+    def give_up(self, device_id: int, round_t: int, reason: str,
+                stream: tuple[int, int] | None) -> None:
+        """A device says it will send no update this round (out of memory, or failed)."""
+        with self._cv:
+            if round_t != self.state.round or device_id in self._answered():
+                return
+            meta = {"kind": "gave_up", "device_id": int(device_id), "round": int(round_t),
+                    "reason": reason, "stream": None if stream is None else list(stream)}
+            self._journal({}, meta)
+            self._commit_gave_up(meta)
+            self._cv.notify_all()
+        log.info("round %d: device %d sends no update (%s)", round_t, device_id, reason)
+
+    def _commit_gave_up(self, meta: dict) -> None:
+        self._gave_up[meta["device_id"]] = meta["reason"]
+        if meta["reason"] == "out_of_memory" and meta["stream"] is not None:
+            self.stream[meta["device_id"]] = meta["stream"]
+
+    # -- closing rounds ---------------------------------------------------------------------
+
+    def _close_reason(self) -> str | None:
+        ups = len(self.state.updates)
+        if len(self._answered()) == self.n:
+            return "all devices answered"
+        if ups >= self.fed.quorum():
+            return "quorum"
+        dl = self.cfg.federation.deadline_s
+        if dl > 0 and self._opened_at is not None and \
+                time.monotonic() >= self._opened_at + dl:
+            if ups:
+                return "deadline"
+            if not self._deadline_logged:
+                log.warning("round %d: deadline passed without any update; waiting for "
+                            "the first", self.state.round)
+                self._deadline_logged = True
+        return None
+
+    def _wakeup(self) -> float:
+        dl = self.cfg.federation.deadline_s
+        if dl > 0 and self._opened_at is not None:
+            return max(0.05, min(1.0, self._opened_at + dl - time.monotonic()))
+        return 1.0
+
+    def run(self, stop: threading.Event | None = None, linger_s: float = 10.0) -> dict | None:
+        """Close rounds until the run is done (or ``stop`` is set); return the summary.
+
+        After the last round it waits up to ``linger_s`` for every device to be told the
+        run is over.
+        """
+        stop = stop or threading.Event()
+        with self._cv:
+            while not self.done and not stop.is_set():
+                why = self._close_reason()
+                if why is None:
+                    self._cv.wait(self._wakeup())
+                    continue
+                self._close(why)
+            end = time.monotonic() + linger_s
+            while self.done and not stop.is_set() and len(self._told_done) < self.n:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+        if not self.done:
+            return None
+        summary = simulation.summarize(self.out, self.cfg)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _close(self, why: str) -> None:
+        t0 = time.perf_counter()
+        st = self.state
+        t = st.round
+        ups = sorted(st.updates, key=lambda x: x.device_id)
+        stragglers = sorted(set(range(self.n)) - self._answered())
+        new, report = self.fed.close(st, force=why != "quorum")
+        t_close = time.perf_counter() - t0
+        wall = time.monotonic() - (self._opened_at or time.monotonic())
+        times = np.array([u.completion_time_s for u in ups])
+        round_time = float(times.max()) if len(times) else 0.0
+        self.clock += round_time
+        self.wall_clock += wall
+        t1 = time.perf_counter()
+        acc = None
+        k = self.cfg.federation.eval_every
+        if (k and t % k == 0) or t == self.rounds:
+            masks = list(zip(self.head_masks, self.channel_masks))
+            acc = simulation.evaluate_devices(self.s, new, masks, self.last_rank)
+        t_eval = time.perf_counter() - t1
+        rewards = dict(zip(report.device_ids.tolist(), report.rewards.tolist()))
+        lines = []
+        for u in ups:
+            i = u.device_id
+            lines.append({
+                "round": t, "device": i, "device_type": self.s.fleet.type_names[i],
+                "p": float(report.p[i]), "r": int(report.r[i]), "ratio": u.ratio,
+                "completion_time": u.completion_time_s, "compute_time": u.compute_time_s,
+                "comm_time": u.comm_time_s, "waiting_time": round_time - u.completion_time_s,
+                "loss_before": u.loss_before, "loss_drop": u.loss_drop,
+                "lora_importance": u.lora_importance, "reward": rewards.get(i),
+                "flops": u.flops, "peak_memory_bytes": u.peak_memory_bytes,
+                "fits_memory": True, "measured_compute_s": self._measured[i][0],
+                "measured_comm_s": self._measured[i][1],
+                "accuracy": None if acc is None else float(acc[i])})
+        for i, why_not in sorted(self._gave_up.items()):
+            lines.append({"round": t, "device": i, "device_type": self.s.fleet.type_names[i],
+                          "p": float(report.p[i]), "r": int(report.r[i]), "ratio": None,
+                          "no_update": why_not, "peak_memory_bytes": None,
+                          "fits_memory": False if why_not == "out_of_memory" else None,
+                          "accuracy": None if acc is None else float(acc[i])})
+        t2 = time.perf_counter()
+        self.state = new
+        if not self.done:
+            self.state, _ = self.fed.plan(self.state)
+        t_plan = time.perf_counter() - t2
+        summary = {
+            "round": t, "summary": True, "clock": self.clock, "round_time": round_time,
+            "wall_time_s": wall, "wall_clock": self.wall_clock, "close_reason": why,
+            "devices": [u.device_id for u in ups], "stragglers": stragglers,
+            "no_update": sorted(self._gave_up),
+            "waiting_time": float(report.waiting_time),
+            "mean_sparsity": float(np.mean([u.ratio for u in ups])) if ups else None,
+            "accuracy": None if acc is None else float(np.mean(acc)),
+            "overhead_s": {"accept": self._accept_s, "close": t_close, "eval": t_eval,
+                           "plan": t_plan}}
+        lines.append(summary)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            for ln in lines:
+                f.write(json.dumps(ln) + "\n")
+        t3 = time.perf_counter()
+        self._save()
+        t_ckpt = time.perf_counter() - t3
+        self._build_payload()
+        self._gave_up, self._digests, self._measured = {}, {}, {}
+        self._opened_at, self._accept_s, self._deadline_logged = None, 0.0, False
+        self._cv.notify_all()
+        log.info("round %d/%d closed (%s): %d/%d devices, stragglers %s, round time %.2f s "
+                 "(scheduler clock %.4g s), accuracy %s; server overhead: accept %.3f s, "
+                 "close %.3f s, eval %.3f s, plan %.3f s, checkpoint %.3f s",
+                 t, self.rounds, why, len(ups), self.n, stragglers or "none", wall,
+                 round_time, "-" if acc is None else f"{float(np.mean(acc)):.3f}",
+                 summary["overhead_s"]["accept"], t_close, t_eval, t_plan, t_ckpt)
+
+
+def _scalars(u: DeviceUpdate) -> dict:
+    """An update's scalar fields as plain Python numbers (JSON round-trips them exactly)."""
+    out = {}
+    for f in dataclasses.fields(u):
+        if f.name in ("lora", "head", "head_masks", "channel_masks"):
+            continue
+        v = getattr(u, f.name)
+        out[f.name] = int(v) if isinstance(v, (int, np.integer)) else float(v)
+    return out
+
+
+def _update_arrays(u: DeviceUpdate) -> dict:
+    out = {f"lora/{k}": np.asarray(v) for k, v in u.lora.items()}
+    out.update({f"head/{k}": np.asarray(v) for k, v in u.head.items()})
+    out["head_masks"], out["channel_masks"] = np.asarray(u.head_masks), np.asarray(
+        u.channel_masks)
+    return out
+
+
+def _read_entry(path: Path) -> tuple[str, DeviceUpdate | None, dict]:
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        arrays = {k.replace("|", "/"): z[k] for k in z.files if k != "meta"}
+    if meta["kind"] != "update":
+        return meta["kind"], None, meta
+    lora, head, other = wire.split_payload(arrays)
+    kw = {f.name: meta[f.name] for f in dataclasses.fields(DeviceUpdate)
+          if f.name in meta}
+    u = DeviceUpdate(lora=lora, head=head, head_masks=other["head_masks"],
+                     channel_masks=other["channel_masks"], **kw)
+    return "update", u, meta
+
+
+def _truncate_metrics(path: Path, last_round: int) -> None:
+    """Drop metric lines of rounds after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines()
+            if ln.strip() and json.loads(ln)["round"] <= last_round]
+    path.write_text("".join(x + "\n" for x in keep))
+
+
+__all__ = ["Coordinator", "RunDone", "StaleUpdate", "Task", "config_digest", "update_digest",
+           "MAX_WAIT_S"]

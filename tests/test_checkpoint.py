@@ -1,0 +1,255 @@
+"""Tests of the orbax checkpoints (fedspine_jax.checkpoint): leaf-by-leaf round trips of
+federation states and exact resume, with a tiny fake global LoRA and fake device updates."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fedspine_jax import checkpoint
+from fedspine_jax.config import from_dict
+from fedspine_jax.federation import DeviceTask, DeviceUpdate, Federation, FederationState
+
+R, ALPHA, N = 8, 16.0, 3
+PAIRS = ("layers/0/attn/q", "layers/1/mlp/fc1")
+SHAPES = {"layers/0/attn/q": (16, 12), "layers/1/mlp/fc1": (16, 24)}
+TIERS = np.array([0, 1, 2])
+
+
+def make_fed(strategy: str = "fedspine") -> Federation:
+    cfg = from_dict({"lora": {"rank": R, "alpha": ALPHA, "rank_choices": [2, 4, 8]},
+                     "pruning": {"target_ratio": 0.5, "target_round": 3},
+                     "federation": {"strategy": strategy, "num_devices": N, "rounds": 6}})
+    return Federation(cfg, N, TIERS)
+
+
+def init_state(fed: Federation) -> FederationState:
+    rng = np.random.default_rng(0)
+    lora = {}
+    for p in PAIRS:
+        d, k = SHAPES[p]
+        lora[p + "/lora_a"] = (0.02 * rng.normal(size=(d, R))).astype(np.float32)
+        lora[p + "/lora_b"] = np.zeros((R, k), np.float32)
+    head = {"head/kernel": rng.normal(size=(16, 2)).astype(np.float32),
+            "head/bias": np.zeros(2, np.float32)}
+    return fed.init(lora, head)
+
+
+def fake_update(task: DeviceTask) -> DeviceUpdate:
+    """A device's update as a pure function of (device, round) (not of dict order:
+    a restored state holds its dicts in sorted key order)."""
+    rng = np.random.default_rng((7, task.device_id, task.round))
+    lb = float(1.0 + rng.random())
+    return DeviceUpdate(
+        device_id=task.device_id, round=task.round,
+        lora={k: (0.3 * rng.normal(size=v.shape)).astype(np.float32)
+              for k, v in sorted(task.lora.items())},
+        head={k: (v + 0.1 * rng.normal(size=v.shape)).astype(np.float32)
+              for k, v in sorted(task.head.items())},
+        head_masks=(rng.random((2, 3)) > 0.3).astype(np.float32),
+        channel_masks=(rng.random((2, 8)) > 0.3).astype(np.float32),
+        num_samples=int(rng.integers(5, 50)), loss_before=lb,
+        loss_after=lb - 0.5 * float(rng.random()), lora_importance=float(rng.random()),
+        ratio=float(min(1.0, task.ratio + 0.01 * rng.random())) if task.ratio > 0 else 0.0,
+        compute_time_s=float(rng.uniform(0.5, 2.0)), comm_time_s=float(rng.uniform(0.1, 0.5)),
+        flops=float(rng.uniform(1e9, 2e9)), peak_memory_bytes=int(rng.integers(1, 2**40)),
+        params_alive=int(rng.integers(1, 10**6)))
+
+
+def accept_some(fed, state, order):
+    state, tasks = fed.plan(state)
+    for i in order:
+        state = fed.accept(state, fake_update(tasks[i]))
+    return state
+
+
+def play(fed: Federation, state: FederationState, rounds: int) -> FederationState:
+    for _ in range(rounds):
+        state, _ = fed.close(accept_some(fed, state, [2, 0, 1]))
+    return state
+
+
+def _equal(x, y, what: str) -> None:
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype, f"{what}: dtype {x.dtype} != {y.dtype}"
+    np.testing.assert_array_equal(x, y, err_msg=what)
+
+
+def assert_states_equal(s1: FederationState, s2: FederationState) -> None:
+    """Every leaf of two federation states equal (values and dtypes)."""
+    assert s1.round == s2.round
+    for name in ("lora", "head"):
+        d1, d2 = getattr(s1, name), getattr(s2, name)
+        assert d1.keys() == d2.keys(), name
+        for k in d1:
+            _equal(d1[k], d2[k], f"{name}[{k}]")
+    _equal(s1.last_p, s2.last_p, "last_p")
+    for name in ("plan_p", "plan_r"):
+        v1, v2 = getattr(s1, name), getattr(s2, name)
+        assert (v1 is None) == (v2 is None), name
+        if v1 is not None:
+            _equal(v1, v2, name)
+    assert (s1.bandit is None) == (s2.bandit is None)
+    if s1.bandit is not None:
+        assert s1.bandit.params == s2.bandit.params
+        for f in dataclasses.fields(s1.bandit):
+            if f.name != "params":
+                _equal(getattr(s1.bandit, f.name), getattr(s2.bandit, f.name),
+                       f"bandit.{f.name}")
+    assert len(s1.updates) == len(s2.updates)
+    for i, (u1, u2) in enumerate(zip(s1.updates, s2.updates)):
+        for f in dataclasses.fields(DeviceUpdate):
+            v1, v2 = getattr(u1, f.name), getattr(u2, f.name)
+            if isinstance(v1, dict):
+                assert v1.keys() == v2.keys()
+                for k in v1:
+                    _equal(v1[k], v2[k], f"updates[{i}].{f.name}[{k}]")
+            elif isinstance(v1, np.ndarray):
+                _equal(v1, v2, f"updates[{i}].{f.name}")
+            else:
+                assert v1 == v2 and type(v1) is type(v2), (i, f.name, v1, v2)
+
+
+# ------------------------------------------------------------------------ round trips
+
+
+@pytest.mark.parametrize("strategy", ["fedspine", "fedlora_prune"])   # with / without bandit
+def test_mid_round_state_round_trips_leaf_by_leaf(tmp_path, strategy):
+    fed = make_fed(strategy)
+    state = play(fed, init_state(fed), 2)
+    state = accept_some(fed, state, [2, 0])      # pending updates, arrival order 2, 0
+    assert state.plan_p is not None and len(state.updates) == 2
+    extra = {"clock": np.float64(12.5), "stream": np.arange(6).reshape(3, 2),
+             "masks": np.ones((3, 2, 4), np.float32)}
+    path = checkpoint.save(tmp_path / "ck", state.round, state, extra)
+    assert path.name == "round_00003" and path.is_dir()
+    restored, got_extra, step = checkpoint.restore(tmp_path / "ck", make_fed(strategy))
+    assert step == 3
+    assert_states_equal(state, restored)
+    assert [u.device_id for u in restored.updates] == [2, 0]
+    assert got_extra.keys() == extra.keys()
+    for k, v in extra.items():
+        _equal(got_extra[k], v, k)
+
+
+def test_post_close_state_round_trips_leaf_by_leaf(tmp_path):
+    fed = make_fed()
+    state = play(fed, init_state(fed), 3)
+    assert state.plan_p is None and state.updates == ()
+    checkpoint.save(tmp_path, 3, state)
+    restored, extra, step = checkpoint.restore(tmp_path, fed)
+    assert step == 3 and extra == {}
+    assert_states_equal(state, restored)
+
+
+def test_state_to_tree_holds_numpy_leaves_only():
+    fed = make_fed()
+    state = accept_some(fed, play(fed, init_state(fed), 1), [1])
+    tree = checkpoint.state_to_tree(state)
+    leaves = []
+
+    def walk(t, path):
+        if isinstance(t, dict):
+            for k, v in t.items():
+                assert "/" not in k, f"orbax would read {path + k!r} as a file path"
+                walk(v, path + k + ".")
+        else:
+            leaves.append((path, t))
+    walk(tree, "")
+    assert leaves and all(isinstance(v, (np.ndarray, np.generic)) for _, v in leaves)
+    assert_states_equal(state, checkpoint.state_from_tree(tree, fed))
+
+
+def test_restore_picks_the_newest_or_the_step_asked_for(tmp_path):
+    fed = make_fed()
+    state = init_state(fed)
+    saved = {}
+    for step in (1, 2, 12):
+        state = play(fed, state, 1)
+        saved[step] = state
+        checkpoint.save(tmp_path, step, state)
+    assert checkpoint.steps(tmp_path) == [1, 2, 12]
+    got, _, step = checkpoint.restore(tmp_path, fed)
+    assert step == 12
+    assert_states_equal(got, saved[12])
+    got, _, step = checkpoint.restore(tmp_path, fed, step=2)
+    assert step == 2
+    assert_states_equal(got, saved[2])
+
+
+def test_keep_prunes_old_checkpoints(tmp_path):
+    fed = make_fed()
+    state = init_state(fed)
+    for step in range(1, 6):
+        state = play(fed, state, 1)
+        checkpoint.save(tmp_path, step, state, keep=2)
+        assert checkpoint.steps(tmp_path) == list(range(max(1, step - 1), step + 1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round_00004", "round_00005"]
+    assert_states_equal(checkpoint.restore(tmp_path, fed)[0], state)
+
+
+def test_saving_a_step_again_overwrites_it(tmp_path):
+    fed = make_fed()
+    s1 = play(fed, init_state(fed), 1)
+    s2 = play(fed, s1, 1)
+    checkpoint.save(tmp_path, 1, s1)
+    checkpoint.save(tmp_path, 1, s2)
+    assert checkpoint.steps(tmp_path) == [1]
+    assert_states_equal(checkpoint.restore(tmp_path, fed)[0], s2)
+
+
+def test_missing_directory_or_step_is_an_error(tmp_path):
+    fed = make_fed()
+    assert checkpoint.steps(tmp_path / "nothing") == []
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.restore(tmp_path / "nothing", fed)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.restore(tmp_path / "empty", fed)
+    checkpoint.save(tmp_path / "ck", 2, init_state(fed))
+    with pytest.raises(FileNotFoundError, match=r"round_00005.*\[2\]"):
+        checkpoint.restore(tmp_path / "ck", fed, step=5)
+
+
+def test_unfinished_save_is_never_picked_up(tmp_path):
+    """A crash mid-save leaves orbax's temporary directory; restore ignores it."""
+    fed = make_fed()
+    state = play(fed, init_state(fed), 1)
+    checkpoint.save(tmp_path, 1, state)
+    (tmp_path / "round_00002.orbax-checkpoint-tmp-1234").mkdir()
+    (tmp_path / "notes").mkdir()
+    assert checkpoint.steps(tmp_path) == [1]
+    got, _, step = checkpoint.restore(tmp_path, fed)
+    assert step == 1
+    assert_states_equal(got, state)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("strategy", ["fedspine", "hetlora"])
+@pytest.mark.parametrize("cut", ["between rounds", "mid-round"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, strategy, cut):
+    """6 rounds straight == 3 rounds, checkpoint, restore into a new Federation, 3 more."""
+    fed = make_fed(strategy)
+    straight = play(fed, init_state(fed), 6)
+
+    first = play(fed, init_state(fed), 3)
+    if cut == "mid-round":       # round 4 planned, two of three updates in
+        first = accept_some(fed, first, [1, 2])
+    checkpoint.save(tmp_path, first.round, first, keep=1)
+    del fed, first
+
+    fed2 = make_fed(strategy)    # a restarted server
+    state, _, _ = checkpoint.restore(tmp_path, fed2)
+    if cut == "mid-round":
+        state, tasks = fed2.plan(state)       # idempotent: the same tasks as before
+        state = fed2.accept(state, fake_update(tasks[0]))
+        state, _ = fed2.close(state)
+        state = play(fed2, state, 2)
+    else:
+        state = play(fed2, state, 3)
+    assert state.round == 7
+    assert_states_equal(straight, state)
