@@ -10,7 +10,7 @@ shape (q/k/v/o: 768 x 768, fc1: 768 x 3072, fc2: 3072 x 768; 4 + 1 + 1 groups of
 ``--layers`` linears). Device ranks are drawn from {2, 4, 8, 16, 32}; factors are i.i.d.
 Gaussian (a flat, worst-case spectrum) and the weights come from random importances through
 ``aggregation_weights``. Times are medians over ``--repeats`` runs after a warm-up run (which
-compiles); the two sides' products are compared linear by linear.
+compiles), the two sides timed alternately; their products are compared linear by linear.
 
 The saving depends on ``s = sum_i r_i`` against ``min(d, k) = 768``: with N = 80 devices
 (mean rank 12.4, s ~ 1000 > 768) every device's update adds new directions, the sum is full
@@ -80,15 +80,20 @@ def make_group(rng, n_layers, d, k, ranks):
     return a, b
 
 
-def timed(fn, repeats):
-    """Warm up (compile + one run), then the median wall time of ``repeats`` runs."""
-    out = jax.block_until_ready(fn())
-    times = []
+def timed(fns, repeats):
+    """Warm up each (compile + one run), then time them alternately ``repeats`` times.
+
+    Alternating keeps a busy machine's slow spells from landing on one side only.
+    Returns the outputs and each function's median wall time.
+    """
+    outs = [jax.block_until_ready(fn()) for fn in fns]
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return out, float(np.median(times))
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            ts.append(time.perf_counter() - t0)
+    return outs, [float(np.median(ts)) for ts in times]
 
 
 def compare(ours, dense, a_list, b_list, weights):
@@ -115,10 +120,9 @@ def run(n_devices, args):
     for name, d, k, per_layer in GROUPS:
         n_lin = per_layer * args.layers
         a_list, b_list = make_group(rng, n_lin, d, k, ranks)
-        ours, t1 = timed(lambda: aggregation.aggregate_lora_batched(
-            a_list, b_list, weights, args.rank), args.repeats)
-        dense, t2 = timed(lambda: dense_aggregate(a_list, b_list, weights, args.rank),
-                          args.repeats)
+        (ours, dense), (t1, t2) = timed(
+            [lambda: aggregation.aggregate_lora_batched(a_list, b_list, weights, args.rank),
+             lambda: dense_aggregate(a_list, b_list, weights, args.rank)], args.repeats)
         diff, ref, gap = compare(ours, dense, a_list, b_list, weights)
         groups[name] = {"linears": n_lin, "shape": [d, k], "ours_s": round(t1, 4),
                         "dense_s": round(t2, 4), "speedup": round(t2 / t1, 2),
@@ -165,7 +169,8 @@ def main():
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "jax": jax.__version__,
                     "backend": jax.default_backend(),
-                    "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")},
+                    "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+                    "load_average_1m_at_start": round(os.getloadavg()[0], 2)},
         "runs": [run(n, args) for n in args.devices],
     }
     print(json.dumps(result, indent=2))

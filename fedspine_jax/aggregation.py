@@ -36,6 +36,11 @@ combination of ranks (a handful of buckets in a run). Matrix products use
 ``Precision.HIGHEST`` so that a GPU server does not aggregate in TF32; the math runs in
 float32 at least (bf16 factors are promoted) and returns that dtype.
 
+Do not ``jax.vmap`` these functions over large CPU batches: jaxlib's CPU LAPACK kernels run a
+batched QR/SVD as tasks on XLA's intra-op pool and wait for them from a pool thread, so two
+independent batched calls (our two QRs) can occupy every thread of a small pool and hang
+(seen with jaxlib 0.10.2 on 2 cores). :func:`aggregate_lora_batched` loops with ``lax.map``.
+
 Baselines (paper Sec. 5.2): FedLoRA / FedIT average the factors themselves
 (:func:`fedavg_lora`); HETLoRA (Cho et al. 2023) zero-pads heterogeneous ranks and averages
 the factors with sparsity weights (:func:`hetlora_aggregate`), distributes by truncation

@@ -127,13 +127,17 @@ class Federation:
       cfg: the run's config.
       num_devices: N.
       tiers: (N,) device capability tiers, 0 = strongest (HETLoRA's rank policy); default 0.
+      mask_shapes: ((L, H), (L, F)) the devices' head / channel masks must have.
     """
 
-    def __init__(self, cfg: Config, num_devices: int, tiers: np.ndarray | None = None):
+    def __init__(self, cfg: Config, num_devices: int, tiers: np.ndarray | None = None,
+                 mask_shapes: tuple | None = None):
         self.cfg = cfg
         self.num_devices = int(num_devices)
         self.strategy: Strategy = get(cfg.federation.strategy)
         self.tiers = np.zeros(num_devices, int) if tiers is None else np.asarray(tiers, int)
+        # expected ((L, H), (L, F)) of the devices' masks; None checks only the layer count
+        self.mask_shapes = mask_shapes or (None, None)
         if len(self.tiers) != num_devices:
             raise ValueError(f"tiers has {len(self.tiers)} entries for {num_devices} devices")
 
@@ -225,9 +229,26 @@ class Federation:
             raise UpdateRejected("negative compute or communication time")
         if not 0.0 <= u.ratio <= 1.0:
             raise UpdateRejected(f"pruning ratio {u.ratio} outside [0, 1]")
-        if u.num_samples < 1:
-            raise UpdateRejected(f"num_samples={u.num_samples}: must be >= 1")
+        if isinstance(u.num_samples, bool) or not isinstance(u.num_samples, (int, np.integer)) \
+                or u.num_samples < 1:
+            raise UpdateRejected(f"num_samples={u.num_samples!r}: must be an integer >= 1")
+        if u.ratio < float(state.last_p[u.device_id]) - 1e-6:
+            raise UpdateRejected(f"pruning ratio {u.ratio} is below the {state.last_p[u.device_id]} "
+                                 f"device {u.device_id} already reached (pruning never goes back)")
+        self._check_masks(state, u)
         return dataclasses.replace(state, updates=state.updates + (u,))
+
+    def _check_masks(self, state: FederationState, u: DeviceUpdate) -> None:
+        layers = 1 + max(int(k.split("/")[1]) for k in state.lora if k.startswith("layers/"))
+        for name, m, want in (("head_masks", u.head_masks, self.mask_shapes[0]),
+                              ("channel_masks", u.channel_masks, self.mask_shapes[1])):
+            m = np.asarray(m)
+            if m.ndim != 2 or m.shape[0] != layers:
+                raise UpdateRejected(f"{name} has shape {m.shape}, expected ({layers}, ...)")
+            if want is not None and tuple(m.shape) != tuple(want):
+                raise UpdateRejected(f"{name} has shape {m.shape}, expected {tuple(want)}")
+            if not np.all((m == 0) | (m == 1)):
+                raise UpdateRejected(f"{name} must hold only 0 and 1 (no NaN)")
 
     # -- close ----------------------------------------------------------------------------
 
@@ -285,10 +306,41 @@ class Federation:
             a_list = [jnp.asarray(u.lora[p + "/lora_a"]) for u in ups]
             b_list = [jnp.asarray(u.lora[p + "/lora_b"]) * lora_scale(alpha, u.lora[
                 p + "/lora_a"].shape[1]) for u in ups]
-            a, b = self.strategy.aggregate(self.cfg, a_list, b_list, imp, n)
+            cols = rows = None
+            if self.cfg.aggregation.mask_aware:
+                masks = [_kept(p, state.lora, u.head_masks, u.channel_masks) for u in ups]
+                if masks[0][0] is not None:
+                    cols = jnp.asarray(np.stack([m[0] for m in masks]))
+                if masks[0][1] is not None:
+                    rows = jnp.asarray(np.stack([m[1] for m in masks]))
+            a, b = self.strategy.aggregate(self.cfg, a_list, b_list, imp, n, cols, rows)
             out[p + "/lora_a"] = np.asarray(a, np.float32)
             out[p + "/lora_b"] = np.asarray(b, np.float32) / lora_scale(alpha, big_r)
         return out
+
+
+def _kept(pair: str, lora: dict, head_masks: np.ndarray, channel_masks: np.ndarray):
+    """(column mask (k,) or None, row mask (d,) or None) of the frozen weights a device
+    still keeps in LoRA pair ``pair`` (e.g. ``layers/3/attn/q``), from its group masks:
+    q columns / o rows by query head, k / v columns by kv head (kept while any of its
+    query heads is), fc1 / gate / up columns and fc2 / down rows by channel."""
+    parts = pair.split("/")
+    layer, name = int(parts[1]), parts[-1]
+    hm, cm = np.asarray(head_masks[layer]), np.asarray(channel_masks[layer])
+    d_in, d_out = lora[pair + "/lora_a"].shape[0], lora[pair + "/lora_b"].shape[1]
+    if name in ("q", "o"):
+        dh = (d_out if name == "q" else d_in) // len(hm)
+        m = np.repeat(hm, dh)
+        return (m, None) if name == "q" else (None, m)
+    if name in ("k", "v"):
+        q_cols = lora[f"layers/{layer}/attn/q/lora_b"].shape[1]
+        dh = q_cols // len(hm)
+        n_kv = d_out // dh
+        kv = hm.reshape(n_kv, -1).max(axis=1)  # query heads are grouped contiguously
+        return np.repeat(kv, dh), None
+    if name in ("fc1", "gate", "up"):
+        return cm, None
+    return None, cm  # fc2 / down
 
 
 def _select_agents(mask: np.ndarray, new: bandit.BanditState, old: bandit.BanditState):

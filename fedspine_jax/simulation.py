@@ -88,7 +88,9 @@ def setup(cfg: Config) -> Setup:
     fleet = heterogeneity.build_fleet(cfg)
     # capability tier: 0 = strongest type (AGX), used by HETLoRA's rank policy
     tiers = (heterogeneity.AGX - np.asarray(fleet.device_type)).astype(int)
-    return Setup(cfg, model, task, devices, fleet, Federation(cfg, n, tiers))
+    arch = model.cfg
+    shapes = ((arch.num_layers, arch.num_heads), (arch.num_layers, arch.intermediate_size))
+    return Setup(cfg, model, task, devices, fleet, Federation(cfg, n, tiers, shapes))
 
 
 def _device_examples(s: Setup, i: int) -> tuple[data.Examples, data.Examples]:
@@ -279,8 +281,14 @@ def _truncate_metrics(path: Path, last_round: int) -> None:
     """Drop metric lines of rounds after the checkpoint (they will be written again)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines()
-            if ln.strip() and json.loads(ln)["round"] <= last_round]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:  # a line cut short by a killed process
+            continue
+        if row["round"] <= last_round:
+            keep.append(ln)
     path.write_text("".join(x + "\n" for x in keep))
 
 
@@ -354,6 +362,9 @@ def compare_runs(cfg: Config, methods: list[str], out: str | Path, progress: boo
     out = Path(out)
     results = {}
     for m in methods:
+        done = checkpoint.steps(out / m / "checkpoints")
+        if not done and (out / m / "metrics.jsonl").exists():
+            (out / m / "metrics.jsonl").unlink()  # killed before its first checkpoint
         results[m] = run(replace(cfg, federation={"strategy": m}), out / m,
-                         resume=(out / m / "checkpoints").exists(), progress=progress)
+                         resume=bool(done), progress=progress)
     return results

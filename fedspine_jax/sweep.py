@@ -57,8 +57,10 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -490,16 +492,13 @@ def _cell_key(seed: int, s: int, f: int) -> np.ndarray:
     return np.asarray(key, np.uint32)
 
 
-def _run_group(program, mesh: Mesh, env: sweep_env.EnvParams, types: np.ndarray,
-               groups: np.ndarray, keys: np.ndarray) -> dict[str, np.ndarray]:
-    """Pad the cells to a multiple of the device count, shard, run, unpad."""
-    b = types.shape[0]
-    pad = (-b) % mesh.size
-    arrays = [np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) for x in (types, groups, keys)]
-    shard, rep = NamedSharding(mesh, P(_CELLS)), NamedSharding(mesh, P())
-    arrays = [jax.device_put(x, shard) for x in arrays]
-    out = program(jax.device_put(env, rep), *arrays)
-    return {k: np.asarray(v)[:b] for k, v in out.items()}
+def _shard_cells(mesh: Mesh, *arrays: np.ndarray) -> list[jax.Array]:
+    """Pad the cell axis to a multiple of the device count (copies of the last cell) and
+    shard it over ``mesh``."""
+    pad = (-arrays[0].shape[0]) % mesh.size
+    shard = NamedSharding(mesh, P(_CELLS))
+    return [jax.device_put(np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]), shard)
+            for x in arrays]
 
 
 def _nan_to_none(x: np.ndarray) -> list:
@@ -544,7 +543,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str |
         env: the synthetic environment's surfaces.
         out: output directory (created; files are overwritten).
         env_name: how the results name the environment (a file name, not a path).
-        progress: show a tqdm bar over configurations.
+        progress: show a tqdm bar over the groups (configuration x fleet size).
 
     Returns:
         The ``results.json`` content plus a ``timing`` entry (not written to the file, so
@@ -561,36 +560,50 @@ def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str |
     fleets = [(f, f.build(cfg)) for f in spec.fleets]
     sizes = sorted({fl.num_devices for _, fl in fleets})
     points = spec.points(seed)
+    env_d = jax.device_put(env, NamedSharding(mesh, P()))
+    t0 = time.perf_counter()
+    # One job per configuration and fleet size. Each job's program is traced and lowered
+    # here (Python) and compiled in a thread pool (XLA releases the GIL), so configurations
+    # compile in parallel on every core while earlier ones run.
+    jobs = []
+    n_jobs = len(points) * len(sizes)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(points) * len(sizes), desc="sweep", unit="group")
-    t0 = time.perf_counter()
-    results = []
-    for point in points:
-        pcfg = point.config(cfg)
-        score_cfg = replace(pcfg, bandit={"reward": spec.score})
-        cells = []
-        for n in sizes:
-            mine = [(fi, f, fl) for fi, (f, fl) in enumerate(fleets) if fl.num_devices == n]
-            combos = [(s, fi, f, fl) for s in range(spec.seeds) for fi, f, fl in mine]
-            types = np.stack([fl.device_type for _, _, _, fl in combos]).astype(np.int32)
-            groups = np.stack([fl.distance_group for _, _, _, fl in combos]).astype(np.int32)
-            keys = np.stack([_cell_key(seed, s, fi) for s, fi, _, _ in combos])
-            program = group_program(pcfg, score_cfg, hw, arm_u, arm_r, rounds, mesh)
-            res = _run_group(program, mesh, env, types, groups, keys)
-            for i, (s, _, f, _) in enumerate(combos):
-                cells.append({"fleet": f.name, "seed": s, "n": n,
-                              **{k: v[i] for k, v in res.items()}})
+        bar = tqdm(total=n_jobs, desc="sweep", unit="group")
+    with ThreadPoolExecutor(max(1, min(n_jobs, os.cpu_count() or 1))) as pool:
+        for point in points:
+            pcfg = point.config(cfg)
+            score_cfg = replace(pcfg, bandit={"reward": spec.score})
+            for n in sizes:
+                mine = [(fi, f, fl) for fi, (f, fl) in enumerate(fleets) if fl.num_devices == n]
+                combos = [(s, f.name) for s in range(spec.seeds) for _, f, _ in mine]
+                arrays = _shard_cells(
+                    mesh, np.stack([fl.device_type for _ in range(spec.seeds)
+                                    for _, _, fl in mine]).astype(np.int32),
+                    np.stack([fl.distance_group for _ in range(spec.seeds)
+                              for _, _, fl in mine]).astype(np.int32),
+                    np.stack([_cell_key(seed, s, fi) for s in range(spec.seeds)
+                              for fi, _, _ in mine]))
+                lowered = group_program(pcfg, score_cfg, hw, arm_u, arm_r, rounds,
+                                        mesh).lower(env_d, *arrays)
+                jobs.append((point, n, combos, arrays, pool.submit(lowered.compile)))
+                if bar is not None:
+                    bar.set_postfix_str(f"traced {len(jobs)}/{n_jobs}")
+        cells: dict[Point, list] = {pt: [] for pt in points}
+        for point, n, combos, arrays, compiled in jobs:
+            res = compiled.result()(env_d, *arrays)
+            res = {k: np.asarray(v)[:len(combos)] for k, v in res.items()}  # drop the padding
+            for i, (s, name) in enumerate(combos):
+                cells[point].append({"fleet": name, "seed": s, "n": n,
+                                     **{k: v[i] for k, v in res.items()}})
             if bar is not None:
+                bar.set_postfix_str(point.label)
                 bar.update(1)
-        results.append(_summarise(point, cells, spec.fleets))
         if bar is not None:
-            best = max(results, key=lambda r: r["cumulative_reward"])
-            bar.set_postfix(best=f"{best['cumulative_reward']:.3g}")
-    if bar is not None:
-        bar.close()
+            bar.close()
+    results = [_summarise(pt, cells[pt], spec.fleets) for pt in points]
     wall = time.perf_counter() - t0
     results.sort(key=lambda r: (-r["cumulative_reward"], r["regret"]))
     for i, r in enumerate(results):

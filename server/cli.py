@@ -56,8 +56,9 @@ def run_cli(args) -> int:
     from fedspine_jax.config import load_config
     from fedspine_jax.server import auth
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout, force=True,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("fedspine").setLevel(logging.INFO)
     log = logging.getLogger("fedspine.server")
     cfg = load_config(args.config, args.overrides)
     if args.init_tokens:

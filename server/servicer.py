@@ -8,11 +8,13 @@ status codes:
 ==========================  ====================================================
 ``UNAUTHENTICATED``         missing or unknown token (interceptor)
 ``PERMISSION_DENIED``       the request names another device than the token's
-``FAILED_PRECONDITION``     not registered in this server's lifetime; config
-                            mismatch; an update for a round the server is not
-                            collecting (stale); a second, different update
+``ABORTED``                 not registered in this server's lifetime (restarted?):
+                            register, then retry
+``FAILED_PRECONDITION``     config mismatch; an update for a round the server is
+                            not collecting (stale)
 ``INVALID_ARGUMENT``        malformed stream (headers, sizes, names), wrong shapes
-                            or dtypes, NaN / infinite values, bad statistics
+                            or dtypes, NaN / infinite values, bad statistics or
+                            masks, a second and different update for the round
 ``RESOURCE_EXHAUSTED``      an upload larger than ``max_update_bytes`` (a single
                             message over the gRPC limit is refused by gRPC itself)
 ==========================  ====================================================
@@ -49,7 +51,9 @@ class FederationServicer(pb_grpc.FederationServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"the token belongs to device {dev}, not device {claimed}")
         if registered and not self.coord.is_registered(dev):
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+            # ABORTED, not FAILED_PRECONDITION: the usual cause is a server restart, and
+            # the cure (register, then retry) is the client's to apply.
+            context.abort(grpc.StatusCode.ABORTED,
                           f"device {dev} has not registered with this server (call Register)")
         return dev
 

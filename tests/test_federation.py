@@ -160,7 +160,6 @@ def test_planning_is_idempotent_within_a_round():
     s1, t1 = fed.plan(s0)
     s2, t2 = fed.plan(s1)                        # asked again (a device asking twice)
     s3, t3 = fed.plan(s0)                        # planned again from scratch (a restart)
-    assert s2 is s1 or s2 == s1
     for s in (s2, s3):
         np.testing.assert_array_equal(s.plan_p, s1.plan_p)
         np.testing.assert_array_equal(s.plan_r, s1.plan_r)
@@ -224,18 +223,7 @@ def test_hetlora_aggregation_stays_at_rank_r_and_keeps_devices_ranks():
         assert np.all(np.isfinite(v))
 
 
-_FEDAPT_BUG = ("fedapt aggregates with fedavg at the round's rank (< R) and stores the "
-               "global LoRA at that rank: the next task grown from it has its effective "
-               "update scaled by R/r, and once the ladder reaches R the task keeps the "
-               "smaller shape, so every update is rejected (strategies.py Strategy.aggregate)")
-
-
-def _all_strategies():
-    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=_FEDAPT_BUG))
-            if name == "fedapt" else name for name in STRATEGIES]
-
-
-@pytest.mark.parametrize("strategy", _all_strategies())
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_global_lora_stays_at_rank_r_and_tasks_are_its_best_approximation(strategy):
     """Every round: the global LoRA has rank R, and each task at rank r_i carries the best
     rank-r_i approximation of the global effective update (section 4.3's Lambda)."""
@@ -256,7 +244,7 @@ def test_global_lora_stays_at_rank_r_and_tasks_are_its_best_approximation(strate
             assert v.shape == ((D_IN, R) if k.endswith("lora_a") else (R, D_OUT)), k
 
 
-@pytest.mark.parametrize("strategy", _all_strategies())
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_strategies_plan_plausible_ratios_and_ranks(strategy):
     fed, state = new_federation(strategy)
     st = get(strategy)
@@ -489,40 +477,61 @@ def test_forced_close_with_no_update_keeps_the_model():
         np.testing.assert_array_equal(getattr(new.bandit, f), getattr(planned.bandit, f))
 
 
-# --------------------------------------------------------------- known bugs (xfail)
+# ------------------------------------------------------------------ mask-aware Eq. 16
 
 
-@pytest.mark.xfail(strict=True, reason="aggregation.mask_aware is never used: "
-                   "Federation._aggregate_lora passes no col/row masks to Strategy.aggregate")
-def test_mask_aware_aggregation_ignores_devices_that_pruned_a_head():
-    """With mask_aware, a head pruned by device 1 gets its q columns from device 0 only."""
-    fed = Federation(make_cfg(lora={"rank_choices": [2]}, aggregation={"mask_aware": True}),
-                     2)
+def _masked_round(mask_aware: bool, device1_head_masks: np.ndarray):
+    """Two devices at rank 2 (sum of ranks <= R: no truncation), device 1 with the masks."""
+    fed = Federation(make_cfg(lora={"rank_choices": [2]},
+                              aggregation={"mask_aware": mask_aware}), 2)
     state, tasks = fed.plan(fed.init(*fake_global()))
-    assert state.plan_r.tolist() == [2, 2]       # sum of ranks <= R: no truncation
-    hm = np.ones((len(PAIRS), NUM_HEADS), np.float32)
-    hm[:, 2] = 0                                  # device 1 pruned head 2 (columns 8..11)
-    ups = [fake_update(tasks[0]), fake_update(tasks[1], head_masks=hm)]
+    assert state.plan_r.tolist() == [2, 2]
+    ups = [fake_update(tasks[0]), fake_update(tasks[1], head_masks=device1_head_masks)]
     for u in ups:
         state = fed.accept(state, u)
+    return fed, state, ups
+
+
+@pytest.mark.parametrize("mask_aware", [False, True])
+def test_mask_aware_aggregation_ignores_devices_that_pruned_a_head(mask_aware):
+    """With mask_aware, a head pruned by device 1 gets its q columns from device 0 only;
+    without it, every column is the importance-weighted sum of both."""
+    hm = np.ones((len(PAIRS), NUM_HEADS), np.float32)
+    hm[:, 2] = 0                                  # device 1 pruned head 2 (columns 8..11)
+    fed, state, ups = _masked_round(mask_aware, hm)
     new, _ = fed.close(state)
-    p = PAIRS[0]
-    got = effective(new.lora[p + "/lora_a"], new.lora[p + "/lora_b"], R)
-    dev0 = effective(ups[0].lora[p + "/lora_a"], ups[0].lora[p + "/lora_b"], 2)
-    np.testing.assert_allclose(got[:, 8:], dev0[:, 8:], atol=1e-5, rtol=1e-5)
+    imp = np.array([u.lora_importance for u in ups])
+    c = imp / imp.sum()
+    for p in PAIRS:
+        got = effective(new.lora[p + "/lora_a"], new.lora[p + "/lora_b"], R)
+        dev = [effective(u.lora[p + "/lora_a"], u.lora[p + "/lora_b"], 2) for u in ups]
+        mixed = c[0] * dev[0] + c[1] * dev[1]
+        np.testing.assert_allclose(got[:, :8], mixed[:, :8], atol=1e-5, rtol=1e-5)
+        want = dev[0][:, 8:] if mask_aware else mixed[:, 8:]
+        np.testing.assert_allclose(got[:, 8:], want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="accept does not check num_samples is a positive "
-                   "finite integer: NaN passes `u.num_samples < 1` and poisons the head")
+def test_mask_with_nan_is_rejected():
+    hm = np.ones((len(PAIRS), NUM_HEADS), np.float32)
+    hm[0, 0] = np.nan
+    with pytest.raises(UpdateRejected, match="mask"):
+        _masked_round(True, hm)
+
+
+def test_mask_with_too_few_layers_is_rejected():
+    with pytest.raises(UpdateRejected, match="mask"):
+        _masked_round(True, np.ones((1, NUM_HEADS), np.float32))
+
+
+# --------------------------------------------------------------- fixed bugs (regressions)
+
+
 def test_non_finite_num_samples_is_rejected():
     fed, state, tasks = _collecting()
     with pytest.raises(UpdateRejected, match="num_samples"):
         fed.accept(state, fake_update(tasks[1], num_samples=float("nan")))
 
 
-@pytest.mark.xfail(strict=True, reason="accept lets a device report a ratio below the one "
-                   "it already reached; close then lowers last_p and the next plan may "
-                   "prune less than before (pruning never goes back)")
 def test_ratio_below_the_reached_ratio_is_rejected():
     fed, state = new_federation("fedlora_prune")
     state = play_round(fed, state)[3]

@@ -166,13 +166,40 @@ def test_simulate_writes_every_file(plain_run, tiny_cfg):
     assert float(extra["clock"]) == pytest.approx(rnd[-1]["clock"])
 
 
-def test_run_refuses_to_overwrite_and_to_resume_nothing(tiny_cfg, tmp_path):
+def test_run_refuses_to_overwrite_and_to_resume_nothing(tiny_config_path, tmp_path):
+    cfg = load_config(tiny_config_path)
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "metrics.jsonl").write_text("")
     with pytest.raises(FileExistsError, match="--resume"):
-        simulation.run(tiny_cfg, tmp_path / "old", progress=False)
+        simulation.run(cfg, tmp_path / "old", progress=False)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        simulation.run(tiny_cfg, tmp_path / "new", resume=True, progress=False)
+        simulation.run(cfg, tmp_path / "new", resume=True, progress=False)
+
+
+def test_resume_tolerates_a_partially_written_metrics_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"round": t, "device": 0}) for t in (1, 2, 3)]
+    path.write_text("\n".join(lines) + "\n" + lines[-1][:9])     # killed mid-line
+    simulation._truncate_metrics(path, 2)
+    assert [json.loads(x)["round"] for x in path.read_text().splitlines()] == [1, 2]
+
+
+class _Started(Exception):
+    pass
+
+
+def test_compare_restarts_a_method_killed_before_its_first_checkpoint(tiny_config_path,
+                                                                      tmp_path, monkeypatch):
+    cfg = load_config(tiny_config_path)
+    (tmp_path / "fedspine").mkdir()
+    (tmp_path / "fedspine" / "metrics.jsonl").write_text("")
+
+    def started(cfg):
+        raise _Started
+
+    monkeypatch.setattr(simulation, "setup", started)
+    with pytest.raises(_Started):
+        simulation.compare_runs(cfg, ["fedspine"], tmp_path, progress=False)
 
 
 # --------------------------------------------------------------------------- resume

@@ -1,0 +1,227 @@
+"""Sweep throughput: the jitted, vmapped sweep loop vs a per-agent NumPy loop.
+
+Both sides run the same round: S-UCB select -> a synthetic round of the environment
+(:mod:`fedspine_jax.sweep_env`, built-in surfaces, a ``high`` fleet) -> Eq. 3's "log"
+reward over the fleet -> S-UCB update. The JAX side is the sweep's inner loop,
+:func:`fedspine_jax.sweep.rollout` (a ``lax.scan`` over rounds) under ``jax.vmap`` over
+``--cells`` cells, sharded over every local device like ``fedspine sweep``; it is also
+timed with the hindsight regret pass (:func:`fedspine_jax.sweep.group_program`, a whole
+cell of a sweep). The peer is the straightforward program: a Python loop over agents
+using the NumPy S-UCB agent of ``benchmarks/bandit.py`` and a NumPy version of the
+environment's round (its random numbers drawn in advance, which favours the peer).
+Throughput is in agent-rounds per second. Before timing, the peer's surfaces, times and
+reward are checked against ``sweep_env`` and ``bandit.reward`` on random arms.
+
+    python benchmarks/sweep.py [--cells 64] [--agents 100] [--rounds 100] [--ref-agents 20]
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fedspine_jax import bandit, sweep, sweep_env
+from fedspine_jax import heterogeneity as het
+from fedspine_jax.config import Config, replace
+
+
+def _numpy_agent_class():
+    """``NumpyAgent`` of benchmarks/bandit.py (a script, loaded by path)."""
+    spec = importlib.util.spec_from_file_location(
+        "_bandit_bench", Path(__file__).with_name("bandit.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.NumpyAgent
+
+
+# ---------------------------------------------------------------- the NumPy peer
+class NumpyEnv:
+    """The environment's round for one device at a time (float64 NumPy)."""
+
+    def __init__(self, env: sweep_env.EnvParams, hw: sweep_env.Hardware):
+        self.theta = np.asarray(env.theta, np.float64)
+        self.gamma = np.asarray(env.gamma, np.float64)
+        self.sigma = np.asarray(env.sigma, np.float64)
+        self.eff = hw.efficiency
+        self.s = math.sqrt(math.log1p(hw.bandwidth_noise ** 2))
+
+    def device_round(self, k, group, mode, p, r, t, z):
+        """(loss drop, importance, time) of device type ``k`` at arm (p, r); z: (5,)."""
+        lr = math.log2(r)
+        phi = np.array([1.0, p, p * p, lr, r, p * lr])
+        scale = t ** -self.gamma[k]
+        y = scale * (self.theta[k] @ phi + self.sigma[k] * z[:4])
+        loss, imp, flops, nbytes = y[0], max(y[1], 0.0), max(y[2], 0.0), max(y[3], 0.0)
+        mbps = min(max(het.MEAN_BANDWIDTH_MBPS[group] * math.exp(self.s * z[4] - 0.5 * self.s ** 2),
+                       het.BANDWIDTH_RANGE_MBPS[0]), het.BANDWIDTH_RANGE_MBPS[1])
+        thr = het.PEAK_FLOPS[k] * het.MODE_MULTIPLIERS[k][mode] * self.eff
+        return loss, imp, flops / thr + nbytes / (mbps * het.BYTES_PER_MBIT)
+
+
+def numpy_log_reward(loss, dp, imp, times, cfg: Config) -> np.ndarray:
+    """Eq. 3, "log" variant, over a fleet's ``(N,)`` arrays (the guards of bandit.reward)."""
+    floor = cfg.pruning.target_ratio / cfg.pruning.target_round
+    mean = times.mean()
+    eps = max(0.05 * mean, 1e-6)
+    dt = np.abs(times - mean) + eps
+    slog = np.sign(loss) * np.log1p(np.abs(loss))
+    return (slog * np.log1p(np.maximum(imp, 0.0)) * np.log1p(np.maximum(dp, floor) / floor)
+            / np.log1p(dt / eps))
+
+
+def run_numpy(cfg, env, hw, fleet, rounds, seed=0):
+    """A fleet of NumPy agents, one Python iteration per agent and round."""
+    agent_cls = _numpy_agent_class()
+    params = bandit.BanditParams.from_config(cfg)
+    n = fleet.num_devices
+    rng = np.random.default_rng(seed)
+    draws = rng.random((rounds, n, 2), np.float32)
+    z = rng.standard_normal((rounds, n, 5))
+    modes = np.stack([het.power_modes(fleet, t) for t in range(rounds)])
+    agents = [agent_cls(params) for _ in range(n)]
+    peer_env = NumpyEnv(env, hw)
+    types, groups = fleet.device_type.tolist(), fleet.distance_group.tolist()
+    total = 0.0
+    for t in range(rounds):
+        loss, imp, times, dp = (np.zeros(n) for _ in range(4))
+        for i, ag in enumerate(agents):
+            last = float(ag.last_p)
+            p, r, _ = ag.select(draws[t, i])
+            loss[i], imp[i], times[i] = peer_env.device_round(
+                types[i], groups[i], int(modes[t, i]), float(p), r, t + 1, z[t, i])
+            dp[i] = float(p) - last
+        rew = numpy_log_reward(loss, dp, imp, times, cfg)
+        for i, ag in enumerate(agents):
+            ag.update(rew[i])
+        total += rew.sum()
+    return total
+
+
+def check_peer(cfg, env, hw) -> dict:
+    """The peer's round and reward agree with sweep_env and bandit.reward."""
+    rng = np.random.default_rng(1)
+    n = 64
+    k = rng.integers(0, 3, n).astype(np.int32)
+    g = rng.integers(0, 4, n).astype(np.int32)
+    mode = np.minimum((rng.random(n) * sweep_env.NUM_MODES[k]).astype(np.int32),
+                      sweep_env.NUM_MODES[k] - 1)
+    p = rng.uniform(0, 0.5, n).astype(np.float32)
+    r = rng.choice([2, 4, 8, 16], n).astype(np.int32)
+    t = 7
+    loss, imp, tm = (np.asarray(x, np.float64) for x in
+                     sweep_env.mean_outcome(env, hw, k, g, mode, p, r, t))
+    peer = NumpyEnv(env, hw)
+    peer.s = 0.0  # z = 0 and no bandwidth noise: the peer's round is the plug-in mean
+    mine = np.array([peer.device_round(k[i], g[i], mode[i], float(p[i]), int(r[i]), t,
+                                       np.zeros(5)) for i in range(n)])
+    surf_err = float(np.max(np.abs(mine - np.stack([loss, imp, tm], 1))
+                            / np.abs(np.stack([loss, imp, tm], 1)).max(0)))
+    dp = rng.uniform(0, 0.1, n)
+    want = np.asarray(bandit.reward(loss, dp, imp, tm, cfg), np.float64)
+    got = numpy_log_reward(loss, dp, imp, tm, cfg)
+    rew_err = float(np.max(np.abs(got - want)) / np.abs(want).max())
+    return {"max_rel_err_round": surf_err, "max_rel_err_reward": rew_err,
+            "ok": surf_err < 1e-5 and rew_err < 1e-5}
+
+
+# ---------------------------------------------------------------- timing
+def best_time(fn, args, repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return first, best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cells", type=int, default=64, help="cells (fleets) under jax.vmap")
+    ap.add_argument("--agents", type=int, default=100, help="devices per fleet")
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--ref-agents", type=int, default=20, help="devices of the NumPy fleet")
+    ap.add_argument("--ref-rounds", type=int, default=50)
+    ap.add_argument("--u-grid", type=int, default=11)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    cfg = replace(Config(), federation={"num_devices": args.agents, "rounds": args.rounds},
+                  pruning={"target_ratio": 0.5, "target_round": max(1, args.rounds // 3)},
+                  devices={"scenario": "high"},
+                  bandit={"reward": "log", "exploration": 0.01, "discount": 0.99})
+    env, hw = sweep_env.default_params(), sweep_env.Hardware.from_config(cfg)
+    fleet = het.build_fleet(cfg)
+    check = check_peer(cfg, env, hw)
+
+    mesh = sweep.device_mesh()
+    cells = args.cells + (-args.cells) % mesh.size
+    shard, rep = NamedSharding(mesh, P("cells")), NamedSharding(mesh, P())
+    types = jax.device_put(np.tile(fleet.device_type.astype(np.int32), (cells, 1)), shard)
+    groups = jax.device_put(np.tile(fleet.distance_group.astype(np.int32), (cells, 1)), shard)
+    keys = jax.device_put(np.stack([np.asarray(jax.random.PRNGKey(c), np.uint32)
+                                    for c in range(cells)]), shard)
+    env_d = jax.device_put(env, rep)
+    work = cells * args.agents * args.rounds
+
+    loop = jax.jit(jax.vmap(lambda e, d, g, k: sweep.rollout(cfg, cfg, e, hw, d, g, k,
+                                                             args.rounds),
+                            in_axes=(None, 0, 0, 0)),
+                   in_shardings=(rep, shard, shard, shard), out_shardings=shard)
+    loop_first, loop_best = best_time(loop, (env_d, types, groups, keys), args.repeats)
+
+    arm_u = tuple(float(u) for u in np.linspace(0, 1, args.u_grid))
+    full = sweep.group_program(cfg, cfg, hw, arm_u, tuple(cfg.lora.rank_choices), args.rounds,
+                               mesh)
+    full_first, full_best = best_time(full, (env_d, types, groups, keys), args.repeats)
+
+    ref_cfg = replace(cfg, federation={"num_devices": args.ref_agents})
+    ref_fleet = het.build_fleet(ref_cfg)
+    np_best = float("inf")
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        run_numpy(ref_cfg, env, hw, ref_fleet, args.ref_rounds)
+        np_best = min(np_best, time.perf_counter() - t0)
+    np_rate = args.ref_agents * args.ref_rounds / np_best
+
+    loop_rate, full_rate = work / loop_best, work / full_best
+    print(json.dumps({
+        "benchmark": "sweep_inner_loop",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on "
+                   f"{mesh.size} x {jax.devices()[0].platform}",
+        "cells": cells, "agents": args.agents, "rounds": args.rounds,
+        "capacity": cfg.bandit.capacity, "rank_choices": list(cfg.lora.rank_choices),
+        "jax_loop_agent_rounds_per_s": round(loop_rate),
+        "jax_loop_best_s": round(loop_best, 4), "jax_loop_compile_s": round(loop_first, 2),
+        "jax_with_regret_agent_rounds_per_s": round(full_rate),
+        "regret_arms": args.u_grid * len(cfg.lora.rank_choices),
+        "jax_with_regret_best_s": round(full_best, 4),
+        "jax_with_regret_compile_s": round(full_first, 2),
+        "numpy_agents": args.ref_agents, "numpy_rounds": args.ref_rounds,
+        "numpy_agent_rounds_per_s": round(np_rate),
+        "speedup_loop": round(loop_rate / np_rate, 1),
+        "speedup_with_regret": round(full_rate / np_rate, 1),
+        "target_1e6_met": loop_rate >= 1e6,
+        "peer_check": check,
+    }, indent=2))
+    if not check["ok"]:
+        raise SystemExit("the NumPy peer disagrees with sweep_env / bandit.reward")
+
+
+if __name__ == "__main__":
+    main()

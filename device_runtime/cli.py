@@ -1,0 +1,66 @@
+"""``fedspine device``: run a device agent against a federation server.
+
+::
+
+    fedspine device --server fl.example.org:50051 --device-id 3 --token-file device_3.token \\
+        --config run.yaml --tls-ca ca.crt [--tls-cert dev3.crt --tls-key dev3.key]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", required=True, help="HOST:PORT of the federation server")
+    p.add_argument("--device-id", type=int, required=True, help="this device's id (0-based)")
+    p.add_argument("--token-file", required=True, help="file holding this device's token")
+    p.add_argument("--config", required=True, help="the run's YAML config (the server's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override a config value (repeatable); "
+                   "typically data.source=<this device's data>")
+    p.add_argument("--tls-ca", help="CA certificate (PEM) to verify the server; enables TLS "
+                   "(without any --tls-* option the connection is plaintext)")
+    p.add_argument("--tls-cert", help="this device's certificate (PEM), for mutual TLS")
+    p.add_argument("--tls-key", help="this device's private key (PEM), for mutual TLS")
+    p.add_argument("--tls-server-name", help="name to expect in the server's certificate "
+                   "(default: the host of --server)")
+    p.add_argument("--give-up-s", type=float, default=600.0,
+                   help="exit after this long without reaching the server (default "
+                        "%(default)s)")
+
+
+def _is_loopback(target: str) -> bool:
+    from fedspine_jax.server.cli import _is_loopback as loopback
+
+    return loopback(target)
+
+
+def run_cli(args) -> int:
+    from fedspine_jax.config import load_config
+    from fedspine_jax.device_runtime.agent import AgentError, Backoff, DeviceAgent
+    from fedspine_jax.server import auth
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout, force=True,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("fedspine").setLevel(logging.INFO)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("fedspine device: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    tls = bool(args.tls_ca or args.tls_cert)
+    if not tls and not _is_loopback(args.server):
+        logging.getLogger("fedspine.device").warning(
+            "connecting to %s WITHOUT TLS: the token and updates travel in the clear; "
+            "pass --tls-ca", args.server)
+    cfg = load_config(args.config, args.overrides)
+    creds = auth.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if tls else None
+    agent = DeviceAgent(cfg, args.device_id, args.server, auth.read_token(args.token_file),
+                        credentials=creds, server_name=args.tls_server_name,
+                        backoff=Backoff(give_up_s=args.give_up_s))
+    try:
+        return agent.run()
+    except AgentError as e:
+        logging.getLogger("fedspine.device").error("device %d: %s", args.device_id, e)
+        return 3

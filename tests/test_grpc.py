@@ -1,0 +1,545 @@
+"""The real deployment over gRPC: server and device agents as processes on 127.0.0.1.
+
+Every process is started by the test, writes its log to a file, and is killed (by its
+pid) in teardown. All processes share a JAX persistent compilation cache in a temporary
+directory so that each function is compiled once per test session, not once per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from fedspine_jax import checkpoint
+from fedspine_jax.config import load_config
+from fedspine_jax.federation import Federation
+from fedspine_jax.server import auth, wire
+from fedspine_jax.server import fedspine_pb2 as pb
+from fedspine_jax.server import fedspine_pb2_grpc as pb_grpc
+from fedspine_jax.server.coordinator import config_digest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+N = 3  # tiny.yaml's devices
+
+
+# ---------------------------------------------------------------------------------------
+# processes
+
+
+class Proc:
+    """A child process whose stdout+stderr go to a log file we can wait on."""
+
+    def __init__(self, name: str, argv: list[str], env: dict, logdir: Path):
+        self.name = name
+        self.log = logdir / f"{name}.log"
+        self._f = open(self.log, "ab")
+        self.p = subprocess.Popen(argv, stdout=self._f, stderr=subprocess.STDOUT, env=env,
+                                  cwd=REPO)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float, start: int = 0, poll: float = 0.2
+                 ) -> re.Match:
+        """The first match of ``pattern`` in the log (after offset ``start``)."""
+        end = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while True:
+            m = rx.search(self.text(), start)
+            if m:
+                return m
+            if self.p.poll() is not None:
+                m = rx.search(self.text(), start)
+                if m:
+                    return m
+                raise AssertionError(f"{self.name} exited ({self.p.returncode}) before "
+                                     f"{pattern!r}:\n{self.text()[-3000:]}")
+            if time.monotonic() > end:
+                raise AssertionError(f"{self.name}: no {pattern!r} within {timeout} s:\n"
+                                     f"{self.text()[-3000:]}")
+            time.sleep(poll)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} still running after {timeout} s:\n"
+                                 f"{self.text()[-3000:]}") from None
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            os.kill(self.p.pid, signal.SIGKILL)
+            self.p.wait(30)
+        self._f.close()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    cache = tmp_path_factory.mktemp("jax_cache")
+    e = dict(os.environ)
+    e.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return e
+
+
+@pytest.fixture(scope="module")
+def procs():
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.kill()
+
+
+@pytest.fixture(scope="module")
+def tokens_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tokens")
+    auth.write_tokens(d, N)
+    return d
+
+
+def _sets(shared_data: Path, extra=()) -> list[str]:
+    return ["federation.simulated_clock=true", f"data.source={shared_data / 'sst2'}",
+            *extra]
+
+
+def _set_args(sets: list[str]) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
+
+
+def _fedspine(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedspine_jax.cli", *args]
+
+
+def start_server(procs, env, logdir, name, sets, tokens, out, listen="127.0.0.1:0",
+                 extra=()) -> tuple[Proc, int]:
+    p = Proc(name, _fedspine("server", str(TINY), *_set_args(sets), "--listen", listen,
+                             "--tokens", str(tokens), "--out", str(out), "--linger-s", "5",
+                             *extra), env, logdir)
+    procs.append(p)
+    port = int(p.wait_for(r"listening on 127\.0\.0\.1:(\d+)", 240).group(1))
+    return p, port
+
+
+def start_device(procs, env, logdir, i, port, sets, tokens_dir, name=None) -> Proc:
+    p = Proc(name or f"device{i}", _fedspine(
+        "device", "--server", f"127.0.0.1:{port}", "--device-id", str(i), "--token-file",
+        str(tokens_dir / f"device_{i}.token"), "--config", str(TINY), *_set_args(sets)),
+        env, logdir)
+    procs.append(p)
+    return p
+
+
+def summaries(out: Path) -> dict[int, dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    got = [r for r in rows if r.get("summary")]
+    by_round = {r["round"]: r for r in got}
+    assert len(by_round) == len(got), f"a round was logged twice: {[r['round'] for r in got]}"
+    return by_round
+
+
+def device_rows(out: Path) -> dict[tuple[int, int], dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    return {(r["round"], r["device"]): r for r in rows if not r.get("summary")}
+
+
+def final_state(out: Path, cfg):
+    return checkpoint.restore(out / "checkpoints", Federation(cfg, cfg.federation.num_devices))
+
+
+def assert_same_final_state(out: Path, ref: Path, cfg, atol: float = 1e-6) -> None:
+    (s1, x1, k1), (s2, x2, k2) = final_state(out, cfg), final_state(ref, cfg)
+    assert k1 == k2 == cfg.federation.rounds and s1.round == s2.round
+    assert s1.updates == () and s2.updates == ()
+    for name, a, b in (("lora", s1.lora, s2.lora), ("head", s1.head, s2.head)):
+        assert a.keys() == b.keys(), name
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=0, atol=atol, err_msg=f"{name} {k}")
+    np.testing.assert_allclose(s1.last_p, s2.last_p, rtol=0, atol=atol)
+    for f in dataclasses.fields(s1.bandit):
+        if f.name != "params":
+            np.testing.assert_allclose(np.asarray(getattr(s1.bandit, f.name)),
+                                       np.asarray(getattr(s2.bandit, f.name)), rtol=0,
+                                       atol=atol, err_msg=f"bandit {f.name}")
+    for k in ("head_masks", "channel_masks", "stream", "last_rank"):
+        np.testing.assert_array_equal(np.asarray(x1[k]), np.asarray(x2[k]), err_msg=k)
+    np.testing.assert_allclose(float(x1["clock"]), float(x2["clock"]), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# the in-process simulator's run, the reference
+
+
+class Reference:
+    """``fedspine simulate`` of the same config, started in the background once."""
+
+    def __init__(self, procs, env, logdir, sets, out):
+        self.out = out
+        self.p = Proc("simulate", _fedspine("simulate", str(TINY), *_set_args(sets), "--out",
+                                            str(out), "--no-progress"), env, logdir)
+        procs.append(self.p)
+
+    def result(self, timeout: float = 600) -> Path:
+        assert self.p.wait(timeout) == 0, self.p.text()[-3000:]
+        return self.out
+
+
+@pytest.fixture(scope="module")
+def reference(procs, env, tmp_path_factory, shared_data):
+    d = tmp_path_factory.mktemp("reference")
+    return Reference(procs, env, d, _sets(shared_data), d / "run")
+
+
+# ---------------------------------------------------------------------------------------
+# a hand-driven client (the refusal and TLS tests)
+
+
+class Client:
+    def __init__(self, port: int, token: str | None, creds=None, server_name=None,
+                 max_message_bytes: int = wire.MESSAGE_LIMIT_BYTES):
+        opts = wire.channel_options(max_message_bytes)
+        if server_name:
+            opts.append(("grpc.ssl_target_name_override", server_name))
+        target = f"127.0.0.1:{port}"
+        self.ch = (grpc.secure_channel(target, creds, options=opts) if creds is not None
+                   else grpc.insecure_channel(target, options=opts))
+        self.stub = pb_grpc.FederationStub(self.ch)
+        self.md = auth.bearer(token) if token else ()
+
+    def register(self, device_id: int, digest: str):
+        return self.stub.Register(pb.RegisterRequest(device_id=device_id, config_digest=digest),
+                                  metadata=self.md, timeout=30)
+
+    def fetch(self, device_id: int, wait_s: float = 0.0):
+        frames = list(self.stub.FetchTask(pb.FetchTaskRequest(device_id=device_id,
+                                                              wait_s=wait_s),
+                                          metadata=self.md, timeout=60))
+        return frames[0].header, wire.assemble([f.chunk for f in frames[1:]], 1 << 40)
+
+    def upload(self, frames):
+        return self.stub.UploadUpdate(iter(frames), metadata=self.md, timeout=60)
+
+
+def stand_in_update(device_id: int, header, tensors: dict, nan: bool = False,
+                    loss_after: float = 0.6, **changes) -> list:
+    """A well-formed update made of the task's own tensors (no training)."""
+    t = dict(tensors)
+    t.update(changes)
+    if nan:
+        k = next(k for k in sorted(t) if k.endswith("lora_b"))
+        t[k] = t[k].copy()
+        t[k].flat[0] = np.nan
+    frames = [pb.UpdateFrame(header=pb.UpdateHeader(device_id=device_id, round=header.round,
+                                                    num_tensors=len(t)))]
+    frames += [pb.UpdateFrame(chunk=c) for c in wire.dict_chunks(t)]
+    frames.append(pb.UpdateFrame(stats=pb.UpdateStats(
+        num_samples=50, loss_before=0.7, loss_after=loss_after, lora_importance=1.0,
+        ratio=0.0, compute_time_s=1.0, comm_time_s=0.1, flops=1e9)))
+    return frames
+
+
+def _openssl_cert(d: Path, name: str) -> tuple[Path, Path]:
+    key, crt = d / f"{name}.key", d / f"{name}.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(crt), "-subj", f"/CN={name}",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return crt, key
+
+
+def _cryptography_cert(d: Path, name: str) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    k = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(k.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(k, hashes.SHA256()))
+    key, crt = d / f"{name}.key", d / f"{name}.crt"
+    key.write_bytes(k.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return crt, key
+
+
+def self_signed(d: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost / 127.0.0.1 (cryptography, else openssl)."""
+    try:
+        import cryptography  # noqa: F401
+        return _cryptography_cert(d, name)
+    except ImportError:
+        pass
+    if shutil.which("openssl") is None:
+        pytest.skip("neither the cryptography package nor the openssl CLI is available")
+    return _openssl_cert(d, name)
+
+
+@pytest.fixture(scope="module")
+def tls_server(procs, env, tmp_path_factory, tokens_dir, shared_data):
+    """A server with mutual TLS on a free port (tiny config, no devices)."""
+    d = tmp_path_factory.mktemp("tls")
+    srv_crt, srv_key = self_signed(d, "server")
+    cli_crt, cli_key = self_signed(d, "device")
+    sets = _sets(shared_data)
+    proc, port = start_server(procs, env, d, "tls-server", sets, tokens_dir / "tokens.json",
+                              d / "run", extra=("--tls-cert", str(srv_crt), "--tls-key",
+                                                str(srv_key), "--tls-client-ca", str(cli_crt)))
+    creds = auth.channel_credentials(srv_crt, cli_crt, cli_key)
+    cfg = load_config(TINY, sets)
+    return {"port": port, "creds": creds, "proc": proc, "out": d / "run", "dir": d,
+            "digest": config_digest(cfg), "server_crt": srv_crt}
+
+
+def token(tokens_dir: Path, i: int) -> str:
+    return auth.read_token(tokens_dir / f"device_{i}.token")
+
+
+# ---------------------------------------------------------------------------------------
+# tests
+
+
+def test_tls_and_tokens(tls_server, tokens_dir):
+    port, creds, digest = tls_server["port"], tls_server["creds"], tls_server["digest"]
+    ok = Client(port, token(tokens_dir, 0), creds)
+    reply = ok.register(0, digest)
+    assert (reply.num_devices, reply.rounds, reply.current_round) == (N, 3, 1)
+
+    def code_of(fn):
+        with pytest.raises(grpc.RpcError) as e:
+            fn()
+        return e.value.code(), e.value.details() or ""
+
+    # plaintext to a TLS port, and TLS without the client certificate mTLS requires
+    assert code_of(lambda: Client(port, token(tokens_dir, 0)).register(0, digest))[0] == \
+        grpc.StatusCode.UNAVAILABLE
+    no_cert = auth.channel_credentials(tls_server["server_crt"])
+    assert code_of(lambda: Client(port, token(tokens_dir, 0), no_cert).register(0, digest)
+                   )[0] == grpc.StatusCode.UNAVAILABLE
+    # tokens: missing, unknown, another device's
+    code, msg = code_of(lambda: Client(port, None, creds).register(0, digest))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "missing" in msg
+    code, msg = code_of(lambda: Client(port, "x" * 43, creds).register(0, digest))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "unknown" in msg
+    code, msg = code_of(lambda: Client(port, "x" * 43, creds).fetch(0))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    code, msg = code_of(lambda: Client(port, token(tokens_dir, 1), creds).register(0, digest))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "device 1" in msg
+    # a device on another config
+    code, msg = code_of(lambda: Client(port, token(tokens_dir, 2), creds).register(2, "0" * 64))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "different config" in msg
+
+
+def test_bad_updates_refused_state_unchanged(tls_server, tokens_dir):
+    port, creds, digest = tls_server["port"], tls_server["creds"], tls_server["digest"]
+    journal = tls_server["out"] / "journal"
+    clients = [Client(port, token(tokens_dir, i), creds) for i in range(N)]
+    for i, c in enumerate(clients):
+        c.register(i, digest)
+    c0 = clients[0]
+    header, task = c0.fetch(0)
+    assert header.status == pb.READY and header.round == 1
+    assert header.num_tensors == len(task)
+    a_key = next(k for k in sorted(task) if k.endswith("lora_a"))
+    rank = task[a_key].shape[1]
+    assert rank == header.rank
+
+    def refused(frames, code, *words, client=c0):
+        with pytest.raises(grpc.RpcError) as e:
+            client.upload(frames)
+        assert e.value.code() == code, e.value.details()
+        for w in words:
+            assert w in e.value.details(), e.value.details()
+        # the global state is unchanged: nothing journaled, the same task is still open
+        assert list(journal.glob("*.npz")) == []
+        h2, t2 = c0.fetch(0)
+        assert h2.status == pb.READY and h2.round == 1
+        assert all(np.array_equal(t2[k], task[k]) for k in task)
+
+    good = stand_in_update(0, header, task)
+    INVALID = grpc.StatusCode.INVALID_ARGUMENT
+    # malformed streams
+    refused(good[1:], INVALID, "must start with an UpdateHeader")
+    refused(good[:-1], INVALID, "no UpdateStats")
+    refused([good[0], pb.UpdateFrame(chunk=pb.TensorChunk(data=b"1234"))] + good[1:], INVALID,
+            "before any tensor header")
+    bad_dtype = [good[0], pb.UpdateFrame(chunk=pb.TensorChunk(
+        header=pb.TensorHeader(name="lora/x", dtype="complex64", shape=[2]), data=b""))]
+    refused(bad_dtype + good[1:], INVALID, "unknown dtype")
+    short = list(good)
+    short[1] = pb.UpdateFrame(chunk=pb.TensorChunk(header=short[1].chunk.header,
+                                                   data=short[1].chunk.data[:-4]))
+    refused(short, INVALID, "cut short")
+    # wrong shape (a rank the server did not plan), wrong dtype, NaN, bad statistics
+    wrong = np.zeros((task[a_key].shape[0], rank + 1), np.float32)
+    refused(stand_in_update(0, header, task, **{a_key: wrong}), INVALID,
+            a_key[len("lora/"):], "shape", "planned rank")
+    refused(stand_in_update(0, header, task, **{a_key: task[a_key].astype(np.float16)}),
+            INVALID, "dtype float16")
+    refused(stand_in_update(0, header, task, nan=True), INVALID, "NaN")
+    refused(stand_in_update(0, header, task, loss_after=float("inf")), INVALID, "loss_after")
+    refused(stand_in_update(0, header, task, head_masks=np.full_like(task["head_masks"], 2)),
+            INVALID, "head_masks")
+    # oversized: an upload declaring more than the limit, and one message over gRPC's limit
+    big = np.zeros((4096, 1024), np.float32)  # 16 MiB
+    refused(stand_in_update(0, header, task, **{"lora/extra": big}),
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "over the limit")
+    huge = [good[0], pb.UpdateFrame(chunk=pb.TensorChunk(
+        header=pb.TensorHeader(name="lora/x", dtype="uint8", shape=[5 << 20]),
+        data=bytes(5 << 20)))] + good[1:]
+    unlimited = Client(port, token(tokens_dir, 0), creds, max_message_bytes=64 << 20)
+    refused(huge, grpc.StatusCode.RESOURCE_EXHAUSTED, client=unlimited)
+    # stale / early rounds
+    early = stand_in_update(0, header, task)
+    early[0] = pb.UpdateFrame(header=pb.UpdateHeader(device_id=0, round=2,
+                                                     num_tensors=len(task)))
+    refused(early, grpc.StatusCode.FAILED_PRECONDITION, "stale", "round 2")
+    # a device cannot upload for another one
+    with pytest.raises(grpc.RpcError) as e:
+        clients[1].upload(good)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    # the good update is accepted as the first of the round; a retry is a duplicate; a
+    # different second update is refused
+    r = c0.upload(good)
+    assert not r.duplicate and r.current_round == 1
+    assert len(list(journal.glob("*.npz"))) == 1
+    assert c0.upload(good).duplicate
+    with pytest.raises(grpc.RpcError) as e:
+        c0.upload(stand_in_update(0, header, task, loss_after=0.5))
+    assert e.value.code() == INVALID and "different update" in e.value.details()
+    assert c0.fetch(0, wait_s=0.5)[0].status == pb.WAIT
+
+    # the others report; the round closes; a late round-1 update is stale
+    for i in (1, 2):
+        h, t = clients[i].fetch(i)
+        clients[i].upload(stand_in_update(i, h, t))
+    h, t = c0.fetch(0, wait_s=60)
+    assert h.status == pb.READY and h.round == 2
+    with pytest.raises(grpc.RpcError) as e:
+        c0.upload(good)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "stale" in e.value.details() and "collecting round 2" in e.value.details()
+    rows = summaries(tls_server["out"])
+    assert rows[1]["devices"] == [0, 1, 2] and rows[1]["close_reason"] == "all devices answered"
+
+
+@pytest.mark.slow
+def test_three_devices_match_simulation(procs, env, tmp_path, tokens_dir, shared_data,
+                                        reference):
+    sets = _sets(shared_data)
+    cfg = load_config(TINY, sets)
+    out = tmp_path / "run"
+    server, port = start_server(procs, env, tmp_path, "server", sets,
+                                tokens_dir / "tokens.json", out)
+    devs = [start_device(procs, env, tmp_path, i, port, sets, tokens_dir) for i in range(N)]
+    assert server.wait(480) == 0, server.text()[-3000:]
+    for d in devs:
+        assert d.wait(60) == 0, d.text()[-3000:]
+    for t in range(1, cfg.federation.rounds + 1):
+        assert re.search(rf"round {t}/3 closed \(all devices answered\): 3/3 devices, "
+                         rf"stragglers none, round time", server.text())
+    ref = reference.result()
+    assert_same_final_state(out, ref, cfg)
+    # the scheduler saw the simulator's times and rewards, device by device
+    mine, theirs = device_rows(out), device_rows(ref)
+    assert mine.keys() == theirs.keys()
+    for key, row in mine.items():
+        for f in ("completion_time", "compute_time", "comm_time", "flops", "p", "r"):
+            assert row[f] == pytest.approx(theirs[key][f], rel=1e-12), (key, f)
+        for f in ("reward", "loss_drop", "lora_importance", "ratio", "accuracy"):
+            assert row[f] == pytest.approx(theirs[key][f], abs=1e-6), (key, f)
+    s_mine, s_ref = (json.loads((o / "summary.json").read_text()) for o in (out, ref))
+    for f in ("final_accuracy", "final_sparsity", "simulated_time_s", "mean_waiting_time_s"):
+        assert s_mine[f] == pytest.approx(s_ref[f], abs=1e-6), f
+
+
+@pytest.mark.slow
+def test_server_sigkill_and_restart_loses_nothing(procs, env, tmp_path, tokens_dir,
+                                                  shared_data, reference):
+    """SIGKILL the server right after it acknowledged an update of round 2; restart it on
+    the same port with --resume. The devices reconnect and the run ends in the state of an
+    uninterrupted run (the simulator's, which the test above shows the gRPC run equals)."""
+    sets = _sets(shared_data)
+    cfg = load_config(TINY, sets)
+    out = tmp_path / "run"
+    server, port = start_server(procs, env, tmp_path, "server", sets,
+                                tokens_dir / "tokens.json", out)
+    devs = [start_device(procs, env, tmp_path, i, port, sets, tokens_dir) for i in range(N)]
+    # Freeze devices 1 and 2 once round 2 is open, so that the kill lands mid-round,
+    # right after device 0's update was acknowledged (journaled, not yet checkpointed).
+    server.wait_for(r"round 2 open", 420)
+    for d in devs[1:]:
+        os.kill(d.p.pid, signal.SIGSTOP)
+    server.wait_for(r"round 2: update from device 0 accepted", 240)
+    server.kill()
+    for d in devs[1:]:
+        os.kill(d.p.pid, signal.SIGCONT)
+    assert (out / "journal").is_dir() and list((out / "journal").glob("r00002_*.npz"))
+    server2, port2 = start_server(procs, env, tmp_path, "server-restarted", sets,
+                                  tokens_dir / "tokens.json", out,
+                                  listen=f"127.0.0.1:{port}", extra=("--resume",))
+    assert port2 == port
+    m = server2.wait_for(r"resumed from checkpoint round_00001: collecting round 2, "
+                         r"(\d+) journal entries replayed", 60)
+    assert int(m.group(1)) >= 1
+    assert server2.wait(420) == 0, server2.text()[-3000:]
+    for d in devs:
+        assert d.wait(60) == 0, d.text()[-3000:]
+    rows = summaries(out)
+    assert sorted(rows) == [1, 2, 3]
+    assert all(rows[t]["devices"] == [0, 1, 2] for t in rows)
+    assert_same_final_state(out, reference.result(), cfg)
+
+
+@pytest.mark.slow
+def test_device_killed_mid_round_round_closes_at_deadline(procs, env, tmp_path, tokens_dir,
+                                                         shared_data):
+    """Device 2 is SIGKILLed while training round 1: the round closes at its deadline with
+    devices 0 and 1; restarted, device 2 rejoins and round 2 closes with all three."""
+    deadline = 40.0
+    sets = _sets(shared_data, [f"federation.deadline_s={deadline}", "federation.rounds=2"])
+    out = tmp_path / "run"
+    server, port = start_server(procs, env, tmp_path, "server", sets,
+                                tokens_dir / "tokens.json", out)
+    devs = [start_device(procs, env, tmp_path, i, port, sets, tokens_dir) for i in range(N)]
+    devs[2].wait_for(r"round 1: training", 240, poll=0.02)
+    devs[2].kill()
+    server.wait_for(r"round 1/2 closed \(deadline\)", 240)
+    rejoined = start_device(procs, env, tmp_path, 2, port, sets, tokens_dir, "device2-again")
+    assert server.wait(420) == 0, server.text()[-3000:]
+    for d in (devs[0], devs[1], rejoined):
+        assert d.wait(60) == 0, d.text()[-3000:]
+    rows = summaries(out)
+    assert rows[1]["close_reason"] == "deadline"
+    assert rows[1]["devices"] == [0, 1] and rows[1]["stragglers"] == [2]
+    assert rows[1]["wall_time_s"] >= deadline - 0.5
+    assert rows[2]["close_reason"] == "all devices answered"
+    assert rows[2]["devices"] == [0, 1, 2]
+    assert "round 2: update accepted" in rejoined.text()
