@@ -2,9 +2,10 @@
 
 Both sides compute the same thing for every LoRA linear of the model: the weighted sum
 ``sum_i w_i a_i @ b_i`` of N devices' updates truncated to the global rank R by its SVD,
-returned as balanced factors. Ours is ``aggregation.aggregate_lora_batched`` (QR of the
-stacked factors where it shrinks the problem, SVD of the small core, no d x k matrix when
-``sum r_i < min(d, k)``); the peer (written below) forms the d x k sum and takes its full SVD.
+returned as balanced factors. Ours is ``aggregation.aggregate_lora_batched`` (when
+``s = sum r_i < min(d, k)``: QR of the stacked factors and an SVD of the s x s core, no d x k
+matrix; otherwise the d x k sum and its SVD); the peer (written below) always forms the d x k
+sum and takes its full SVD.
 Linears of one shape are stacked along a layer axis and each side runs one jitted call per
 shape (q/k/v/o: 768 x 768, fc1: 768 x 3072, fc2: 3072 x 768; 4 + 1 + 1 groups of
 ``--layers`` linears). Device ranks are drawn from {2, 4, 8, 16, 32}; factors are i.i.d.
@@ -158,8 +159,8 @@ def main():
     args = ap.parse_args()
     result = {
         "benchmark": "aggregation",
-        "what": "sum_i w_i a_i b_i truncated to rank R: aggregate_lora_batched (QR + core SVD) "
-                "vs dense sum + full SVD, both jitted, median after warm-up",
+        "what": "sum_i w_i a_i b_i truncated to rank R: aggregate_lora_batched (QR + core SVD "
+                "when sum r_i < min(d, k)) vs dense sum + full SVD, median after warm-up",
         "model": f"roberta-base shapes, {args.layers} of 12 layers x 6 LoRA linears",
         "layers": args.layers,
         "rank": args.rank,

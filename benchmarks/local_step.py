@@ -25,14 +25,18 @@ channels (``round(p * H)`` heads and ``round(p * F)`` channels per layer, indice
 random with ``--seed``; the achieved fraction of prunable parameters is reported), then the
 step runs on the compacted model as ``local_round`` does. Reported as t(p) / t(0).
 
-Method: the first ``--warmup`` steps of every variant are excluded (JAX compiles in the
-first one); then the variants of one comparison run **interleaved**, one step each in
-turn, ``--steps`` times, so load from other processes hits all of them alike; each figure
-is the median (and the min) of its steps, JAX outputs blocked on with
-``block_until_ready``, CUDA synchronised. JAX uses its default backend; the peer runs on
-CUDA when torch sees one, else on the CPU with ``torch.set_num_threads(os.cpu_count())``.
-On a GPU the model FLOPs utilisation is ``train.step_flops`` (at the sizes the step really
-computes) / time / peak (a small table of dense peaks by device name, or ``--peak-tflops``).
+Method: the variants of one comparison run in interleaved blocks, so that load from other
+processes hits all of them alike: round after round every variant runs untimed steps (the
+first ``--warmup`` ones, where JAX compiles; later one per round, which absorbs the cost of
+switching frameworks inside one process: at roberta size the first JAX step after a torch
+step spends seconds more in the kernel than the next) and then up to ``--block`` timed
+consecutive steps, as a device runs its tau steps. Each figure is the median (and the min)
+of ``--steps`` timed steps, JAX outputs blocked on with ``block_until_ready``, CUDA
+synchronised; ``cpu`` is the process's CPU time per step. JAX uses its default backend;
+the peer runs on CUDA when torch sees one (with TF32 matmuls, JAX's default for fp32 dots
+on recent GPUs), else on the CPU with ``torch.set_num_threads(os.cpu_count())``. On a GPU
+the model FLOPs utilisation is ``train.step_flops`` (at the sizes the step really computes)
+/ time / peak (a small table of dense peaks by device name, or ``--peak-tflops``).
 
 ``--profile`` adds, for MiniLM at p = 0: forward-only and forward+backward timings of both
 sides (where the step's time goes), the XLA cost analysis of our compiled steps, and the
@@ -40,7 +44,9 @@ most expensive XLA ops of our plain step from a ``jax.profiler`` trace.
 
     python benchmarks/local_step.py [--steps 5] [--roberta-steps 2] [--quick] [--profile]
 
-``--quick``: 2 timed steps, 1 on RoBERTa. Prints one JSON object.
+About 2 minutes on a quiet 2-core CPU (``--profile``: 3). ``--quick``: 2 timed steps, 1 at
+roberta size. Prints one JSON object. Run it on an otherwise idle machine: under load the
+OpenMP peer slows down far more than XLA (a warning says when the load was high).
 """
 
 from __future__ import annotations
@@ -329,31 +335,49 @@ class Peft:
 
 
 # ---------------------------------------------------------------------------- timing
-def interleaved(runners: dict, batches: dict, steps: int, warmup: int) -> dict:
-    """Warm every runner up, then time ``steps`` rounds of one step per runner in turn.
+def interleaved(runners: dict, batches: dict, steps: int, warmup: int, block: int) -> dict:
+    """Time ``steps`` steps of every runner, in interleaved blocks of consecutive steps.
+
+    Round after round, every runner in turn runs untimed steps (``warmup`` in the first
+    round, where JAX compiles; one in later rounds, which absorbs the cost of switching
+    between the frameworks in one process) and then up to ``block`` timed consecutive
+    steps, as a device runs its tau steps. Every runner walks its batch list in the same
+    order.
 
     Args:
       runners: {name: run(batch)}; batches: {name: list of that runner's batches}.
     Returns:
-      {name: {"median_s", "min_s", "first_call_s", "steps"}}.
+      {name: {"median_s", "min_s", "cpu_median_s", "first_call_s", "steps"}}; ``cpu`` is the
+      process's CPU time (all threads) per step, which contention from other processes
+      inflates far less than the wall time.
     """
-    first = {}
-    for name, run in runners.items():
-        for w in range(warmup):
-            t0 = time.perf_counter()
-            run(batches[name][w % len(batches[name])])
-            if w == 0:
-                first[name] = time.perf_counter() - t0
-    times = collections.defaultdict(list)
-    for k in range(steps):
-        for name, run in runners.items():
-            b = batches[name][(warmup + k) % len(batches[name])]
-            t0 = time.perf_counter()
-            run(b)
-            times[name].append(time.perf_counter() - t0)
+    first, wall, cpu = {}, collections.defaultdict(list), collections.defaultdict(list)
+    cursor = dict.fromkeys(runners, 0)
+
+    def step(name: str) -> tuple[float, float]:
+        b = batches[name][cursor[name] % len(batches[name])]
+        cursor[name] += 1
+        t0, c0 = time.perf_counter(), time.process_time()
+        runners[name](b)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    done, rnd = 0, 0
+    while done < steps:
+        n = min(block, steps - done)
+        for name in runners:
+            for w in range(warmup if rnd == 0 else 1):
+                dt, _ = step(name)
+                if rnd == 0 and w == 0:
+                    first[name] = dt
+            for _ in range(n):
+                dt, dc = step(name)
+                wall[name].append(dt)
+                cpu[name].append(dc)
+        done, rnd = done + n, rnd + 1
     return {n: {"median_s": round(float(np.median(t)), 4), "min_s": round(float(min(t)), 4),
+                "cpu_median_s": round(float(np.median(cpu[n])), 4),
                 "first_call_s": round(first.get(n, float("nan")), 2), "steps": len(t)}
-            for n, t in times.items()}
+            for n, t in wall.items()}
 
 
 def ratio(a: dict, b: dict) -> float:
@@ -426,53 +450,53 @@ def top_xla_ops(run, batch, compiled, n_steps: int = 2, top: int = 12) -> list:
              round(ns / total, 3)] for name, ns in per_op.most_common(top)]
 
 
-def profile(ours: Ours, peer: Peft, jb: list, tb: list, steps: int) -> dict:
-    """Where the step's time goes on both sides (MiniLM, p = 0)."""
-    runners = {"ours_forward": ours.fwd_runner(), "ours_forward_backward": ours.fwd_bwd_runner(),
-               "peft_forward_no_grad": peer.fwd_runner(),
-               "peft_forward_backward": peer.fwd_bwd_runner()}
-    batches = {n: (jb if n.startswith("ours") else tb) for n in runners}
-    t = interleaved(runners, batches, steps, warmup=2)
-    j0 = jb[0]
-    args = (ours.graphdef, ours.tx, ours.eta, "lora")
+def profile(ours: Ours, batch: dict) -> dict:
+    """XLA's cost analysis of our compiled steps (MiniLM, p = 0) and the most expensive XLA
+    ops of the plain step (the forward / backward timings are in the main timing group)."""
     tr, opt = ours._fresh()
     n_layers = ours.arch.num_layers
     ema = (jnp.zeros((n_layers, len(ours.index.heads[0]))),
            jnp.zeros((n_layers, len(ours.index.channels[0]))))
     gb = jax.tree.map(jnp.zeros_like, ours.lora_state)
-    full_c = train.train_step.lower(*args, tr, opt, ours.masks, ours.rest, ema, gb,
-                                    jnp.asarray(True), j0).compile()
+    full_c = train.train_step.lower(ours.graphdef, ours.tx, ours.eta, "lora", tr, opt,
+                                    ours.masks, ours.rest, ema, gb, jnp.asarray(True),
+                                    batch).compile()
     lora_c = lora_step.lower(ours.graphdef, ours.tx, tr, opt, ours.masks, ours.rest,
-                             j0).compile()
-    fb_c = forward_backward.lower(ours.graphdef, tr, ours.masks, ours.rest, j0).compile()
-    fw_c = forward_loss.lower(ours.graphdef, tr, ours.masks, ours.rest, j0).compile()
+                             batch).compile()
+    fb_c = forward_backward.lower(ours.graphdef, tr, ours.masks, ours.rest, batch).compile()
+    fw_c = forward_loss.lower(ours.graphdef, tr, ours.masks, ours.rest, batch).compile()
     return {
-        "timings": t,
         "xla_cost_analysis": {"ours_full": xla_cost(full_c), "ours_lora": xla_cost(lora_c),
                               "ours_forward_backward": xla_cost(fb_c),
                               "ours_forward": xla_cost(fw_c)},
-        "top_xla_ops_ours_lora": top_xla_ops(ours.lora_runner(), j0, lora_c),
+        "top_xla_ops_ours_lora [op, type, jax op, ms/step, share]":
+            top_xla_ops(ours.lora_runner(), batch, lora_c),
     }
 
 
 # ---------------------------------------------------------------------------- runs
-def compare(name, model, peer: Peft, jb, tb, cfg, args, peak, *, ratios=(), parity=False):
+def compare(name, model, peer: Peft, jb, tb, cfg, args, peak, *, ratios=(), pretrained=False):
     """Ours (full, plain) vs PEFT on one model; on MiniLM also the pruned variants."""
     arch = model.cfg
-    full = initial = Ours(model, *train.initial_masks(arch), cfg)
+    full = Ours(model, *train.initial_masks(arch), cfg)
     out = {"model": name, "layers": arch.num_layers, "hidden": arch.hidden_size,
            "heads": arch.num_heads, "ffn": arch.intermediate_size,
            "trainable_params": {"ours": full.trainable_params(), "peft": peer.trainable_params()},
            "peft_lora_modules": peer.lora_modules, "peft_attn_implementation": peer.attn_impl}
-    if parity:  # same weights, head and data (LoRA b = 0): the forward passes must agree
+    if pretrained:  # same weights, head and data (LoRA b = 0): the forward passes must agree
         head = get_head(model)
         peer.set_classifier(head["classifier/kernel"], head["classifier/bias"])
-        lj, lt = initial.logits(jb[0]), peer.logits(tb[0])
+        lj, lt = full.logits(jb[0]), peer.logits(tb[0])
         out["parity_same_weights"] = {
             "max_abs_logit_diff": float(np.abs(lj - lt).max()),
             "max_abs_logit": float(np.abs(lt).max())}
     runners = {"ours_full": full.full_runner(), "ours_lora": full.lora_runner(),
                "peft": peer.step_runner()}
+    if args.profile and pretrained:  # where the time goes: forward, forward + backward
+        runners.update({"ours_forward": full.fwd_runner(),
+                        "ours_forward_backward": full.fwd_bwd_runner(),
+                        "peft_forward_no_grad": peer.fwd_runner(),
+                        "peft_forward_backward": peer.fwd_bwd_runner()})
     pruned = {}
     rng = np.random.default_rng(args.seed)
     for p in ratios:
@@ -483,9 +507,9 @@ def compare(name, model, peer: Peft, jb, tb, cfg, args, peak, *, ratios=(), pari
         pruned[p] = (o, achieved, hm, cm)
         runners[f"ours_full_p{p}"] = o.full_runner()
     set_masks(model, *train.initial_masks(arch))
-    batches = {n: (tb if n == "peft" else jb) for n in runners}
-    t = interleaved(runners, batches, args.roberta_steps if name != "minilm-l6" else args.steps,
-                    args.warmup)
+    batches = {n: (tb if n.startswith("peft") else jb) for n in runners}
+    t = interleaved(runners, batches, args.steps if pretrained else args.roberta_steps,
+                    args.warmup, args.block)
     out["timings"] = t
     out["ours_full_over_peft"] = ratio(t["ours_full"], t["peft"])
     out["ours_lora_over_peft"] = ratio(t["ours_lora"], t["peft"])
@@ -513,8 +537,8 @@ def compare(name, model, peer: Peft, jb, tb, cfg, args, peak, *, ratios=(), pari
                                    "layer, random indices (seed %d); step on the compacted "
                                    "model as local_round runs it" % args.seed,
                           "by_ratio": table}
-    if args.profile and name == "minilm-l6":
-        out["profile"] = profile(full, peer, jb, tb, args.steps)
+    if args.profile and pretrained:
+        out["profile"] = profile(full, jb[0])
     return out
 
 
@@ -524,6 +548,8 @@ def main():
     ap.add_argument("--roberta-steps", type=int, default=2,
                     help="timed steps per variant at roberta-base size (0: skip it)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (compile)")
+    ap.add_argument("--block", type=int, default=3,
+                    help="timed consecutive steps of one variant before the next runs")
     ap.add_argument("--quick", action="store_true", help="2 timed steps, 1 at roberta size")
     ap.add_argument("--profile", action="store_true", help="add a breakdown (see the note)")
     ap.add_argument("--batch", type=int, default=32)
@@ -549,7 +575,7 @@ def main():
         torch.set_float32_matmul_precision("high")  # TF32, as JAX's default on GPU
     cfg = Config()
     peak, peak_note = gpu_peak(args.peak_tflops)
-    n_batches = args.warmup + max(args.steps, args.roberta_steps)
+    n_batches = args.warmup + max(args.steps, args.roberta_steps) + 2
     raw = load_batches(args.data, args.batch, args.seq, min(n_batches, 8), args.seed)
 
     result = {
@@ -578,7 +604,7 @@ def main():
     jb = [to_jnp(b) for b in raw]
     tb = [peer.tensors(b) for b in raw]
     result["minilm"] = compare("minilm-l6", model, peer, jb, tb, cfg, args, peak,
-                               ratios=args.ratios, parity=True)
+                               ratios=args.ratios, pretrained=True)
     del model, peer, tb
 
     # roberta-base size, random init on both sides.

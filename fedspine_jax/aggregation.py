@@ -23,16 +23,20 @@ refactorised without forming the ``d x k`` matrix where that saves work:
    ordered by decreasing singular value (truncating the first r columns/rows is again the best
    rank-r approximation). Fewer than R triplets (``min(d, k, s) < R``) are zero-padded to R.
 
-A QR is taken only on a side where it shrinks the problem (``s < d`` for ``A``, ``s < k`` for
-``B^T``); otherwise that side's basis is the identity and the core keeps the full dimension.
 The cost is ``O(s^2 (d + k) + s^3)`` against ``O(s d k + d k min(d, k))`` for the dense sum and
 its SVD, so the saving is large while ``s`` is well below ``min(d, k)``. When ``s >=
-min(d, k)`` the weighted sum is generically full rank and its exact truncation needs a
-full-size SVD whatever the route: the core then *is* (nearly) the dense matrix and this code
-costs about what the dense route costs (see benchmarks/aggregation.py).
+min(d, k)`` (e.g. 80 devices of mean rank 12 on a 768-wide layer) the weighted sum is
+generically full rank and its exact truncation needs a full-size SVD whatever the route; the
+QRs would only add work, so the core is then the ``(d, k)`` sum itself (``A @ B``) and this
+code costs what the dense route costs (see benchmarks/aggregation.py).
 
-Shapes vary only through the devices' ranks, which are static: a call compiles once per
-combination of ranks (a handful of buckets in a run). Matrix products use
+Compilation: the devices' ranks change from round to round, and a jitted function of N
+factor lists would recompile for every new combination. So the aggregators stack the factors
+outside the compiled core (a concatenation, also traceable inside a caller's jit) and pad the
+stacked width ``s`` with zero columns/rows to a multiple of ``STACK_BUCKET`` (the product is
+unchanged). The compiled core, :func:`_refactor`, sees only ``(d, s_bucket)`` and
+``(s_bucket, k)``, so a run compiles once per bucket and shape, a handful of times. Matrix
+products use
 ``Precision.HIGHEST`` so that a GPU server does not aggregate in TF32; the math runs in
 float32 at least (bf16 factors are promoted) and returns that dtype.
 
@@ -57,6 +61,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "SCALINGS",
+    "STACK_BUCKET",
     "aggregate_lora",
     "aggregate_lora_batched",
     "aggregate_lora_masked",
@@ -74,6 +79,9 @@ Array = jax.Array
 
 # Values of ``AggregationConfig.scaling`` (see aggregation_weights).
 SCALINGS = ("normalized", "paper")
+
+# Stacked widths s = sum_i r_i are zero-padded to a multiple of this (one compile per bucket).
+STACK_BUCKET = 32
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -106,32 +114,71 @@ def pad_lora(a: Array, b: Array, rank: int) -> tuple[Array, Array]:
     return (jnp.pad(a, ((0, 0), (0, rank - r))), jnp.pad(b, ((0, rank - r), (0, 0))))
 
 
-def _split(u: Array, s: Array, vt: Array, rank: int) -> tuple[Array, Array]:
-    """Balanced split of the top-``rank`` triplets: ``U sqrt(S)``, ``sqrt(S) V^T``, padded."""
+def _split(u: Array, s: Array, vt: Array, rank: int, width: Array | None = None
+           ) -> tuple[Array, Array]:
+    """Balanced split of the top-``rank`` triplets: ``U sqrt(S)``, ``sqrt(S) V^T``, padded.
+
+    ``width`` (traced int): triplets from this index on are zeroed. The stacked width before
+    bucket padding bounds the rank of the sum, so triplets past it are rounding noise of the
+    padding and the result stays an exact zero-pad.
+    """
     t = min(rank, s.shape[0])
     root = jnp.sqrt(s[:t])
+    if width is not None:
+        root = jnp.where(jnp.arange(t) < width, root, 0.0)
     return pad_lora(u[:, :t] * root, root[:, None] * vt[:t], rank)
 
 
-def _refactor(a_ds: Array, b_sk: Array, rank: int) -> tuple[Array, Array]:
+def _refactor_one(a_ds: Array, b_sk: Array, rank: int, width: Array | None = None
+                  ) -> tuple[Array, Array]:
     """Best rank-``rank`` balanced factors of ``a_ds @ b_sk`` without the (d, k) product.
 
-    QR on each side where it shrinks the problem, SVD of the core, balanced split (module
-    design note). ``a_ds: (d, s)``, ``b_sk: (s, k)`` -> ``(d, rank)``, ``(rank, k)``.
+    QR of both sides when ``s < min(d, k)`` (else the core is the product itself), SVD of the
+    core, balanced split (module design note). ``a_ds: (d, s)``, ``b_sk: (s, k)`` -> ``(d, rank)``, ``(rank, k)``;
+    ``width``: the unpadded stacked width (see :func:`_split`).
     """
     d, s = a_ds.shape
     k = b_sk.shape[1]
     if s == 0:
         return jnp.zeros((d, rank), a_ds.dtype), jnp.zeros((rank, k), b_sk.dtype)
-    q_a, r_a = jnp.linalg.qr(a_ds) if s < d else (None, a_ds)      # (d, s), (s, s)
-    q_b, r_b = jnp.linalg.qr(b_sk.T) if s < k else (None, b_sk.T)  # (k, s), (s, s)
-    u, sv, vt = jnp.linalg.svd(_mm(r_a, r_b.T), full_matrices=False)
-    a, b = _split(u, sv, vt, rank)
-    if q_a is not None:
-        a = _mm(q_a, a)
-    if q_b is not None:
-        b = _mm(b, q_b.T)
-    return a, b
+    if s >= min(d, k):       # the sum is (generically) full rank: the core is the sum itself
+        u, sv, vt = jnp.linalg.svd(_mm(a_ds, b_sk), full_matrices=False)
+        return _split(u, sv, vt, rank, width)
+    q_a, r_a = jnp.linalg.qr(a_ds)                    # (d, s), (s, s)
+    q_b, r_b = jnp.linalg.qr(b_sk.T)                  # (k, s), (s, s)
+    u, sv, vt = jnp.linalg.svd(_mm(r_a, r_b.T), full_matrices=False)     # core (s, s)
+    a, b = _split(u, sv, vt, rank, width)
+    return _mm(q_a, a), _mm(b, q_b.T)
+
+
+@functools.partial(jax.jit, static_argnames=("rank",))
+def _refactor(a_ds: Array, b_sk: Array, w_s: Array, width: Array, rank: int
+              ) -> tuple[Array, Array]:
+    """Best rank-``rank`` factors of ``(a_ds * w_s) @ b_sk``: the compiled core of every
+    aggregator here. Shapes ``(d, s)``, ``(s, k)``, ``(s,)``, or with a leading layer axis
+    ``(L, d, s)``, ``(L, s, k)``, ``(L, s)`` looped over with ``lax.map`` (not vmap: batched
+    LAPACK calls can hang, see the design note)."""
+    def one(args):
+        a, b, w = args
+        return _refactor_one(a * w, b, rank, width)
+    if a_ds.ndim == 2:
+        return one((a_ds, b_sk, w_s))
+    return jax.lax.map(one, (a_ds, b_sk, w_s))
+
+
+def _bucketed(a_ds: Array, b_sk: Array, w_s: Array) -> tuple[Array, Array, Array, Array]:
+    """Zero-pad the stacked width s to a multiple of STACK_BUCKET (product unchanged).
+
+    Returns the padded ``a_ds``, ``b_sk``, ``w_s`` and the unpadded width s (as an array, so
+    that it is not a compile key).
+    """
+    s = a_ds.shape[-1]
+    pad = -s % STACK_BUCKET
+    if pad:
+        a_ds = jnp.pad(a_ds, [(0, 0)] * (a_ds.ndim - 1) + [(0, pad)])
+        b_sk = jnp.pad(b_sk, [(0, 0)] * (b_sk.ndim - 2) + [(0, pad), (0, 0)])
+        w_s = jnp.pad(w_s, [(0, 0)] * (w_s.ndim - 1) + [(0, pad)])
+    return a_ds, b_sk, w_s, jnp.asarray(s, jnp.int32)
 
 
 def _check_pairs(a_list: Sequence[Array], b_list: Sequence[Array], n_weights: int | None
@@ -147,13 +194,21 @@ def _check_pairs(a_list: Sequence[Array], b_list: Sequence[Array], n_weights: in
 
 
 def _stack(a_list: Sequence[Array], b_list: Sequence[Array], weights: Array
-           ) -> tuple[Array, Array]:
-    """``A = [w_1 a_1, ..., w_N a_N]: (d, s)``, ``B = [b_1; ...; b_N]: (s, k)``."""
+           ) -> tuple[Array, Array, Array]:
+    """The stacked pair and column weights: ``A = [a_1, ..., a_N]: ([L,] d, s)``,
+    ``B = [b_1; ...; b_N]: ([L,] s, k)`` and ``w_s: ([L,] s)``, device i's weight repeated
+    over its r_i columns, so that ``(A * w_s) @ B = sum_i w_i a_i @ b_i``.
+
+    ``weights``: (N,), or (L, N) per layer when the factors carry a leading layer axis.
+    A few array ops whatever N (this runs outside the compiled core, see the design note).
+    """
     dt = _work_dtype(weights, *a_list, *b_list)
-    w = jnp.asarray(weights, dt)
-    a_ds = jnp.concatenate([w[i] * a.astype(dt) for i, a in enumerate(a_list)], axis=-1)
+    ranks = [a.shape[-1] for a in a_list]
+    w_s = jnp.repeat(jnp.asarray(weights, dt), jnp.asarray(ranks), axis=-1,
+                     total_repeat_length=sum(ranks))
+    a_ds = jnp.concatenate([a.astype(dt) for a in a_list], axis=-1)
     b_sk = jnp.concatenate([b.astype(dt) for b in b_list], axis=-2)
-    return a_ds, b_sk
+    return a_ds, b_sk, w_s
 
 
 # ----------------------------------------------------------------------------------------
@@ -188,14 +243,19 @@ def aggregation_weights(importances: Array, scaling: str = "normalized") -> Arra
     imp = imp.astype(_work_dtype(imp))
     n = imp.shape[0]
     clipped = jnp.maximum(imp, 0.0)
-    total = jnp.sum(clipped)
-    ok = jnp.all(jnp.isfinite(imp)) & (total > 0)
-    c = jnp.where(ok, clipped / jnp.where(ok, total, 1.0), 1.0 / n)
+    peak = jnp.max(clipped)
+    ok = jnp.all(jnp.isfinite(imp)) & (peak > 0)
+    # Relative to the max, so the sum cannot overflow. XLA on CPU divides through a
+    # reciprocal that flushes below 2^-126: bring a huge max under 2^64 first (exact).
+    big = peak > 2.0 ** 64
+    clipped = jnp.where(big, clipped * 2.0 ** -64, clipped)
+    peak = jnp.where(big, peak * 2.0 ** -64, peak)
+    rel = clipped / jnp.where(ok, peak, 1.0)
+    c = jnp.where(ok, rel / jnp.sum(rel), 1.0 / n)
     # Eq. 16's 1/N: kept only under "paper" (it shrinks the update N-fold; see above).
     return c / n if scaling == "paper" else c
 
 
-@functools.partial(jax.jit, static_argnames=("rank",))
 def aggregate_lora(a_list: Sequence[Array], b_list: Sequence[Array], weights: Array,
                    rank: int) -> tuple[Array, Array]:
     """Heterogeneity-aware aggregation (Eq. 15-16): ``sum_i w_i a_i @ b_i`` at rank R.
@@ -207,44 +267,43 @@ def aggregate_lora(a_list: Sequence[Array], b_list: Sequence[Array], weights: Ar
     best rank-R approximation of the weighted sum; when ``sum_i r_i <= R`` it *is* the sum
     (zero-padded to R). Any ``alpha / r`` scaling is folded into the factors by the caller.
 
+    Traceable (it may be called inside a caller's ``jax.jit``); on its own it runs one
+    compiled core per stacked-width bucket, whatever the combination of device ranks.
+
     Args:
       a_list: N arrays ``a_i: (d, r_i)``.
       b_list: N arrays ``b_i: (r_i, k)``.
       weights: (N,) weights ``w_i`` (:func:`aggregation_weights`); used as given.
-      rank: global rank R (static).
+      rank: global rank R (a Python int).
     Returns:
       ``a: (d, R) = Q_A U sqrt(S)`` and ``b: (R, k) = sqrt(S) V^T Q_B^T``, components in
       decreasing order of singular value.
     """
     _check_pairs(a_list, b_list, len(weights))
-    return _refactor(*_stack(a_list, b_list, weights), rank)
+    return _refactor(*_bucketed(*_stack(a_list, b_list, weights)), rank=rank)
 
 
-@functools.partial(jax.jit, static_argnames=("rank",))
 def aggregate_lora_batched(a_list: Sequence[Array], b_list: Sequence[Array], weights: Array,
                            rank: int) -> tuple[Array, Array]:
-    """:func:`aggregate_lora` for L same-shaped linears at once (one jitted loop over L).
+    """:func:`aggregate_lora` for L same-shaped linears at once (one compiled loop over L).
 
     The server aggregates every LoRA linear of the model each round (72 for roberta-base);
-    stacking the linears of one shape (e.g. q, k, v, o of all layers) gives one compiled call.
+    stacking the linears of one shape (e.g. q, k, v, o of all layers) gives one call. The
+    loop is ``lax.map``, not vmap: jaxlib's CPU LAPACK kernels run a *batched* QR/SVD as
+    tasks on XLA's intra-op pool and wait for them from a pool thread, and the two
+    independent QRs then fill a 2-thread pool and hang (jaxlib 0.10.2, 2 cores).
 
     Args:
       a_list: N arrays ``a_i: (L, d, r_i)`` (device i's rank is the same on every linear).
       b_list: N arrays ``b_i: (L, r_i, k)``.
       weights: (N,) weights shared by all linears, or (L, N) per linear.
-      rank: global rank R (static).
+      rank: global rank R (a Python int).
     Returns:
       ``a: (L, d, R)``, ``b: (L, R, k)``.
     """
     _check_pairs(a_list, b_list, jnp.shape(weights)[-1])
-    n_layers = a_list[0].shape[0]
-    w_ln = jnp.broadcast_to(jnp.asarray(weights), (n_layers, len(a_list)))
-    # lax.map, not vmap: jaxlib's CPU LAPACK kernels split a *batched* QR/SVD over XLA's
-    # intra-op thread pool and wait for it from inside a pool thread; two such calls at
-    # once (the A- and B-side QRs are independent) fill a 2-thread pool and deadlock
-    # (jaxlib 0.10.2, 2-core CPU). One linear per step keeps every LAPACK call unbatched.
-    return jax.lax.map(lambda xs: _refactor(*_stack(*xs), rank),
-                       (list(a_list), list(b_list), w_ln))
+    w_ln = jnp.broadcast_to(jnp.asarray(weights), (a_list[0].shape[0], len(a_list)))
+    return _refactor(*_bucketed(*_stack(a_list, b_list, w_ln)), rank=rank)
 
 
 @functools.partial(jax.jit, static_argnames=("rank",))
@@ -265,7 +324,7 @@ def shrink_lora(a: Array, b: Array, rank: int) -> tuple[Array, Array]:
     if rank >= a.shape[1]:
         return pad_lora(a, b, rank)
     dt = _work_dtype(a, b)
-    return _refactor(a.astype(dt), b.astype(dt), rank)
+    return _refactor_one(a.astype(dt), b.astype(dt), rank)
 
 
 def _col_scale(masks_nx: Array, w_n: Array) -> Array:
@@ -275,7 +334,6 @@ def _col_scale(masks_nx: Array, w_n: Array) -> Array:
     return masks_nx * scale
 
 
-@functools.partial(jax.jit, static_argnames=("rank",))
 def aggregate_lora_masked(a_list: Sequence[Array], b_list: Sequence[Array], weights: Array,
                           rank: int, col_masks: Array | None = None,
                           row_masks: Array | None = None) -> tuple[Array, Array]:
@@ -299,7 +357,7 @@ def aggregate_lora_masked(a_list: Sequence[Array], b_list: Sequence[Array], weig
     Args:
       a_list: N arrays ``a_i: (d, r_i)``; b_list: N arrays ``b_i: (r_i, k)``.
       weights: (N,) weights ``w_i``.
-      rank: global rank R (static).
+      rank: global rank R (a Python int).
       col_masks: (N, k) 0/1, device i keeps output column j; None: all kept.
       row_masks: (N, d) 0/1, device i keeps input row p; None: all kept.
     Returns:
@@ -309,7 +367,7 @@ def aggregate_lora_masked(a_list: Sequence[Array], b_list: Sequence[Array], weig
     if col_masks is None and row_masks is None:
         raise ValueError("aggregate_lora_masked needs col_masks and/or row_masks; "
                          "use aggregate_lora without masks")
-    a_ds, b_sk = _stack(a_list, b_list, weights)
+    a_ds, b_sk, w_s = _stack(a_list, b_list, weights)
     dt = a_ds.dtype
     w = jnp.asarray(weights, dt)
     offsets = [0]
@@ -324,17 +382,25 @@ def aggregate_lora_masked(a_list: Sequence[Array], b_list: Sequence[Array], weig
     if row_masks is not None and col_masks is not None:
         rows = jnp.asarray(row_masks, dt)
         cols = jnp.asarray(col_masks, dt)
-        a_ds = a_ds * per_component(rows).T
+        a_ds = a_ds * w_s * per_component(rows).T
         b_sk = b_sk * per_component(cols)
-        kept_dk = _mm(rows.T, w[:, None] * cols)                # sum_i w_i n_ip m_ij
-        scale = jnp.where(kept_dk > 0, jnp.sum(w) / jnp.where(kept_dk > 0, kept_dk, 1.0), 0.)
-        u, s, vt = jnp.linalg.svd(_mm(a_ds, b_sk) * scale, full_matrices=False)
-        return _split(u, s, vt, rank)
+        a_ds, b_sk, _, _ = _bucketed(a_ds, b_sk, w_s)
+        return _truncate_masked_sum(a_ds, b_sk, rows, cols, w, rank)
     if col_masks is not None:
         b_sk = b_sk * per_component(_col_scale(jnp.asarray(col_masks, dt), w))
     else:
         a_ds = a_ds * per_component(_col_scale(jnp.asarray(row_masks, dt), w)).T
-    return _refactor(a_ds, b_sk, rank)
+    return _refactor(*_bucketed(a_ds, b_sk, w_s), rank=rank)
+
+
+@functools.partial(jax.jit, static_argnames=("rank",))
+def _truncate_masked_sum(a_ds: Array, b_sk: Array, rows_nd: Array, cols_nk: Array,
+                         w_n: Array, rank: int) -> tuple[Array, Array]:
+    """Two-sided masked sum, formed as (d, k): ``(a_ds @ b_sk) * total / kept``, SVD, split."""
+    kept_dk = _mm(rows_nd.T, w_n[:, None] * cols_nk)            # sum_i w_i n_ip m_ij
+    scale = jnp.where(kept_dk > 0, jnp.sum(w_n) / jnp.where(kept_dk > 0, kept_dk, 1.0), 0.0)
+    u, s, vt = jnp.linalg.svd(_mm(a_ds, b_sk) * scale, full_matrices=False)
+    return _split(u, s, vt, rank)
 
 
 # ----------------------------------------------------------------------------------------

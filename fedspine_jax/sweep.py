@@ -12,14 +12,18 @@ environment of :mod:`fedspine_jax.sweep_env`. The agents are exactly
 environment.
 
 *Batching.* :class:`~fedspine_jax.bandit.BanditParams` are static (pytree metadata), so
-cells of different configurations cannot share one traced program. The cells are grouped
-by configuration (and fleet size, the only shape that varies); each group is one jitted
-program, a ``jax.vmap`` over its seeds x fleets of a ``lax.scan`` over rounds, compiled
-once, and its cell axis is sharded over a 1-D mesh of every local device
-(``NamedSharding``; the cell axis is padded to a multiple of the device count with copies
-of the last cell, which are dropped). Cells are independent, so results do not depend on
-the number of devices. A sweep compiles once per configuration; the rounds and fleets of
-a configuration are what it scales in.
+cells of different configurations cannot share one traced program. Decision: group the
+cells by configuration (and fleet size, the only shape that varies), rather than slip
+traced discounts or deltas into the params: metadata holding tracers breaks JAX's trace
+caches (they compare metadata of different traces) and is exactly what pytree metadata
+must not hold. Each group is one jitted program, a ``jax.vmap`` over its seeds x fleets of
+a ``lax.scan`` over rounds, and its cell axis is sharded over a 1-D mesh of every local
+device (``NamedSharding``; the cell axis is padded to a multiple of the device count with
+copies of the last cell, which are dropped). Cells are independent, so results do not
+depend on the number of devices. A sweep therefore compiles once per configuration: the
+programs are traced one after the other and compiled in a thread pool (XLA compiles
+outside the GIL), so compilation uses every core and overlaps the runs of earlier groups.
+Seeds, fleets and rounds are what a configuration scales in at no compile cost.
 
 *Randomness.* Cell ``(seed s, fleet f)`` uses ``fold_in(fold_in(key(federation.seed), s),
 f)`` in every configuration: all configurations meet the same power modes, bandwidths and
@@ -43,6 +47,8 @@ Three figures rank a configuration, means over its seeds and fleets, per agent:
   grid spans the ranks of all rank sets, so regrets are comparable across rank sets; a
   fixed arm is not the best adaptive policy, so regret can be negative;
 * waiting time: Eq. 1, ``Gamma = mean_i (max_j T_j - T_i)``, averaged over rounds.
+
+Configurations are ranked by cumulative reward (ties by regret).
 
 The output directory gets ``results.json`` (ranked configurations, per-fleet figures and
 per-round curves), ``results.md`` (the table) and two plots: ``regret.png`` (cumulative
@@ -131,7 +137,7 @@ class SweepSpec:
     samples: int = 8
     discount: tuple[float, ...] = (0.9, 0.99)
     delta: tuple[float, ...] = (0.1,)
-    exploration: tuple[float, ...] = (0.1, 0.3)
+    exploration: tuple[float, ...] = (0.003, 0.03, 0.3)
     rank_choices: tuple[tuple[int, ...], ...] = ((2, 4, 8),)
     reward: tuple[str, ...] = ("log",)
     seeds: int = 4
@@ -342,24 +348,27 @@ def rollout(cfg: Config, score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_
     Returns:
         A :class:`Trajectory`.
     """
-    k_init, k_select, k_env = jax.random.split(key, 3)
+    k_init, k_select, k_mode, k_noise = jax.random.split(key, 4)
     state = bandit.init(cfg, device_type.shape[0], k_init)
+    modes = sweep_env.power_modes(hw, k_mode, device_type, rounds)      # (T, N)
     same = cfg.bandit.reward == score_cfg.bandit.reward
 
-    def step(state, t):
+    def step(state, xs):
+        t, mode = xs
         last_p = state.last_p
         state, p, r = bandit.select(state, jax.random.fold_in(k_select, t))
-        out = sweep_env.sample_round(env, hw, device_type, distance_group, p, r, t, k_env)
+        out = sweep_env.sample_round(env, hw, device_type, distance_group, mode, p, r, t,
+                                     k_noise)
         dp = p - last_p
         rew = bandit.reward(out.loss_drop, dp, out.importance, out.time, cfg)
         state = bandit.update(state, rew)
         score = rew if same else bandit.reward(out.loss_drop, dp, out.importance, out.time,
                                                score_cfg)
         waiting = jnp.mean(jnp.max(out.time) - out.time)  # Eq. 1
-        return state, Trajectory(p=p, last_p=last_p, r=r, mode=out.mode, time=out.time,
+        return state, Trajectory(p=p, last_p=last_p, r=r, mode=mode, time=out.time,
                                  reward=jnp.sum(score), waiting=waiting)
 
-    _, traj = jax.lax.scan(step, state, jnp.arange(1, rounds + 1, dtype=jnp.int32))
+    _, traj = jax.lax.scan(step, state, (jnp.arange(1, rounds + 1, dtype=jnp.int32), modes))
     return traj
 
 

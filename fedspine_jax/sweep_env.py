@@ -176,17 +176,25 @@ def mean_surfaces(env: EnvParams, device_type, p, r, t) -> jax.Array:
     Returns:
         float32 ``(..., S)`` in the order of :data:`SURFACES` (before any clipping).
     """
-    p = jnp.asarray(p, jnp.float32)
-    phi = features(p, r)
-    theta = env.theta[device_type]                       # (..., S, F)
-    lin = jnp.sum(theta * phi[..., None, :], axis=-1)    # (..., S)
-    return lin * _round_scale(env, device_type, t)
+    return _linear(env, device_type, p, r) * _round_scale(env, t)[device_type]
 
 
-def _round_scale(env: EnvParams, device_type, t) -> jax.Array:
-    """``t^(-gamma)`` per type and surface, ``(..., S)``."""
-    log_t = jnp.log(jnp.asarray(t, jnp.float32))
-    return jnp.exp(-env.gamma[device_type] * log_t)
+def _linear(env: EnvParams, device_type, p, r) -> jax.Array:
+    """``theta[type] . phi(p, r)``, ``(..., S)``, as a polynomial in ``p`` (Horner):
+    ``(th0 + th3 log2 r + th4 r) + p ((th1 + th5 log2 r) + p th2)``, about half the
+    operations of the dot product with :func:`features` (same value up to rounding)."""
+    p = jnp.asarray(p, jnp.float32)[..., None]
+    r = jnp.asarray(r, jnp.float32)[..., None]
+    lr = jnp.log2(r)
+    th = env.theta[device_type]                                         # (..., S, F)
+    c0 = th[..., 0] + th[..., 3] * lr + th[..., 4] * r
+    c1 = th[..., 1] + th[..., 5] * lr
+    return c0 + p * (c1 + p * th[..., 2])
+
+
+def _round_scale(env: EnvParams, t) -> jax.Array:
+    """``t^(-gamma)`` of every type and surface, ``(K, S)`` (gathered by type after)."""
+    return jnp.exp(-env.gamma * jnp.log(jnp.asarray(t, jnp.float32)))
 
 
 def _physical(y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -208,16 +216,21 @@ def mean_bandwidth(distance_group) -> jax.Array:
     return mbps * jnp.float32(het.BYTES_PER_MBIT)
 
 
-def power_modes(hw: Hardware, key: jax.Array, device_type: jax.Array, t) -> jax.Array:
-    """``(N,)`` int32 power mode of every device in round ``t`` (1-based).
+def power_modes(hw: Hardware, key: jax.Array, device_type: jax.Array, rounds: int
+                ) -> jax.Array:
+    """int32 ``(T, N)`` power mode of every device in rounds ``1..T``.
 
-    Uniform among the type's modes, drawn from ``fold_in(key, (t - 1) // k)`` with
-    ``k = mode_redraw_every``: held for ``k`` rounds, then re-drawn, as in the simulator.
+    Uniform among the type's modes, drawn from ``fold_in(key, e)`` for the epoch
+    ``e = (t - 1) // k`` (``k = mode_redraw_every``): held for ``k`` rounds, then re-drawn,
+    as in the simulator. Modes do not depend on the arms, so a rollout draws them all
+    before its scan (one draw per epoch, not per round).
     """
-    epoch = (jnp.asarray(t, jnp.int32) - 1) // hw.mode_redraw_every
-    u = jax.random.uniform(jax.random.fold_in(key, epoch), device_type.shape)
+    epochs = -(-rounds // hw.mode_redraw_every)
+    u = jax.vmap(lambda e: jax.random.uniform(jax.random.fold_in(key, e), device_type.shape))(
+        jnp.arange(epochs))
     n = jnp.asarray(NUM_MODES)[device_type]
-    return jnp.minimum(jnp.floor(u * n).astype(jnp.int32), n - 1)
+    modes = jnp.minimum(jnp.floor(u * n).astype(jnp.int32), n - 1)     # (E, N)
+    return modes[jnp.arange(rounds) // hw.mode_redraw_every]
 
 
 class RoundOutcome(NamedTuple):
@@ -228,11 +241,10 @@ class RoundOutcome(NamedTuple):
     compute_time: jax.Array  # seconds
     comm_time: jax.Array     # seconds
     time: jax.Array          # T = T_comp + T_comm, seconds
-    mode: jax.Array          # int32 power mode
 
 
 def sample_round(env: EnvParams, hw: Hardware, device_type: jax.Array,
-                 distance_group: jax.Array, p: jax.Array, r: jax.Array, t,
+                 distance_group: jax.Array, mode: jax.Array, p: jax.Array, r: jax.Array, t,
                  key: jax.Array) -> RoundOutcome:
     """One noisy round of a fleet at arms ``(p, r)``.
 
@@ -241,21 +253,20 @@ def sample_round(env: EnvParams, hw: Hardware, device_type: jax.Array,
         hw: the device model's knobs.
         device_type: int ``(N,)`` type index (``heterogeneity.TX2`` / ``NX`` / ``AGX``).
         distance_group: int ``(N,)`` index into ``heterogeneity.DISTANCES_M``.
+        mode: int ``(N,)`` power modes of the round (a row of :func:`power_modes`).
         p: float ``(N,)`` pruning ratios; r: int ``(N,)`` ranks.
         t: the round, 1-based (scalar, may be traced).
-        key: the fleet's environment key; round ``t`` uses ``fold_in`` of it, so a round's
+        key: the fleet's noise key; round ``t`` uses ``fold_in(key, t)``, so a round's
             noise does not depend on the arms chosen (common random numbers across
             configurations).
 
     Returns:
         :class:`RoundOutcome` of ``(N,)`` arrays.
     """
-    k_mode, k_noise = jax.random.split(key)
     n = device_type.shape[0]
-    mode = power_modes(hw, k_mode, device_type, t)
-    z = jax.random.normal(jax.random.fold_in(k_noise, t), (n, len(SURFACES) + 1))
-    scale = _round_scale(env, device_type, t)
-    y = mean_surfaces(env, device_type, p, r, t) + env.sigma[device_type] * scale * z[:, :-1]
+    z = jax.random.normal(jax.random.fold_in(key, t), (n, len(SURFACES) + 1))
+    scale = _round_scale(env, t)[device_type]                            # (N, S)
+    y = (_linear(env, device_type, p, r) + env.sigma[device_type] * z[:, :-1]) * scale
     loss, imp, flops, nbytes = _physical(y)
     # heterogeneity.bandwidth_mbps: a mean-one log-normal factor with relative std
     # `bandwidth_noise`, clipped to the observed range.
@@ -265,7 +276,7 @@ def sample_round(env: EnvParams, hw: Hardware, device_type: jax.Array,
     comp = flops / throughput(hw, device_type, mode)
     comm = nbytes / (mbps * jnp.float32(het.BYTES_PER_MBIT))
     return RoundOutcome(loss_drop=loss, importance=imp, compute_time=comp, comm_time=comm,
-                        time=comp + comm, mode=mode)
+                        time=comp + comm)
 
 
 def mean_outcome(env: EnvParams, hw: Hardware, device_type, distance_group, mode, p, r, t

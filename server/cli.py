@@ -75,8 +75,12 @@ def run_cli(args) -> int:
     if args.tls_client_ca and not args.tls_cert:
         print("fedspine server: --tls-client-ca needs --tls-cert/--tls-key", file=sys.stderr)
         return 2
-    tokens = auth.Tokens.load(args.tokens)
-    tokens.check_devices(cfg.federation.num_devices)
+    try:
+        tokens = auth.Tokens.load(args.tokens)
+        tokens.check_devices(cfg.federation.num_devices)
+    except ValueError as e:
+        print(f"fedspine server: {e}", file=sys.stderr)
+        return 2
     creds = None
     if args.tls_cert:
         creds = auth.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
@@ -87,7 +91,11 @@ def run_cli(args) -> int:
     from fedspine_jax.server.coordinator import Coordinator
     from fedspine_jax.server.servicer import make_server
 
-    coord = Coordinator(cfg, args.out, resume=args.resume)
+    try:
+        coord = Coordinator(cfg, args.out, resume=args.resume)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"fedspine server: {e}", file=sys.stderr)
+        return 2
     server, port = make_server(coord, tokens, args.listen, creds)
     host = args.listen.rsplit(":", 1)[0]
     log.info("listening on %s:%d (%s), %d devices, %d rounds, collecting round %d",

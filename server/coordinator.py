@@ -7,8 +7,9 @@ through ``Federation.plan / accept / close``: it holds no round logic of its own
 adds is what a network needs and a simulator does not:
 
 * **When a round closes** (the transport's decision the core leaves open). A round is
-  *open* from the first time a device fetches its task (so a server that waits for its
-  devices to start, or was restarted, does not burn the deadline). It closes as soon as
+  *open* from the first time a device fetches its task or an update arrives (so a server
+  that waits for its devices to start does not burn the deadline; a restarted server
+  starts the round's deadline again). It closes as soon as
   (a) every device has answered (an update, or a report that it cannot send one: out of
   memory, failed) -- ``close(force=True)``, as the simulator does; or (b) the quorum
   ``ceil(federation.quorum * N)`` of updates has arrived -- ``close()``; or (c)
@@ -152,8 +153,6 @@ class Coordinator:
         self.out.mkdir(parents=True, exist_ok=True)
         self.jdir.mkdir(exist_ok=True)
         arch = self.s.model.cfg
-        self._mask_shapes = ((arch.num_layers, arch.num_heads),
-                             (arch.num_layers, arch.intermediate_size))
         if resume:
             self._restore()
         else:
@@ -218,6 +217,8 @@ class Coordinator:
             else:
                 self._commit_gave_up(meta)
             replayed += 1
+        if replayed:  # the round was under way: its deadline restarts now
+            self._opened_at = time.monotonic()
         log.info("resumed from checkpoint round_%05d: collecting round %d, %d journal "
                  "entries replayed", step, state.round, replayed)
 
@@ -319,9 +320,9 @@ class Coordinator:
         Raises :class:`StaleUpdate` (wrong round) or ``UpdateRejected`` (anything else),
         leaving the state unchanged.
         """
-        t0 = time.perf_counter()
         digest = update_digest(u)
         with self._cv:
+            t0 = time.perf_counter()  # work under the lock: uploads queue here, in order
             st = self.state
             if u.round == st.round and u.device_id in {x.device_id for x in st.updates}:
                 if self._digests.get(u.device_id) == digest:
@@ -344,6 +345,8 @@ class Coordinator:
                     **_scalars(u)}
             self._journal(_update_arrays(u), meta)
             self._commit_update(new, u, meta)
+            if self._opened_at is None:  # a device that fetched before a server restart
+                self._opened_at = time.monotonic()
             self._accept_s += time.perf_counter() - t0
             self._cv.notify_all()
         log.info("round %d: update from device %d accepted (%d/%d)", u.round, u.device_id,
@@ -351,19 +354,14 @@ class Coordinator:
         return False
 
     def _check_masks(self, u: DeviceUpdate) -> None:
+        """Masks only gain zeros: none may revive a group the server's record has pruned
+        (``Federation.accept`` has checked their shapes and 0/1 values)."""
         i = u.device_id
-        for name, got, shape, before in (
-                ("head_masks", u.head_masks, self._mask_shapes[0], self.head_masks[i]),
-                ("channel_masks", u.channel_masks, self._mask_shapes[1],
-                 self.channel_masks[i])):
-            got = np.asarray(got)
-            if got.dtype != np.float32 or got.shape != shape:
-                raise UpdateRejected(f"{name} has shape {got.shape} ({got.dtype}), expected "
-                                     f"{shape} float32")
-            if not np.all((got == 0) | (got == 1)):
-                raise UpdateRejected(f"{name} holds values other than 0 and 1")
-            if np.any(got > before):
-                raise UpdateRejected(f"{name} revives pruned groups (masks only gain zeros)")
+        for name, got, before in (("head_masks", u.head_masks, self.head_masks[i]),
+                                  ("channel_masks", u.channel_masks, self.channel_masks[i])):
+            if np.any(np.asarray(got) > before):
+                raise UpdateRejected(f"{name} revives groups pruned in an earlier round "
+                                     f"(masks only gain zeros)")
 
     def _commit_update(self, new_state, u: DeviceUpdate, meta: dict) -> None:
         i = u.device_id
@@ -447,13 +445,13 @@ class Coordinator:
 
     def _close(self, why: str) -> None:
         t0 = time.perf_counter()
+        wall = time.monotonic() - (self._opened_at or time.monotonic())
         st = self.state
         t = st.round
         ups = sorted(st.updates, key=lambda x: x.device_id)
         stragglers = sorted(set(range(self.n)) - self._answered())
         new, report = self.fed.close(st, force=why != "quorum")
         t_close = time.perf_counter() - t0
-        wall = time.monotonic() - (self._opened_at or time.monotonic())
         times = np.array([u.completion_time_s for u in ups])
         round_time = float(times.max()) if len(times) else 0.0
         self.clock += round_time
@@ -557,8 +555,14 @@ def _truncate_metrics(path: Path, last_round: int) -> None:
     """Drop metric lines of rounds after the checkpoint (they will be written again)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines()
-            if ln.strip() and json.loads(ln)["round"] <= last_round]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:  # a line cut short by a killed server
+            continue
+        if row["round"] <= last_round:
+            keep.append(ln)
     path.write_text("".join(x + "\n" for x in keep))
 
 

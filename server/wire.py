@@ -100,7 +100,10 @@ class TensorAssembler:
             self.total += size
             self._header, self._want, self._parts, self._got = h, size, [], 0
         elif self._header is None:
-            raise WireError("tensor bytes arrived before any tensor header")
+            if not self.tensors:
+                raise WireError("tensor bytes arrived before any tensor header")
+            raise WireError(f"bytes beyond the end of tensor {next(reversed(self.tensors))} "
+                            f"(its shape holds fewer)")
         if self._got + len(chunk.data) > self._want:
             raise WireError(f"tensor {self._header.name}: more bytes than its shape "
                             f"{tuple(self._header.shape)} x {self._header.dtype} holds "

@@ -14,7 +14,8 @@ from fedspine_jax.config import Config, replace
 
 # One small config, fleet size and rollout length for the invariant tests, so the whole
 # module compiles select/update only a handful of times.
-CFG = replace(Config(), bandit={"capacity": 16, "discount": 0.9, "delta": 0.1},
+CFG = replace(Config(), bandit={"capacity": 16, "discount": 0.9, "delta": 0.1,
+                                "reward": "paper"},
               pruning={"target_ratio": 0.5, "target_round": 6},
               lora={"rank": 16, "rank_choices": (2, 4, 8, 16)})
 A = 4

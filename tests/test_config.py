@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from fedspine_jax.config import ConfigError, dump_config, from_dict, load_config, to_dict
 
@@ -47,5 +48,13 @@ def test_overrides_and_round_trip(tiny_config_path, tmp_path):
 def test_configs_in_repo_are_valid():
     from pathlib import Path
 
-    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
-        load_config(path)
+    from fedspine_jax.sweep import load_sweep
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        # Sweep configs carry a `sweep:` search space on top of the base config.
+        if "sweep" in (yaml.safe_load(path.read_text()) or {}):
+            load_sweep(path)
+        else:
+            load_config(path)

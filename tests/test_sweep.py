@@ -190,13 +190,13 @@ def test_environment_uses_the_device_model_of_heterogeneity():
     group = np.array([0, 1, 2, 3, 0], np.int32)
     p = np.linspace(0.1, 0.5, 5).astype(np.float32)
     r = np.array([2, 4, 8, 16, 2], np.int32)
-    step = jax.jit(lambda t: sweep_env.sample_round(env, hw, dtype, group, p, r, t,
-                                                    jax.random.PRNGKey(1)))
-    modes = []
+    modes = np.asarray(sweep_env.power_modes(hw, jax.random.PRNGKey(0), dtype, 12))
+    assert modes.shape == (12, 5) and modes.dtype == np.int32
+    step = jax.jit(lambda mode, t: sweep_env.sample_round(env, hw, dtype, group, mode, p, r, t,
+                                                          jax.random.PRNGKey(1)))
     for t in range(1, 13):
-        out = step(t)
-        mode = np.asarray(out.mode)
-        modes.append(mode)
+        mode = modes[t - 1]
+        out = step(mode, t)
         assert np.all((0 <= mode) & (mode < sweep_env.NUM_MODES[dtype]))
         loss, imp, time = _mean_arm(env, hw, dtype, group, mode, p.astype(np.float64), r, t)
         mult = np.array([het.MODE_MULTIPLIERS[k][m] for k, m in zip(dtype, mode)])
@@ -208,7 +208,6 @@ def test_environment_uses_the_device_model_of_heterogeneity():
         np.testing.assert_allclose(out.loss_drop, loss, rtol=1e-5, atol=1e-8)
         np.testing.assert_allclose(out.importance, imp, rtol=1e-5, atol=1e-8)
     # Modes are held for mode_redraw_every rounds, then re-drawn.
-    modes = np.array(modes)
     for e in range(3):
         assert np.all(modes[4 * e: 4 * e + 4] == modes[4 * e])
     assert any(not np.array_equal(modes[0], modes[4 * e]) for e in (1, 2))
@@ -222,8 +221,9 @@ def test_noise_and_bandwidth_spread():
     dtype = np.full(n, het.AGX, np.int32)
     group = np.full(n, 1, np.int32)  # 15 Mb/s: clipping at [1, 30] is rare
     p, r = np.full(n, 0.2, np.float32), np.full(n, 4, np.int32)
-    out = jax.jit(sweep_env.sample_round, static_argnums=1)(env, hw, dtype, group, p, r, 4,
-                                                           jax.random.PRNGKey(2))
+    mode = np.zeros(n, np.int32)
+    out = jax.jit(sweep_env.sample_round, static_argnums=1)(env, hw, dtype, group, mode, p, r,
+                                                           4, jax.random.PRNGKey(2))
     mean_loss, _, _, nbytes = _surfaces(env, het.AGX, 0.2, 4, 4)
     bw = nbytes / np.asarray(out.comm_time) / het.BYTES_PER_MBIT
     assert abs(bw.mean() / 15.0 - 1) < 0.01 and abs(bw.std() / 15.0 - 0.2) < 0.01
@@ -299,6 +299,7 @@ def test_calibrate_cli_saves_parameters_the_sweep_reloads(tmp_path, capsys):
     again, _ = sweep_env.calibrate(tmp_path / "run")
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(again)):
         np.testing.assert_array_equal(a, b)
+    assert main(["sweep"]) == 2  # neither --out nor --calibrate
     raw = json.loads((tmp_path / "env.json").read_text())
     assert raw["features"] == list(sweep_env.FEATURES) and "fit" in raw
     raw["types"]["nx"]["flops"]["theta"] = [1.0]
