@@ -29,6 +29,12 @@ failure; it gives up after ``Backoff.give_up_s`` of continuous failure. An uploa
 failed in transit is re-sent as is (the server recognises a duplicate of an update it
 already journaled); an upload refused as stale (the round closed without it) is dropped.
 Refusals of the token or of the config are fatal.
+
+The model. When the run is over the server exports every device's model to ONNX;
+:meth:`DeviceAgent.fetch_model` downloads this device's own over ``FetchModel`` (checking
+every file's size and sha256; files already held with the right digest are not sent again)
+and :meth:`DeviceAgent.prepare_engine` builds its TensorRT engine -- engines are specific to
+the GPU -- into a cache keyed by the model's digest, the TensorRT version and the GPU.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import dataclasses
 import logging
 import random
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -273,6 +280,100 @@ class DeviceAgent:
                  i, t, "already held by the server" if reply.duplicate else "accepted",
                  res.loss_before, res.loss_after, res.ratio,
                  sum(sim) if sim is not None else res.compute_time_s)
+
+    # -- the model, once the run is over ----------------------------------------------------
+
+    def _fetch_model_once(self, dest: Path):
+        """One FetchModel call: the ModelHeader once the files are in ``dest``, or None
+        while the server is still exporting."""
+        from fedspine_jax.export.metadata import sha256_file
+
+        frames = self._stub.FetchModel(pb.FetchModelRequest(device_id=self.i,
+                                                            wait_s=self.wait_s),
+                                       metadata=self._md(), timeout=self.wait_s + 3600)
+        first = next(frames, None)
+        if first is None or first.WhichOneof("frame") != "header":
+            raise AgentError("malformed FetchModel reply (no header first)")
+        head = first.header
+        if head.status != pb.MODEL_READY:
+            frames.cancel()
+            return None
+        for f in head.files:
+            if not f.name or "/" in f.name or "\\" in f.name or f.name.startswith("."):
+                raise AgentError(f"the server sent a bad model file name {f.name!r}")
+        if all((dest / f.name).is_file() and (dest / f.name).stat().st_size == f.size
+               and sha256_file(dest / f.name) == f.sha256 for f in head.files):
+            frames.cancel()  # already held (an earlier fetch)
+            log.info("device %d: model files already up to date in %s", self.i, dest)
+            return head
+        parts = [(f, dest / (f.name + ".part")) for f in head.files]
+        k, out, written = 0, None, 0
+        try:
+            for fr in frames:
+                data = fr.data
+                while data:
+                    while k < len(parts) and written == parts[k][0].size:  # file k complete
+                        if out is not None:
+                            out.close()
+                            out = None
+                        k, written = k + 1, 0
+                    if k == len(parts):
+                        raise AgentError("the server sent more model bytes than announced")
+                    if out is None:
+                        out = open(parts[k][1], "wb")
+                    take = data[:parts[k][0].size - written]
+                    out.write(take)
+                    written += len(take)
+                    data = data[len(take):]
+        finally:
+            if out is not None:
+                out.close()
+        for f, part in parts:
+            if not part.exists() and f.size == 0:
+                part.write_bytes(b"")
+            size = part.stat().st_size if part.exists() else -1
+            if size != f.size or sha256_file(part) != f.sha256:
+                raise AgentError(f"model file {f.name}: received {size} bytes whose sha256 "
+                                 f"does not match the server's ({f.size} bytes, "
+                                 f"{f.sha256[:12]}...)")
+        for f, part in parts:
+            part.replace(dest / f.name)
+        return head
+
+    def fetch_model(self, dest: str | Path) -> Path:
+        """Download this device's exported model into ``dest``; returns its ``.onnx``.
+
+        Waits while the server exports; raises :class:`AgentError` when the run is not over
+        or the server has no model for this device.
+        """
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                head = self.call("fetch model", lambda: self._fetch_model_once(dest))
+            except grpc.RpcError as e:
+                raise AgentError(f"fetch model: {e.code().name}: {e.details()}") from None
+            if head is None:
+                log.info("device %d: the server is still exporting the models", self.i)
+                continue
+            onnx = next(f.name for f in head.files if f.name.endswith(".onnx"))
+            log.info("device %d: model of round %d in %s (%s, %.2f MiB)", self.i, head.round,
+                     dest, ", ".join(f.name for f in head.files),
+                     sum(f.size for f in head.files) / 2**20)
+            return dest / onnx
+
+    def prepare_engine(self, onnx_path: str | Path, cache_dir: str | Path) -> Path | None:
+        """This GPU's TensorRT engine for the fetched model (built once, cached), or None
+        without TensorRT (serve the ONNX file with ONNX Runtime then)."""
+        from fedspine_jax.export import tensorrt
+
+        if not tensorrt.available():
+            log.warning("device %d: TensorRT is not installed: serving %s with ONNX Runtime "
+                        "(%s)", self.i, Path(onnx_path).name, tensorrt.INSTALL_HINT)
+            return None
+        path = tensorrt.cached_engine(onnx_path, cache_dir, fp16=self.cfg.export.fp16)
+        log.info("device %d: TensorRT engine %s", self.i, path)
+        return path
 
     def run(self) -> int:
         """Serve rounds until the server says the run is over; return an exit status."""

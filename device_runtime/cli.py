@@ -4,6 +4,14 @@
 
     fedspine device --server fl.example.org:50051 --device-id 3 --token-file device_3.token \\
         --config run.yaml --tls-ca ca.crt [--tls-cert dev3.crt --tls-key dev3.key]
+    # ... and when the run is over, fetch this device's model and build its engine:
+    fedspine device ... --fetch-model models/         # train, then fetch
+    fedspine device ... --fetch-model models/ --fetch-only   # the run is over: just fetch
+
+``--fetch-model DIR`` downloads the device's exported ONNX model into ``DIR`` (size and
+sha256 checked), builds its TensorRT engine into ``DIR/engines/`` when TensorRT is
+installed (cached: a second fetch of the same model on the same GPU reuses it) and prints
+the ``fedspine infer`` command that serves it.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", help="this device's private key (PEM), for mutual TLS")
     p.add_argument("--tls-server-name", help="name to expect in the server's certificate "
                    "(default: the host of --server)")
+    p.add_argument("--fetch-model", metavar="DIR",
+                   help="when the run is over, download this device's exported model into "
+                        "DIR and build its TensorRT engine (when TensorRT is installed)")
+    p.add_argument("--fetch-only", action="store_true",
+                   help="with --fetch-model: do not train, only fetch (the run is over)")
     p.add_argument("--give-up-s", type=float, default=600.0,
                    help="exit after this long without reaching the server (default "
                         "%(default)s)")
@@ -59,8 +73,26 @@ def run_cli(args) -> int:
     agent = DeviceAgent(cfg, args.device_id, args.server, auth.read_token(args.token_file),
                         credentials=creds, server_name=args.tls_server_name,
                         backoff=Backoff(give_up_s=args.give_up_s))
+    if args.fetch_only and not args.fetch_model:
+        print("fedspine device: --fetch-only needs --fetch-model DIR", file=sys.stderr)
+        return 2
+    log = logging.getLogger("fedspine.device")
     try:
-        return agent.run()
+        if not args.fetch_only:
+            rc = agent.run()
+            if rc != 0 or not args.fetch_model:
+                return rc
+        onnx = agent.fetch_model(args.fetch_model)
     except AgentError as e:
-        logging.getLogger("fedspine.device").error("device %d: %s", args.device_id, e)
+        log.error("device %d: %s", args.device_id, e)
         return 3
+    from fedspine_jax.export.onnx_export import ExportError
+
+    try:
+        engine = agent.prepare_engine(onnx, Path(args.fetch_model) / "engines")
+    except ExportError as e:  # TensorRT's parser / builder messages are in it
+        log.error("device %d: could not build the engine: %s", args.device_id, e)
+        return 4
+    log.info("device %d: serve it with: fedspine infer %s --text \"...\"", args.device_id,
+             engine or onnx)
+    return 0

@@ -18,10 +18,19 @@ refactorised without forming the ``d x k`` matrix where that saves work:
 2. ``A = Q_A R_A`` and ``B^T = Q_B R_B`` (reduced QR), so ``A @ B = Q_A (R_A R_B^T) Q_B^T``;
 3. SVD of the small core ``R_A R_B^T = U S V^T`` and keep the top R triplets (Eckart-Young:
    the best rank-R approximation of the sum in Frobenius and spectral norm);
-4. **balanced split**: ``a = Q_A U_R sqrt(S_R)`` and ``b = sqrt(S_R) V_R^T Q_B^T``, so both
-   factors carry the same singular values (``a^T a = b b^T = S_R``) and the components are
-   ordered by decreasing singular value (truncating the first r columns/rows is again the best
-   rank-r approximation). Fewer than R triplets (``min(d, k, s) < R``) are zero-padded to R.
+4. **split**: ``a = Q_A U_R`` (orthonormal columns) and ``b = S_R V_R^T Q_B^T`` (the
+   singular values), components ordered by decreasing singular value, so truncating the first
+   r columns/rows is again the best rank-r approximation. Fewer than R triplets
+   (``min(d, k, s) < R``) are zero-padded to R.
+
+   Why not the balanced split ``U sqrt(S)``, ``sqrt(S) V^T``: the devices *train* these
+   factors. A LoRA pair learns like its initialisation, ``a`` of full scale and ``b`` zero;
+   with the balanced split a direction of small singular value has both factors near zero,
+   and a direction of zero singular value (the first round, when the global ``b`` is still
+   zero; or a rank the sum does not fill) has both exactly zero, a saddle where neither
+   factor gets a gradient, so the device's LoRA cannot learn in that direction at all. With
+   an orthonormal ``a`` every direction stays trainable, its magnitude lives in ``b`` as in a
+   fresh LoRA pair, and the product is the same.
 
 The cost is ``O(s^2 (d + k) + s^3)`` against ``O(s d k + d k min(d, k))`` for the dense sum and
 its SVD, so the saving is large while ``s`` is well below ``min(d, k)``. When ``s >=
@@ -116,25 +125,25 @@ def pad_lora(a: Array, b: Array, rank: int) -> tuple[Array, Array]:
 
 def _split(u: Array, s: Array, vt: Array, rank: int, width: Array | None = None
            ) -> tuple[Array, Array]:
-    """Balanced split of the top-``rank`` triplets: ``U sqrt(S)``, ``sqrt(S) V^T``, padded.
+    """Split the top-``rank`` triplets as ``a = U_R`` (orthonormal), ``b = S_R V_R^T``.
 
-    ``width`` (traced int): triplets from this index on are zeroed. The stacked width before
-    bucket padding bounds the rank of the sum, so triplets past it are rounding noise of the
-    padding and the result stays an exact zero-pad.
+    ``width`` (traced int): triplets from this index on get a zero singular value. The stacked
+    width before bucket padding bounds the rank of the sum, so triplets past it are rounding
+    noise of the padding. Fewer than ``rank`` triplets are zero-padded.
     """
     t = min(rank, s.shape[0])
-    root = jnp.sqrt(s[:t])
+    sv = s[:t]
     if width is not None:
-        root = jnp.where(jnp.arange(t) < width, root, 0.0)
-    return pad_lora(u[:, :t] * root, root[:, None] * vt[:t], rank)
+        sv = jnp.where(jnp.arange(t) < width, sv, 0.0)
+    return pad_lora(u[:, :t], sv[:, None] * vt[:t], rank)
 
 
 def _refactor_one(a_ds: Array, b_sk: Array, rank: int, width: Array | None = None
                   ) -> tuple[Array, Array]:
-    """Best rank-``rank`` balanced factors of ``a_ds @ b_sk`` without the (d, k) product.
+    """Best rank-``rank`` factors of ``a_ds @ b_sk`` without the (d, k) product.
 
     QR of both sides when ``s < min(d, k)`` (else the core is the product itself), SVD of the
-    core, balanced split (module design note). ``a_ds: (d, s)``, ``b_sk: (s, k)`` -> ``(d, rank)``, ``(rank, k)``;
+    core, split (module design note). ``a_ds: (d, s)``, ``b_sk: (s, k)`` -> ``(d, rank)``, ``(rank, k)``;
     ``width``: the unpadded stacked width (see :func:`_split`).
     """
     d, s = a_ds.shape
@@ -263,7 +272,7 @@ def aggregate_lora(a_list: Sequence[Array], b_list: Sequence[Array], weights: Ar
     Devices may hold different ranks. The weighted sum of their updates (Eq. 15 rebuilds
     ``Delta W_i = a_i @ b_i``, Eq. 16 sums them) is refactorised to the global rank without
     forming the ``(d, k)`` matrix where that is cheaper: QR of the stacked factors, SVD of the
-    small core, top-R triplets, balanced split (see the module design note). The result is the
+    small core, top-R triplets, split (see the module design note). The result is the
     best rank-R approximation of the weighted sum; when ``sum_i r_i <= R`` it *is* the sum
     (zero-padded to R). Any ``alpha / r`` scaling is folded into the factors by the caller.
 
@@ -310,7 +319,7 @@ def aggregate_lora_batched(a_list: Sequence[Array], b_list: Sequence[Array], wei
 def shrink_lora(a: Array, b: Array, rank: int) -> tuple[Array, Array]:
     """Lambda(a, b, r) of Sec. 4.3: the best rank-``rank`` approximation of ``a @ b``.
 
-    Eckart-Young via QR of ``a`` and ``b^T`` and an SVD of the small core, with the balanced
+    Eckart-Young via QR of ``a`` and ``b^T`` and an SVD of the small core, with the
     split of :func:`aggregate_lora` (so shrinking the global factors to r keeps the top r
     singular directions). If ``rank >= r`` the pair is zero-padded instead, so the product is
     unchanged. Used to shrink the global factors to each device's assigned rank.
@@ -361,7 +370,7 @@ def aggregate_lora_masked(a_list: Sequence[Array], b_list: Sequence[Array], weig
       col_masks: (N, k) 0/1, device i keeps output column j; None: all kept.
       row_masks: (N, d) 0/1, device i keeps input row p; None: all kept.
     Returns:
-      ``a: (d, R)``, ``b: (R, k)``, balanced as in :func:`aggregate_lora`.
+      ``a: (d, R)``, ``b: (R, k)``, split as in :func:`aggregate_lora`.
     """
     _check_pairs(a_list, b_list, len(weights))
     if col_masks is None and row_masks is None:

@@ -101,18 +101,25 @@ class TrainConfig:
     learning_rate: float = _f(5e-4, lo=0.0, hi=1.0)
     # AdamW weight decay.
     weight_decay: float = _f(0.0, lo=0.0)
+    # The task head's learning rate as a multiple of learning_rate. Adam moves every head
+    # weight by about the learning rate per step whatever its gradient, so a linear head on a
+    # d-wide feature moves a logit by ~lr * d * |feature| per step: on a device whose data are
+    # mostly one label (non-IID), a few local steps flip the head's bias and the aggregate
+    # oscillates between classes. A smaller head rate lets the shared LoRA features learn.
+    head_lr_scale: float = _f(1.0, lo=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class BanditConfig:
     # Discount factor lambda of Eq. 4-5 (0.9 keeps too little history to learn: see
-    # notes in BENCHMARKS.md, bandit section).
+    # tests/test_bandit.py and the sweep in BENCHMARKS.md).
     discount: float = _f(0.99, lo=0.0, hi=1.0)
     # Regions are split while their (normalised) diameter exceeds delta.
     delta: float = _f(0.1, lo=0.0, hi=2.0)
-    # Scale of the padding function c_t of Eq. 5 (1.0 is the paper's; 0.1 suits the
-    # O(1) "log" rewards).
-    exploration: float = _f(0.1, lo=0.0)
+    # Scale of the padding function c_t of Eq. 5 (1.0 is the paper's). Match it to the
+    # rewards' spread: a real round's "log" reward is about 0.005-0.05, and the shipped
+    # sweep (BENCHMARKS.md, sweeps) ranks 0.003 above 0.03 and 0.3; 0.01 sits between.
+    exploration: float = _f(0.01, lo=0.0)
     # Fixed capacity of the partition tree (leaves), so select/update are jittable.
     capacity: int = _f(64, lo=2)
     # Reward: "paper" is Eq. 3 as written (its scale depends on units); "log" compresses
@@ -195,12 +202,16 @@ class DevicesConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-    # ONNX opset of exported models.
+    # ONNX opset of exported models (17: the newest the TensorRT 8.5 of JetPack 5 parses;
+    # why, in export/onnx_export.py).
     opset: int = _f(17, lo=13, hi=23)
     # Max abs difference ONNX Runtime vs JAX (fp32) above which an export fails.
     tolerance: float = _f(1e-4, lo=0.0)
     # Build TensorRT engines in fp16.
     fp16: bool = _f(False)
+    # gRPC server: export every device's ONNX model when the run ends, for the devices to
+    # fetch (`fedspine device --fetch-model`); needs the `export` extra.
+    at_end: bool = _f(True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedspine_jax import bandit
+from fedspine_jax import aggregation, bandit
 from fedspine_jax.config import Config
-from fedspine_jax.models.lora import lora_scale, resize_lora
+from fedspine_jax.models.lora import lora_scale
 from fedspine_jax.strategies import Strategy, get
 
 
@@ -188,15 +188,23 @@ class Federation:
         return state, tasks
 
     def shrink(self, lora: dict, rank: int) -> dict:
-        """The global LoRA at rank ``rank`` (section 4.3's Lambda, scaling-aware)."""
+        """The global LoRA at rank ``rank`` (section 4.3's Lambda, scaling-aware).
+
+        The effective update ``(alpha / R) a @ b`` of every pair is truncated to its best
+        rank-``rank`` approximation (:func:`aggregation.shrink_lora`: orthonormal ``a``, the
+        magnitude in ``b``, so every direction stays trainable on the device) and expressed
+        at the device's scaling ``alpha / rank``.
+        """
         if rank == self.cfg.lora.rank:
             return dict(lora)
+        s_glob = lora_scale(self.cfg.lora.alpha, self.cfg.lora.rank)
+        s_dev = lora_scale(self.cfg.lora.alpha, rank)
         out = {}
-        key = jax.random.PRNGKey(0)  # unused: shrinking draws nothing
         for p in _pairs(lora):
-            a, b = resize_lora(jnp.asarray(lora[p + "/lora_a"]), jnp.asarray(lora[p + "/lora_b"]),
-                               rank, self.cfg.lora.alpha, key)
-            out[p + "/lora_a"], out[p + "/lora_b"] = np.asarray(a), np.asarray(b)
+            a, b = aggregation.shrink_lora(jnp.asarray(lora[p + "/lora_a"]),
+                                           jnp.asarray(lora[p + "/lora_b"]) * s_glob, rank)
+            out[p + "/lora_a"] = np.asarray(a, np.float32)
+            out[p + "/lora_b"] = np.asarray(b, np.float32) / (s_dev if s_dev > 0 else 1.0)
         return out
 
     # -- accept ---------------------------------------------------------------------------

@@ -98,18 +98,32 @@ def _device_examples(s: Setup, i: int) -> tuple[data.Examples, data.Examples]:
     return s.task.train.take(d.train_idx), s.task.train.take(d.holdout_idx)
 
 
+def load_device_model(s: Setup, state, head_masks: np.ndarray, channel_masks: np.ndarray,
+                      rank: int, shrunk: dict | None = None):
+    """Put a device's local model into ``s.model`` (in place) and return it.
+
+    The local model is the device's masks ``head_masks (L, H)``, ``channel_masks (L, F)``,
+    the global LoRA shrunk to the device's last rank and the global head. ``shrunk`` caches
+    the shrunk LoRA per rank across calls. Used by :func:`evaluate_devices` and by the
+    exporter (``fedspine export RUN_DIR --device-id I``).
+    """
+    r = int(rank)
+    shrunk = {} if shrunk is None else shrunk
+    if r not in shrunk:
+        shrunk[r] = s.fed.shrink(state.lora, r)
+    set_lora(s.model, shrunk[r])
+    if state.head:
+        set_head(s.model, state.head)
+    set_masks(s.model, head_masks, channel_masks)
+    return s.model
+
+
 def evaluate_devices(s: Setup, state, masks: list, ranks: np.ndarray) -> np.ndarray:
     """Test accuracy of every device's local model on the task's evaluation split."""
     accs = []
     shrunk = {}
     for i, (hm, cm) in enumerate(masks):
-        r = int(ranks[i])
-        if r not in shrunk:
-            shrunk[r] = s.fed.shrink(state.lora, r)
-        set_lora(s.model, shrunk[r])
-        if state.head:
-            set_head(s.model, state.head)
-        set_masks(s.model, hm, cm)
+        load_device_model(s, state, hm, cm, int(ranks[i]), shrunk)
         accs.append(evaluate(s.model, data.eval_batches(s.task.eval, 64)))
     return np.asarray(accs)
 

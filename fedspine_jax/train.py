@@ -130,9 +130,22 @@ def group_scores(model, grads_model) -> tuple[jax.Array, jax.Array]:
     return jnp.stack(hs), jnp.stack(cs)
 
 
+def _scale_head(scale: float) -> optax.GradientTransformation:
+    """Multiply the updates of :class:`HeadParam` variables by ``scale`` (others unchanged)."""
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(
+            lambda v: v.replace(v[...] * scale) if isinstance(v, HeadParam) else v, updates,
+            is_leaf=lambda x: isinstance(x, nnx.Variable)), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 @functools.lru_cache(maxsize=None)
-def _optimizer(lr: float, weight_decay: float) -> optax.GradientTransformation:
-    return optax.adamw(lr, weight_decay=weight_decay)
+def _optimizer(lr: float, weight_decay: float, head_lr_scale: float = 1.0
+               ) -> optax.GradientTransformation:
+    """AdamW on LoRA factors and head; the head's step scaled by ``head_lr_scale``."""
+    tx = optax.adamw(lr, weight_decay=weight_decay)
+    return tx if head_lr_scale == 1.0 else optax.chain(tx, _scale_head(head_lr_scale))
 
 
 CRITERIA = ("lora", "fisher", "taylor")
@@ -280,7 +293,7 @@ def local_round(model, lora: dict, head: dict, head_masks: np.ndarray,
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r}: allowed {list(CRITERIA)}")
     graphdef, trainable, masks, rest = nnx.split(small, TRAINABLE, Mask, nnx.Variable)
-    tx = _optimizer(cfg.train.learning_rate, cfg.train.weight_decay)
+    tx = _optimizer(cfg.train.learning_rate, cfg.train.weight_decay, cfg.train.head_lr_scale)
     opt_state = tx.init(trainable)
     n_layers = arch.num_layers
     hc, fc = len(index.heads[0]), len(index.channels[0])

@@ -9,6 +9,7 @@ server drives the core :class:`fedspine_jax.federation.Federation` round and not
 * ``servicer`` -- the RPCs, status codes and :func:`make_server`;
 * ``auth`` -- bearer tokens per device (checked by an interceptor) and TLS credentials;
 * ``wire`` -- tensors as chunked streams with dtype and shape headers, and size limits;
+* ``models`` -- the devices' exported models at the end of a run, for ``FetchModel``;
 * ``cli`` -- ``fedspine server``.
 """
 

@@ -35,7 +35,8 @@ adds is what a network needs and a simulator does not:
 
 Everything else -- metrics lines compatible with the simulator's (``fedspine report``
 reads both), evaluation of the devices' models every ``federation.eval_every`` rounds --
-reuses ``fedspine_jax.simulation``.
+reuses ``fedspine_jax.simulation``; the devices' final models are exported for
+``FetchModel`` with ``fedspine_jax.export`` (``server.models``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from fedspine_jax.config import Config, dump_config, load_config, to_dict
 from fedspine_jax.federation import DeviceUpdate, UpdateRejected
 from fedspine_jax.models.state import get_head, get_lora
 from fedspine_jax.server import wire
+from fedspine_jax.server.models import ModelStore
 from fedspine_jax.train import initial_masks
 
 log = logging.getLogger("fedspine.server")
@@ -139,6 +141,9 @@ class Coordinator:
         self.fed = self.s.fed
         self.n = cfg.federation.num_devices
         self.rounds = cfg.federation.rounds
+        # the devices' exported models once the run is over (FetchModel)
+        self.models = ModelStore(self.out / "models", self.n, enabled=cfg.export.at_end)
+        self._tokenizer = None
         self._cv = threading.Condition()
         self._seq = 0
         self._gave_up: dict[int, str] = {}       # device -> "out_of_memory" / "failed: ..."
@@ -420,8 +425,9 @@ class Coordinator:
     def run(self, stop: threading.Event | None = None, linger_s: float = 10.0) -> dict | None:
         """Close rounds until the run is done (or ``stop`` is set); return the summary.
 
-        After the last round it waits up to ``linger_s`` for every device to be told the
-        run is over.
+        After the last round it exports every device's model (``export.at_end``; see
+        ``server.models``), then waits up to ``linger_s`` for every device to be told the
+        run is over and to fetch its model.
         """
         stop = stop or threading.Event()
         with self._cv:
@@ -431,17 +437,34 @@ class Coordinator:
                     self._cv.wait(self._wakeup())
                     continue
                 self._close(why)
-            end = time.monotonic() + linger_s
-            while self.done and not stop.is_set() and len(self._told_done) < self.n:
+        if self.done and not stop.is_set():
+            self.models.export_all(self._export_model, self.rounds)
+        end = time.monotonic() + linger_s
+        with self._cv:
+            while self.done and not stop.is_set() and (
+                    len(self._told_done) < self.n or not self.models.all_sent()):
                 left = end - time.monotonic()
                 if left <= 0:
                     break
-                self._cv.wait(left)
+                self._cv.wait(min(left, 0.5))  # model fetches do not notify this condition
         if not self.done:
             return None
         summary = simulation.summarize(self.out, self.cfg)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _export_model(self, device_id: int, out: Path) -> list[Path]:
+        """Export one device's final model (``ModelStore.export_all`` calls this)."""
+        from fedspine_jax.export.run import device_model, export_device
+        from fedspine_jax.models import load_tokenizer
+
+        if self._tokenizer is None:
+            from fedspine_jax.export.run import tokenizer_name
+
+            self._tokenizer = load_tokenizer(tokenizer_name(self.cfg))
+        dm = device_model(self.s, self.state, self._extra(), device_id, run=self.out.name,
+                          step=self.rounds, tokenizer=self._tokenizer)
+        return export_device(dm, out, self.cfg).files
 
     def _close(self, why: str) -> None:
         t0 = time.perf_counter()

@@ -54,6 +54,11 @@ class FederationStub:
                 request_serializer=fedspine__jax_dot_server_dot_fedspine__pb2.StatusReport.SerializeToString,
                 response_deserializer=fedspine__jax_dot_server_dot_fedspine__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.FetchModel = channel.unary_stream(
+                '/fedspine.v1.Federation/FetchModel',
+                request_serializer=fedspine__jax_dot_server_dot_fedspine__pb2.FetchModelRequest.SerializeToString,
+                response_deserializer=fedspine__jax_dot_server_dot_fedspine__pb2.ModelFrame.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -89,6 +94,17 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchModel(self, request, context):
+        """The device's own exported model once the run is over: a ModelHeader listing its files
+        (name, size, sha256), then the files' bytes in order, in chunks. Long-polls up to
+        wait_s while the server is still exporting, then answers MODEL_WAIT (ask again).
+        FAILED_PRECONDITION: the run is not over; NOT_FOUND: the server has no model for the
+        device (export switched off or failed; the message says why).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +127,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.ReportStatus,
                     request_deserializer=fedspine__jax_dot_server_dot_fedspine__pb2.StatusReport.FromString,
                     response_serializer=fedspine__jax_dot_server_dot_fedspine__pb2.StatusReply.SerializeToString,
+            ),
+            'FetchModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchModel,
+                    request_deserializer=fedspine__jax_dot_server_dot_fedspine__pb2.FetchModelRequest.FromString,
+                    response_serializer=fedspine__jax_dot_server_dot_fedspine__pb2.ModelFrame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +242,33 @@ class Federation:
             '/fedspine.v1.Federation/ReportStatus',
             fedspine__jax_dot_server_dot_fedspine__pb2.StatusReport.SerializeToString,
             fedspine__jax_dot_server_dot_fedspine__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedspine.v1.Federation/FetchModel',
+            fedspine__jax_dot_server_dot_fedspine__pb2.FetchModelRequest.SerializeToString,
+            fedspine__jax_dot_server_dot_fedspine__pb2.ModelFrame.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,6 +17,8 @@ status codes:
                             masks, a second and different update for the round
 ``RESOURCE_EXHAUSTED``      an upload larger than ``max_update_bytes`` (a single
                             message over the gRPC limit is refused by gRPC itself)
+``NOT_FOUND``               FetchModel: no exported model for the device (export
+                            off or failed; the message says why)
 ==========================  ====================================================
 
 The error message always names the problem; a refused update leaves the state unchanged.
@@ -33,7 +35,8 @@ from fedspine_jax.federation import DeviceUpdate, UpdateRejected
 from fedspine_jax.server import auth, wire
 from fedspine_jax.server import fedspine_pb2 as pb
 from fedspine_jax.server import fedspine_pb2_grpc as pb_grpc
-from fedspine_jax.server.coordinator import Coordinator, RunDone, StaleUpdate
+from fedspine_jax.server.coordinator import MAX_WAIT_S, Coordinator, RunDone, StaleUpdate
+from fedspine_jax.server.models import NoModel
 
 log = logging.getLogger("fedspine.server")
 
@@ -151,6 +154,32 @@ class FederationServicer(pb_grpc.FederationServicer):
         elif request.state == pb.TRAINING:
             log.debug("round %d: device %d training", request.round, dev)
         return pb.StatusReply(current_round=self.coord.state.round)
+
+    def FetchModel(self, request, context):
+        dev = self._device(context, request.device_id)
+        if not self.coord.done:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"the run is not over (collecting round {self.coord.state.round} of "
+                          f"{self.coord.rounds}): models are exported when it ends")
+        try:
+            files = self.coord.models.get(dev, min(float(request.wait_s), MAX_WAIT_S))
+        except NoModel as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        if files is None:
+            yield pb.ModelFrame(header=pb.ModelHeader(
+                status=pb.MODEL_WAIT, message="the server is exporting the models"))
+            return
+        yield pb.ModelFrame(header=pb.ModelHeader(
+            status=pb.MODEL_READY, round=self.coord.models.round,
+            files=[pb.ModelFile(name=f.name, size=f.size, sha256=f.sha256) for f in files]))
+        try:
+            for f in files:
+                with open(f.path, "rb") as fh:
+                    while chunk := fh.read(wire.CHUNK_BYTES):
+                        yield pb.ModelFrame(data=chunk)
+            log.info("device %d fetched its model (%s)", dev, ", ".join(f.name for f in files))
+        finally:  # also when the device hangs up after the header (it holds these files)
+            self.coord.models.sent(dev)
 
 
 def make_server(coord: Coordinator, tokens: auth.Tokens, listen: str,

@@ -68,14 +68,14 @@ def test_aggregate_lora_is_truncated_svd_of_weighted_sum(seed, shape, ranks, ran
     np.testing.assert_allclose(_prod(a, b), ref, atol=1e-5 * scale)
     if sum(ranks) <= rank:           # nothing truncated: the product is the sum itself
         np.testing.assert_allclose(_prod(a, b), dense, atol=1e-5 * scale)
-    # Balanced split: a^T a = b b^T = diag(S), singular values in decreasing order.
+    # Split: a has orthonormal columns, b b^T = diag(S^2), singular values decreasing.
     gram_a = np.asarray(a, np.float64).T @ np.asarray(a, np.float64)
     gram_b = np.asarray(b, np.float64) @ np.asarray(b, np.float64).T
     t = min(rank, s.size)
-    s_ref = np.zeros(rank)
-    s_ref[:t] = s[:t]
-    np.testing.assert_allclose(gram_a, np.diag(s_ref), atol=1e-5 * scale)
-    np.testing.assert_allclose(gram_b, np.diag(s_ref), atol=1e-5 * scale)
+    s_ref, eye = np.zeros(rank), np.zeros(rank)
+    s_ref[:t], eye[:t] = s[:t], 1.0
+    np.testing.assert_allclose(gram_a, np.diag(eye), atol=1e-5)
+    np.testing.assert_allclose(gram_b, np.diag(s_ref ** 2), atol=1e-5 * scale ** 2)
 
 
 @pytest.mark.parametrize("shape", [(48, 40), (16, 11)])      # QR route, dense-core route
@@ -84,8 +84,9 @@ def test_aggregate_lora_pads_when_sum_of_ranks_is_below_rank(shape):
     w = jnp.asarray([0.25, 0.75])
     a, b = agg.aggregate_lora(a_list, b_list, w, 8)
     assert a.shape == (shape[0], 8) and b.shape == (8, shape[1])
-    np.testing.assert_array_equal(np.asarray(a[:, 3:]), 0.0)
-    np.testing.assert_array_equal(np.asarray(b[3:]), 0.0)
+    # Directions past the sum's rank 3: zero rows of b, orthonormal (trainable) columns of a.
+    np.testing.assert_allclose(np.asarray(b[3:]), 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a).T @ np.asarray(a), np.eye(8), atol=1e-5)
     np.testing.assert_allclose(_prod(a, b), _dense(a_list, b_list, w), atol=1e-5)
 
 
@@ -171,6 +172,21 @@ def test_shrink_lora_is_the_best_rank_r_approximation(seed, shape, r, rank):
     err = np.linalg.norm(dense - _prod(a, b))
     np.testing.assert_allclose(err, np.sqrt(np.sum(s[rank:] ** 2)), rtol=1e-4, atol=1e-5 * scale)
 
+
+
+def test_shrunk_fresh_lora_stays_trainable():
+    """Round 1: the global pair is a fresh LoRA (Gaussian a, zero b). Shrinking it for a
+    lower-rank device must give an orthonormal a (a zero a and zero b would be a saddle where
+    neither factor gets a gradient), and still the zero product."""
+    rng = np.random.default_rng(0)
+    a0 = jnp.asarray(0.02 * rng.normal(size=(48, 8)), jnp.float32)
+    a, b = agg.shrink_lora(a0, jnp.zeros((8, 40), jnp.float32), 4)
+    np.testing.assert_allclose(np.asarray(a).T @ np.asarray(a), np.eye(4), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(b), 0.0)
+    # The gradient of a loss of x @ a @ b with respect to b is then non-zero.
+    x = jnp.asarray(rng.normal(size=(5, 48)), jnp.float32)
+    g_b = jax.grad(lambda bb: jnp.sum(jnp.sin(x @ a @ bb + 1.0)))(b)
+    assert float(jnp.abs(g_b).max()) > 1e-3
 
 @FAST
 # XLA on CPU flushes subnormals to zero, so a subnormal total counts as "all zero" there.

@@ -511,6 +511,74 @@ def test_bad_updates_refused_state_unchanged(tls_server, tokens_dir):
     assert rows[1]["devices"] == [0, 1] and rows[1]["stragglers"] == [2]
 
 
+
+def test_fetch_model_over_loopback_grpc(tmp_path, tokens_dir, shared_data):
+    """A one-round run on an in-process server: devices answer with their tasks' own
+    tensors; when the round closes the server exports every device's model and device 0's
+    agent fetches its own over FetchModel (bytes and sha256 checked, a second fetch sends
+    nothing); another device's token is refused."""
+    pytest.importorskip("jax2onnx")
+    pytest.importorskip("onnxruntime")
+    import threading
+
+    from fedspine_jax.device_runtime.agent import AgentError, Backoff, DeviceAgent
+    from fedspine_jax.device_runtime.inference import load
+    from fedspine_jax.export import tensorrt
+    from fedspine_jax.export.metadata import sha256_file
+    from fedspine_jax.server.coordinator import Coordinator
+    from fedspine_jax.server.servicer import make_server
+
+    sets = _sets(shared_data, ["federation.rounds=1"])
+    cfg = load_config(TINY, sets)
+    coord = Coordinator(cfg, tmp_path / "run")
+    server, port = make_server(coord, auth.Tokens.load(tokens_dir / "tokens.json"),
+                               "127.0.0.1:0")
+    stop = threading.Event()
+    runner = threading.Thread(target=coord.run, args=(stop, 2.0), daemon=True)
+    runner.start()
+    try:
+        agents = [DeviceAgent(cfg, i, f"127.0.0.1:{port}", token(tokens_dir, i),
+                              backoff=Backoff(give_up_s=30), wait_s=2) for i in range(N)]
+        with pytest.raises(AgentError, match="FAILED_PRECONDITION.*run is not over"):
+            agents[0].fetch_model(tmp_path / "dev0")
+        for i in range(N):
+            c = Client(port, token(tokens_dir, i))
+            c.register(i, config_digest(cfg))
+            header, task = c.fetch(i)
+            assert not c.upload(stand_in_update(i, header, task)).duplicate
+        onnx = agents[0].fetch_model(tmp_path / "dev0")  # waits while the server exports
+        served = coord.models.get(0, 0)
+        assert [f.name for f in served] == ["model.onnx"] and onnx.name == "model.onnx"
+        for f in served:
+            got = tmp_path / "dev0" / f.name
+            assert got.stat().st_size == f.size
+            assert got.read_bytes() == f.path.read_bytes()
+            assert sha256_file(got) == f.sha256
+        assert not list((tmp_path / "dev0").glob("*.part"))
+        stamp = onnx.stat().st_mtime_ns
+        assert agents[0].fetch_model(tmp_path / "dev0") == onnx
+        assert onnx.stat().st_mtime_ns == stamp  # already held: not sent again
+        pred = load(onnx)
+        assert pred.meta.source["device_id"] == 0 and pred.meta.source["round"] == 1
+        assert len(pred.classify(["a gripping film"])) == 1
+        if not tensorrt.available():
+            assert agents[0].prepare_engine(onnx, tmp_path / "engines") is None
+        other = Client(port, token(tokens_dir, 1))
+        with pytest.raises(grpc.RpcError) as e:
+            list(other.stub.FetchModel(pb.FetchModelRequest(device_id=0), metadata=other.md,
+                                       timeout=30))
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        for i in (1, 2):
+            agents[i].fetch_model(tmp_path / f"dev{i}")
+        runner.join(60)
+        assert not runner.is_alive()
+        manifest = json.loads((tmp_path / "run" / "models" / "manifest.json").read_text())
+        assert sorted(manifest["files"]) == ["0", "1", "2"] and manifest["errors"] == {}
+    finally:
+        stop.set()
+        server.stop(0)
+
+
 @pytest.mark.slow
 def test_three_devices_match_simulation(procs, env, tmp_path, tokens_dir, shared_data,
                                         reference):

@@ -19,7 +19,9 @@ from fedspine_jax.models import (
     load_pretrained,
     resize_lora,
 )
+from fedspine_jax.models import lora as lora_module
 from fedspine_jax.models.compaction import compact, expand_lora
+from fedspine_jax.models.lora import Mask, lora_branch
 
 
 def tiny_arch(arch: str, **kw) -> ArchConfig:
@@ -100,6 +102,88 @@ def test_lora_rank_zero_and_scaling():
     lin.lora_b.set_value(jnp.ones((8, 32)) * 0.01)
     expect = x @ lin.kernel[...] + lin.bias[...] + 2.0 * (x @ lin.lora_a[...]) @ lin.lora_b[...]
     np.testing.assert_allclose(lin(x), expect, atol=1e-6)
+
+
+def _plain_branch(x, a, b):
+    return (x @ a) @ b
+
+
+@pytest.mark.parametrize("lead,d_in,r,d_out", [
+    ((5,), 16, 4, 12),            # 2-D input
+    ((3, 7), 16, 8, 24),          # (batch, tokens, in), as in the model
+    ((2, 3, 4), 9, 1, 5),         # more leading dims
+    ((), 6, 3, 4),                # a single vector
+    ((3, 7), 16, 0, 24),          # rank 0: zero-width factors
+    ((0, 7), 16, 4, 24),          # empty batch
+])
+def test_lora_branch_vjp_matches_autodiff(lead, d_in, r, d_out):
+    ka, kb, kx, kt = jax.random.split(jax.random.PRNGKey(sum(lead) + d_in + r), 4)
+    x = jax.random.normal(kx, lead + (d_in,))
+    a = jax.random.normal(ka, (d_in, r))
+    b = jax.random.normal(kb, (r, d_out))
+    dy = jax.random.normal(kt, lead + (d_out,))
+    y, vjp = jax.vjp(lora_branch, x, a, b)
+    y_ref, vjp_ref = jax.vjp(_plain_branch, x, a, b)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    for got, ref, primal in zip(vjp(dy), vjp_ref(dy), (x, a, b)):
+        assert got.shape == primal.shape and got.dtype == primal.dtype
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # under jit, and inside a scalar loss with the LoRA scaling (as LoRALinear uses it)
+    loss = lambda f: lambda x, a, b: jnp.sum(jnp.tanh(2.0 * f(x, a, b)))  # noqa: E731
+    g = jax.jit(jax.grad(loss(lora_branch), argnums=(0, 1, 2)))(x, a, b)
+    g_ref = jax.grad(loss(_plain_branch), argnums=(0, 1, 2))(x, a, b)
+    for got, ref in zip(g, g_ref):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_branch_keeps_dtypes():
+    x = jnp.ones((2, 3, 8), jnp.bfloat16)
+    a = jnp.full((8, 2), 0.5, jnp.bfloat16)
+    b = jnp.full((2, 4), 0.25, jnp.bfloat16)
+    y, vjp = jax.vjp(lora_branch, x, a, b)
+    assert y.dtype == jnp.bfloat16
+    assert [g.dtype for g in vjp(jnp.ones_like(y))] == [jnp.bfloat16] * 3
+    # mixed: bf16 activations with f32 factors promote like the plain expression does
+    y2, vjp2 = jax.vjp(lora_branch, x, a.astype(jnp.float32), b.astype(jnp.float32))
+    assert y2.dtype == jnp.float32
+    assert [g.dtype for g in vjp2(jnp.ones_like(y2))] == [jnp.bfloat16, jnp.float32,
+                                                          jnp.float32]
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_model_grads_with_custom_vjp_match_plain_autodiff(arch, monkeypatch):
+    """jax.jit + nnx.grad through a whole tiny model (LoRA and mask gradients, as train_step
+    and the Fisher / Taylor criteria take them) equal autodiff of the plain LoRA branch."""
+    m = prune_some(randomize_lora(build_model(tiny_arch(arch))))
+    ids, am = inputs()
+    graphdef, state = nnx.split(m)
+    w = jax.random.normal(jax.random.PRNGKey(3), m(ids, am).shape)
+    wrt = nnx.DiffState(0, nnx.Any(nnx.LoRAParam, Mask))
+
+    def grads():
+        @jax.jit
+        def f(state, ids, am):
+            model = nnx.merge(graphdef, state)
+            return nnx.state(nnx.grad(lambda mod: jnp.sum(jnp.tanh(mod(ids, am)) * w),
+                                      argnums=wrt)(model))
+        return nnx.to_flat_state(f(state, ids, am))
+
+    def uses_custom_vjp():
+        jaxpr = jax.make_jaxpr(lambda st: nnx.merge(graphdef, st)(ids, am))(state)
+        return "custom_vjp_call" in str(jaxpr)
+
+    assert uses_custom_vjp()
+    got = grads()
+    monkeypatch.setattr(lora_module, "lora_branch", _plain_branch)
+    assert not uses_custom_vjp()
+    ref = grads()
+    assert [p for p, _ in got] == [p for p, _ in ref]
+    assert any(p[-1] == "lora_a" for p, _ in got) and any(p[-1] == "head_mask" for p, _ in got)
+    for (path, g), (_, g_ref) in zip(got, ref):
+        np.testing.assert_allclose(g[...], g_ref[...], rtol=1e-5, atol=1e-6, err_msg=str(path))
+    # not vacuous: apart from the LoRA of layer 1 (all heads and channels pruned), all non-zero
+    zero = {p for p, g in ref if float(jnp.abs(g[...]).max()) == 0}
+    assert zero and all(p[:2] == ("layers", 1) and p[-1].startswith("lora") for p in zero), zero
 
 
 # ----------------------------------------------------------------------------- masks

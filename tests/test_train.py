@@ -96,3 +96,31 @@ def test_minilm_local_round_raises_heldout_accuracy(shared_data, tiny_config_pat
     after = evaluate(model, D.eval_batches(task.eval, 50))
     assert res.loss_after < res.loss_before
     assert after > before + 0.1, (before, after)
+
+
+def test_head_lr_scale_scales_only_the_head_step():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fedspine_jax.train import TRAINABLE, _optimizer
+
+    model = build_model(ArchConfig(arch="bert", vocab_size=50, hidden_size=8, num_layers=1,
+                                   num_heads=2, num_kv_heads=2, head_dim=4,
+                                   intermediate_size=16, max_positions=16, num_labels=2,
+                                   lora_rank=2))
+    _, trainable, _ = nnx.split(model, TRAINABLE, ...)
+    grads = jax.tree.map(jnp.ones_like, trainable)
+    steps = {}
+    for scale in (1.0, 0.1):
+        tx = _optimizer(1e-2, 0.0, scale)
+        up, _ = tx.update(grads, tx.init(trainable), trainable)
+        steps[scale] = {jax.tree_util.keystr(p): float(jnp.abs(v).max())
+                        for p, v in jax.tree_util.tree_flatten_with_path(up)[0]}
+    head = [k for k in steps[1.0] if "classifier" in k]
+    lora = [k for k in steps[1.0] if "lora_" in k]
+    assert head and lora
+    for k in head:
+        np.testing.assert_allclose(steps[0.1][k], 0.1 * steps[1.0][k], rtol=1e-5)
+    for k in lora:
+        assert steps[0.1][k] == steps[1.0][k] > 0

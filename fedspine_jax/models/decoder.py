@@ -81,8 +81,9 @@ class Decoder(nnx.Module):
         l = input_ids.shape[1]
         lmax = key_valid.shape[1]
         rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        q_slot = cache_pos + jnp.arange(l)
-        causal = jnp.arange(lmax)[None, :] <= q_slot[:, None]            # (L, Lmax)
+        # lax.iota rather than jnp.arange: also traces with symbolic L, Lmax (ONNX export)
+        q_slot = cache_pos + jax.lax.iota(jnp.int32, l)
+        causal = jax.lax.iota(jnp.int32, lmax)[None, :] <= q_slot[:, None]   # (L, Lmax)
         allowed = causal[None, None] & (key_valid[:, None, None, :] > 0)
         bias = jnp.where(allowed, 0.0, NEG_INF)
         x = self.embed(input_ids)

@@ -65,7 +65,8 @@ class Encoder(nnx.Module):
         if self.cfg.arch == "roberta":
             valid = (input_ids_bl != self.cfg.pad_token_id).astype(jnp.int32)
             return jnp.cumsum(valid, axis=1) * valid + self.cfg.pad_token_id
-        return jnp.broadcast_to(jnp.arange(input_ids_bl.shape[1]), input_ids_bl.shape)
+        # iota rather than arange + broadcast: also traces with symbolic (B, L) (ONNX export)
+        return jax.lax.broadcasted_iota(jnp.int32, input_ids_bl.shape, 1)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
         """input_ids, attention_mask, token_type_ids: (B, L) int -> see class docstring."""

@@ -19,9 +19,18 @@ growing appends Gaussian columns to ``a`` and zero rows to ``b`` (and rescales `
 r_new / r_old for the changed alpha / r), so the output is unchanged; shrinking replaces the
 update by its best rank-r approximation (Eckart-Young), computed from the factors by QR and
 an SVD of the small r x r core so no (in, out) matrix is formed.
+
+The LoRA branch ``(x @ a) @ b`` has a hand-written backward (:func:`lora_branch`, a
+``jax.custom_vjp``) that flattens the token dimensions and computes the four gradient
+products as 2-D matmuls. The gradients are the autodiff ones (the same products, summed in
+another order); what changes is XLA's schedule: under plain autodiff it computes the ``b``
+gradient of fc1 as a contraction over the 3-D token dims and fuses the GELU backward into a
+transposing copy of ``dy`` that took 23-32 % of a CPU LoRA step (notes/local_step.md).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +48,53 @@ class Mask(nnx.Variable):
 def lora_scale(alpha: float, rank: int) -> float:
     """The LoRA output scaling alpha / r (0 for rank 0)."""
     return float(alpha) / rank if rank > 0 else 0.0
+
+
+@jax.custom_vjp
+def lora_branch(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """The unscaled LoRA branch ``(x @ a) @ b``, with a 2-D backward (see the design note).
+
+    Args:
+      x: (..., in) inputs, any number of leading (batch, token) dims, including none.
+      a: (in, r) LoRA factor (Gaussian init); b: (r, out) LoRA factor (zero init); r may be 0.
+    Returns:
+      (..., out), the dtype of ``(x @ a) @ b`` (jnp promotion). Gradients have the dtypes
+      and shapes of ``x``, ``a``, ``b``: with ``t = dy`` flattened to ``(N, out)`` (N the
+      product of the leading dims), ``x2 = x`` as ``(N, in)`` and ``xa2 = x @ a`` as
+      ``(N, r)``::
+
+          g_b = xa2.T @ t        (r, out)
+          dxa = t @ b.T          (N, r)
+          g_a = x2.T @ dxa       (in, r)
+          dx  = dxa @ a.T        (N, in) -> (..., in)
+
+    Reverse mode only (a ``custom_vjp`` has no forward-mode rule: ``jax.jvp`` through the
+    LoRA branch raises); it composes with ``jit``, ``vmap``, ``grad`` and ``remat``.
+    """
+    return (x @ a) @ b
+
+
+def _lora_branch_fwd(x, a, b):
+    xa = x @ a
+    return xa @ b, (x, a, b, xa)
+
+
+def _lora_branch_bwd(res, dy):
+    x, a, b, xa = res
+    d_in, r = a.shape
+    d_out = b.shape[1]
+    n = math.prod(x.shape[:-1])      # explicit N: reshape(-1, 0) is ambiguous when r == 0
+    t = dy.reshape(n, d_out)
+    x2 = x.reshape(n, d_in)
+    xa2 = xa.reshape(n, r)
+    g_b = xa2.T @ t
+    dxa = t @ b.T
+    g_a = x2.T @ dxa
+    dx = (dxa @ a.T).reshape(x.shape)
+    return dx.astype(x.dtype), g_a.astype(a.dtype), g_b.astype(b.dtype)
+
+
+lora_branch.defvjp(_lora_branch_fwd, _lora_branch_bwd)
 
 
 class LoRALinear(nnx.Module):
@@ -77,7 +133,7 @@ class LoRALinear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...]
         if self.rank > 0:
-            y = y + ((x_bli @ self.lora_a[...]) @ self.lora_b[...]) * lora_scale(
+            y = y + lora_branch(x_bli, self.lora_a[...], self.lora_b[...]) * lora_scale(
                 self.alpha, self.rank)
         return y
 

@@ -1,0 +1,348 @@
+"""Inference latency and peak memory of MiniLM-L6 dense and structurally pruned, per back end.
+
+Models: the offline MiniLM-L6 (``load_pretrained("minilm-l6", num_labels=2)``; the
+classifier head is random, which does not change the cost) dense, and pruned 30 % and 50 %
+structurally -- in every layer the given fraction of attention heads and of FFN channels
+(rounded: 8 of 12 heads and 1075 of 1536 channels at 30 %, 6 and 768 at 50 %), chosen by
+weight magnitude -- then physically compacted with ``compaction.compact`` (the exporter's
+path). Back ends:
+
+* ``ort``   -- the file ``fedspine export`` writes (opset 17, verified against JAX here),
+  run by the inference runtime's ONNX Runtime back end (``device_runtime.inference``: CPU
+  provider, all graph optimisations, one intra-op thread per core, idle workers sleep
+  instead of spinning);
+* ``jax``   -- the compacted model's forward under ``jax.jit`` (XLA CPU);
+* ``torch`` -- the peer: Hugging Face ``AutoModelForSequenceClassification`` in eager mode
+  (``torch.inference_mode``) from the same local weights, dense only.
+
+Inputs are real SST-2 validation sentences (``../shared/data/sst2`` beside the repository,
+else a fixed sentence list) tokenised and padded to ``--seq`` (64), at batch 1, 32 and 128.
+
+**Latency**: one child process loads every (back end, model) and times them round-robin,
+call by call, so that a shared machine's changing load hits all of them alike and the
+ratios -- against the dense model and against the peer -- stay fair (separate processes
+measured minutes apart disagreed by up to 4x for the peer on this box): the median after
+two warm-up calls (JAX compiles in the first), at least ``--min-repeats`` calls each, more
+while under ``--budget-s`` seconds per (back end, model) and batch size.
+
+**Peak memory**: one child per (back end, model), so models do not share a process: the
+peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` after a
+warm-up call at each batch size) minus the resident set before the model was loaded (its
+library already imported) -- weights, runtime buffers and activations. The JAX child builds
+its model from the full pretrained one (load, mask, compact), whose freed host memory the
+allocator keeps: its figures include the unpruned model and do not shrink with pruning.
+
+Ratios against the peer are taken **in the same run**: ``ort_pruned50_vs_dense`` (target
+<= 0.55, the paper reports 51.4 % on RoBERTa) and ``ort_dense_vs_torch`` (target <= 1.0).
+The machine is shared: the 1-minute load average at start and end is printed.
+
+``--gpu`` runs the ONNX Runtime rows with the CUDA execution provider (and torch on CUDA,
+JAX on its default device); it needs ``onnxruntime-gpu`` and has not been run on this
+project's CPU-only machines.
+
+    python benchmarks/inference.py [--batches 1 32 128] [--seq 64] [--ratios 0.3 0.5]
+                                   [--budget-s 3] [--gpu] [--keep DIR]
+
+Prints one JSON object (progress on stderr). 2.5-4 minutes on a 2-core CPU (load 1.5-3).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SST2 = REPO.parent / "shared" / "data" / "sst2" / "validation.jsonl"
+FALLBACK = ["a gripping, beautifully acted film that stays with you",
+            "the plot is thin and the jokes fall flat", "an uneven but often funny comedy",
+            "one of the best films of the year"]
+
+
+# ---------------------------------------------------------------- shared by parent and child
+def _status(key: str) -> int:
+    """A ``/proc/self/status`` field in bytes (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def pruned_minilm(ratio: float):
+    """MiniLM-L6 with a classification head and ``ratio`` of every layer's heads and FFN
+    channels masked (the lowest-magnitude ones); returns (model, tokenizer)."""
+    from fedspine_jax.models import load_pretrained
+    from fedspine_jax.models.state import set_masks
+
+    model, tok = load_pretrained("minilm-l6", num_labels=2)
+    if ratio <= 0:
+        return model, tok
+    cfg = model.cfg
+    keep_h = max(1, round(cfg.num_heads * (1 - ratio)))
+    keep_c = max(1, round(cfg.intermediate_size * (1 - ratio)))
+    hm = np.zeros((cfg.num_layers, cfg.num_heads), np.float32)
+    cm = np.zeros((cfg.num_layers, cfg.intermediate_size), np.float32)
+    dh = cfg.head_dim
+    for i, lay in enumerate(model.layers):
+        o = np.asarray(lay.attn.o.kernel[...]).reshape(cfg.num_heads, dh, -1)
+        hm[i, np.argsort(-np.linalg.norm(o.reshape(cfg.num_heads, -1), axis=1))[:keep_h]] = 1
+        w1 = np.linalg.norm(np.asarray(lay.mlp.fc1.kernel[...]), axis=0)
+        w2 = np.linalg.norm(np.asarray(lay.mlp.fc2.kernel[...]), axis=1)
+        cm[i, np.argsort(-(w1 * w2))[:keep_c]] = 1
+    set_masks(model, hm, cm)
+    return model, tok
+
+
+def inputs(tok, batch: int, seq: int) -> dict:
+    """int32 (batch, seq) inputs of real sentences, padded to ``seq``."""
+    if SST2.is_file():
+        lines = SST2.read_text().splitlines()
+        texts = [json.loads(x)["sentence"] for x in lines[:batch]]
+    else:
+        texts = []
+    while len(texts) < batch:
+        texts += FALLBACK
+    enc = tok(texts[:batch], padding="max_length", truncation=True, max_length=seq,
+              return_tensors="np")
+    ids = enc["input_ids"].astype(np.int32)
+    tt = enc.get("token_type_ids")
+    return {"input_ids": ids, "attention_mask": enc["attention_mask"].astype(np.int32),
+            "token_type_ids": np.zeros_like(ids) if tt is None else tt.astype(np.int32)}
+
+
+# ---------------------------------------------------------------- children
+def load_call(backend: str, spec: dict, name: str):
+    """A function ``feeds -> logits`` running model ``name`` on ``backend``."""
+    from fedspine_jax.models.loading import resolve
+
+    if backend == "ort":  # the inference runtime's own ONNX Runtime back end
+        from fedspine_jax.device_runtime.inference import OrtBackend
+
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if spec["gpu"]
+                     else ["CPUExecutionProvider"])
+        ort_backend = OrtBackend(Path(spec["onnx"][name]), providers)
+        if spec["gpu"] and "CUDAExecutionProvider" not in ort_backend.providers:
+            raise SystemExit("--gpu: this onnxruntime has no CUDA execution provider "
+                             "(pip install onnxruntime-gpu)")
+        return lambda feeds: ort_backend.run(feeds)[0]
+    if backend == "jax":
+        import jax
+        from flax import nnx
+
+        from fedspine_jax.models.compaction import compact
+
+        model, _ = pruned_minilm(spec["ratios"][name])
+        small, _ = compact(model, merge_lora=True)
+        del model
+        graphdef, state = nnx.split(small)
+        fwd = jax.jit(lambda st, a, b, c: nnx.merge(graphdef, st)(a, b, c))
+        return lambda feeds: jax.block_until_ready(fwd(
+            state, feeds["input_ids"], feeds["attention_mask"], feeds["token_type_ids"]))
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    dev = "cuda" if spec["gpu"] and torch.cuda.is_available() else "cpu"
+    tm = AutoModelForSequenceClassification.from_pretrained(
+        str(resolve("minilm-l6")), num_labels=2).eval().to(dev)
+
+    def call(feeds):
+        with torch.inference_mode():
+            return tm(**{k: torch.from_numpy(v.astype(np.int64)).to(dev)
+                         for k, v in feeds.items()}).logits.cpu().numpy()
+    return call
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from fedspine_jax.models.loading import resolve
+
+    return AutoTokenizer.from_pretrained(str(resolve("minilm-l6")))
+
+
+def child_latency(spec: dict) -> dict:
+    """Every (back end, model) in one process, timed round-robin call by call, so that the
+    shared machine's changing load hits all of them alike (ratios stay fair)."""
+    tok = _tokenizer()
+    jobs = [tuple(j) for j in spec["jobs"]]
+    calls = {j: load_call(j[0], spec, j[1]) for j in jobs}
+    out: dict = {}
+    for b in spec["batches"]:
+        feeds = inputs(tok, b, spec["seq"])
+        for call in calls.values():
+            for _ in range(2):  # warm-up (JAX compiles in the first)
+                call(feeds)
+        times = {j: [] for j in jobs}
+        start = time.perf_counter()
+        budget = spec["budget_s"] * len(jobs)
+        while True:
+            for j, call in calls.items():
+                t = time.perf_counter()
+                call(feeds)
+                times[j].append(time.perf_counter() - t)
+            n = len(times[jobs[0]])
+            if n >= spec["max_repeats"] or (n >= spec["min_repeats"] and
+                                            time.perf_counter() - start >= budget):
+                break
+        for (backend, model), ts in times.items():
+            out.setdefault(backend, {}).setdefault(model, {})[str(b)] = {
+                "latency_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts),
+                "calls": len(ts)}
+    return out
+
+
+def _import_backend(backend: str) -> None:
+    if backend == "ort":
+        import onnxruntime  # noqa: F401
+
+        from fedspine_jax.device_runtime import inference  # noqa: F401
+    elif backend == "jax":
+        import jax  # noqa: F401
+
+        from fedspine_jax.models import compaction, load_pretrained  # noqa: F401
+    else:
+        import torch  # noqa: F401
+        from transformers import AutoModelForSequenceClassification  # noqa: F401
+
+
+def child_memory(spec: dict) -> dict:
+    """One model on one back end: peak resident memory per batch size (see the module note)."""
+    tok = _tokenizer()
+    _import_backend(spec["backend"])  # library code is not the model's memory
+    base = _status("VmRSS")
+    call = load_call(spec["backend"], spec, spec["model"])
+    out = {"weights_mib": (_status("VmRSS") - base) / 2**20}
+    for b in spec["batches"]:
+        feeds = inputs(tok, b, spec["seq"])
+        call(feeds)  # warm-up: compilation / arena set-up are not the model's steady state
+        _reset_peak()
+        call(feeds)
+        out[str(b)] = (_status("VmHWM") - base) / 2**20
+    return out
+
+
+# ---------------------------------------------------------------- the parent
+def run_child(kind: str, spec: dict, gpu: bool):
+    env = dict(os.environ)
+    if not gpu:
+        env["JAX_PLATFORMS"] = "cpu"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)],
+                         capture_output=True, text=True, env=env, cwd=REPO)
+    if out.returncode != 0:
+        raise SystemExit(f"{kind} child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
+    p.add_argument("--min-repeats", type=int, default=3)
+    p.add_argument("--max-repeats", type=int, default=50)
+    p.add_argument("--budget-s", type=float, default=3.0,
+                   help="timing budget per (model, back end, batch) after the minimum repeats")
+    p.add_argument("--gpu", action="store_true", help="ONNX Runtime CUDA provider (untested)")
+    p.add_argument("--keep", help="write the exported ONNX files here (default: a temp dir)")
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        kind, spec = args.child
+        fn = child_latency if kind == "latency" else child_memory
+        print(json.dumps(fn(json.loads(spec))))
+        return
+    load_start = os.getloadavg()[0]
+    t_start = time.perf_counter()
+    from fedspine_jax.export.onnx_export import export_model
+
+    tmp = tempfile.TemporaryDirectory()
+    out_dir = Path(args.keep or tmp.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ratios = {"dense": 0.0, **{f"pruned{round(100 * r)}": r for r in args.ratios}}
+    exported = {}
+    for name, ratio in ratios.items():
+        model, tok = pruned_minilm(ratio)
+        r = export_model(model, out_dir / f"minilm_{name}.onnx", tokenizer=tok, task="sst2",
+                         max_len=args.seq, sample=inputs(tok, 8, args.seq))
+        exported[name] = {"file_mib": round(r.bytes / 2**20, 2), "params": r.meta.params,
+                          "dense_params": r.meta.dense_params,
+                          "heads_per_layer": r.meta.heads[0],
+                          "channels_per_layer": r.meta.channels[0],
+                          "max_abs_diff_vs_jax": r.max_abs_diff,
+                          "export_s": round(sum(r.seconds.values()), 1)}
+        print(f"exported {name}: {r.bytes / 2**20:.1f} MiB, max abs diff vs JAX "
+              f"{r.max_abs_diff:.2g}", file=sys.stderr)
+    common = {"batches": args.batches, "seq": args.seq, "gpu": args.gpu, "ratios": ratios,
+              "onnx": {m: str(out_dir / f"minilm_{m}.onnx") for m in ratios},
+              "min_repeats": args.min_repeats, "max_repeats": args.max_repeats,
+              "budget_s": args.budget_s}
+    jobs = [("ort", m) for m in ratios] + [("jax", m) for m in ratios] + [("torch", "dense")]
+    latency = run_child("latency", {**common, "jobs": jobs}, args.gpu)
+    memory: dict = {}
+    for backend, m in jobs:
+        memory.setdefault(backend, {})[m] = run_child(
+            "memory", {**common, "backend": backend, "model": m}, args.gpu)
+        print(f"{backend}/{m}: " + ", ".join(
+            f"b{b} {latency[backend][m][str(b)]['latency_ms']:.1f} ms "
+            f"{memory[backend][m][str(b)]:.0f} MiB" for b in args.batches), file=sys.stderr)
+
+    def lat(backend, name, b):
+        return latency[backend][name][str(b)]["latency_ms"]
+
+    table = {}
+    for b in args.batches:
+        r = {f"ort_{m}_vs_dense": lat("ort", m, b) / lat("ort", "dense", b)
+             for m in ratios if m != "dense"}
+        r.update({f"jax_{m}_vs_dense": lat("jax", m, b) / lat("jax", "dense", b)
+                  for m in ratios if m != "dense"})
+        r["ort_dense_vs_torch"] = lat("ort", "dense", b) / lat("torch", "dense", b)
+        r["jax_dense_vs_torch"] = lat("jax", "dense", b) / lat("torch", "dense", b)
+        table[str(b)] = {k: round(v, 3) for k, v in r.items()}
+    half = "ort_pruned50_vs_dense"
+    targets = {
+        "ort_pruned50_le_0.55x_dense": {b: v[half] <= 0.55 for b, v in table.items()
+                                        if half in v},
+        "ort_dense_le_torch": {b: v["ort_dense_vs_torch"] <= 1.0 for b, v in table.items()},
+    }
+    import jax
+    import onnxruntime
+    import torch
+
+    out = {
+        "benchmark": "inference", "model": "minilm-l6 (+2-label head)", "seq": args.seq,
+        "device": "gpu" if args.gpu else "cpu",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "load_average_1m_at_start": round(load_start, 2),
+                    "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+                    "onnxruntime": onnxruntime.__version__, "jax": jax.__version__,
+                    "torch": torch.__version__},
+        "models": exported, "latency": latency, "peak_memory_mib": memory,
+        "ratios": table, "targets": targets,
+        "wall_s": round(time.perf_counter() - t_start, 1)}
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""``fedspine export``: a device's pruned model -> verified ONNX -> (optionally) TensorRT.
+
+::
+
+    fedspine export runs/sst2 --device-id 3 --out dev3.onnx
+    fedspine export runs/sst2 --device-id 3 --out dev3.onnx --engine dev3.plan --fp16 \\
+        --min-shape batch=1,seq=1 --opt-shape batch=8,seq=64 --max-shape batch=32,seq=128
+    fedspine export dev3.onnx --engine dev3.plan          # engine from an exported file
+
+The ONNX export always verifies itself against the JAX model (max abs difference
+printed; it fails above ``export.tolerance``). ``--engine`` needs the ``tensorrt``
+package; without it the command fails, says how to install it and prints the equivalent
+``trtexec`` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="a run directory (fedspine simulate / server --out) or an "
+                   "exported .onnx file (then only --engine is built)")
+    p.add_argument("--device-id", type=int, help="the device whose model to export (run "
+                   "directories)")
+    p.add_argument("--out", help="the .onnx file to write (run directories)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override a value of the run's config, "
+                   "e.g. data.source=<the data on this machine> (repeatable)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the run's export.opset)")
+    p.add_argument("--tolerance", type=float,
+                   help="max abs difference ONNX Runtime vs JAX (default: export.tolerance)")
+    p.add_argument("--engine", help="also build a TensorRT engine here (.plan)")
+    p.add_argument("--fp16", action="store_true", help="TensorRT: allow FP16 kernels")
+    for which in ("min", "opt", "max"):
+        p.add_argument(f"--{which}-shape", metavar="DIMS",
+                       help=f"TensorRT profile {which}: batch=N,seq=N[,cache=N] or "
+                            f"trtexec's input:AxB,...")
+    p.add_argument("--workspace-gib", type=float, default=2.0,
+                   help="TensorRT builder workspace limit (default %(default)s GiB)")
+
+
+def _err(msg: str) -> int:
+    print(f"fedspine export: {msg}", file=sys.stderr)
+    return 2
+
+
+def run_cli(args) -> int:
+    from fedspine_jax.export.onnx_export import ExportError
+    from fedspine_jax.export.tensorrt import TensorRTUnavailable, build_engine
+
+    src = Path(args.source)
+    onnx_path = None
+    try:
+        if src.suffix == ".onnx":
+            if args.out or args.device_id is not None:
+                return _err("--out / --device-id are for run directories; with an .onnx "
+                            "source give --engine")
+            if not args.engine:
+                return _err("an .onnx source needs --engine (the file is already exported)")
+            onnx_path = src
+        else:
+            if args.device_id is None or not args.out:
+                return _err("exporting from a run directory needs --device-id and --out")
+            from fedspine_jax.export.run import export_run_device
+
+            kw = {}
+            if args.opset is not None:
+                kw["opset"] = args.opset
+            if args.tolerance is not None:
+                kw["tolerance"] = args.tolerance
+            res = export_run_device(src, args.device_id, args.out, args.overrides, **kw)
+            m = res.meta
+            print(f"wrote {', '.join(str(f) for f in res.files)}: {res.bytes / 2**20:.2f} MiB, "
+                  f"{m.params:,} of {m.dense_params:,} parameters "
+                  f"({100 * (1 - m.params / max(m.dense_params, 1)):.1f}% fewer; embeddings "
+                  f"are not pruned), opset {m.opset}")
+            print(f"heads per layer {list(m.heads)} of {m.num_heads}, FFN channels per layer "
+                  f"{list(m.channels)} of {m.intermediate_size}")
+            for name, diff in res.checks.items():
+                print(f"verified in ONNX Runtime vs JAX: {name}: max abs diff {diff:.3g} "
+                      f"(outputs up to {res.scales[name]:.3g})")
+            onnx_path = res.path
+        if args.engine:
+            path = build_engine(onnx_path, args.engine, fp16=args.fp16,
+                                min_shape=args.min_shape, opt_shape=args.opt_shape,
+                                max_shape=args.max_shape, workspace_gib=args.workspace_gib)
+            print(f"wrote TensorRT engine {path} (+ {path.name}.json)")
+    except TensorRTUnavailable as e:
+        print(f"fedspine export: cannot build the engine: {e}", file=sys.stderr)
+        return 3
+    except (ExportError, FileNotFoundError, ValueError) as e:
+        return _err(str(e))
+    return 0

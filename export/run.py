@@ -1,0 +1,107 @@
+"""A device's model from a run (simulation or gRPC server) and its export.
+
+A device's local model is what ``simulation.evaluate_devices`` evaluates: the run's
+frozen model with the device's masks, the global LoRA shrunk to the device's last rank and
+the global head. :func:`load_device_model` rebuilds it from a run directory with the
+simulator's own code (``simulation.setup`` for the model, tokenizer and data,
+``checkpoint.restore`` for the state, ``simulation.load_device_model`` for the device),
+so an exported model is exactly the model the run reported on. The verification inputs
+are the first examples of the task's evaluation split, tokenised as in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from fedspine_jax import checkpoint, simulation
+from fedspine_jax.config import Config, load_config
+from fedspine_jax.export.onnx_export import ExportError, ExportResult, examples_sample, \
+    export_model
+
+
+@dataclasses.dataclass
+class DeviceModel:
+    """A device's local model, ready to export.
+
+    Attributes:
+      model: the run's full model holding the device's masks, LoRA and head (the setup's
+        shared model object: load another device and this one changes).
+      tokenizer: the run's tokenizer; task: the task name; max_len: ``data.max_len``.
+      sample: int32 ``(B, L)`` verification inputs from the evaluation split.
+      source: provenance for the metadata (run, device_id, round, rank, strategy).
+    """
+    model: object
+    tokenizer: object
+    task: str
+    max_len: int
+    sample: dict
+    source: dict
+
+
+def tokenizer_name(cfg: Config) -> str:
+    """The tokenizer a run uses (as ``simulation.setup`` picks it)."""
+    return cfg.model.tokenizer if cfg.model.source == "random" else cfg.model.source
+
+
+def load_run(run_dir: str | Path, overrides=()) -> tuple[Config, simulation.Setup, object,
+                                                         dict, int]:
+    """(config, setup, state, extra, step) of a run directory's newest checkpoint.
+
+    ``overrides`` (``section.key=value``) apply on top of the run's ``config.yaml``, e.g.
+    ``data.source=...`` when the data lives elsewhere on this machine.
+    """
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise ExportError(f"{str(run)!r} is not a run directory (no config.yaml); give the "
+                          f"--out directory of `fedspine simulate` or `fedspine server`")
+    cfg = load_config(run / "config.yaml", list(overrides))
+    if not checkpoint.steps(run / "checkpoints"):
+        raise ExportError(f"run {str(run)!r} has no checkpoint yet (checkpoints/round_*)")
+    s = simulation.setup(cfg)
+    state, extra, step = checkpoint.restore(run / "checkpoints", s.fed)
+    return cfg, s, state, extra, step
+
+
+def device_model(s: simulation.Setup, state, extra: dict, device_id: int, *, run: str = "",
+                 step: int | None = None, tokenizer=None) -> DeviceModel:
+    """Device ``device_id``'s local model from a setup, a federation state and the run's
+    per-device records ``extra`` (``head_masks (N, L, H)``, ``channel_masks (N, L, F)``,
+    ``last_rank (N,)``)."""
+    n = s.cfg.federation.num_devices
+    if not 0 <= int(device_id) < n:
+        raise ExportError(f"device id {device_id} outside 0..{n - 1} (the run has {n} devices)")
+    i = int(device_id)
+    hm = np.asarray(extra["head_masks"][i], np.float32)
+    cm = np.asarray(extra["channel_masks"][i], np.float32)
+    rank = int(extra["last_rank"][i])
+    model = simulation.load_device_model(s, state, hm, cm, rank)
+    if tokenizer is None:
+        from fedspine_jax.models import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_name(s.cfg))
+    source = {"run": str(run), "device_id": i, "round": None if step is None else int(step),
+              "rank": rank, "strategy": s.cfg.federation.strategy,
+              "heads_kept": float(hm.mean()), "channels_kept": float(cm.mean())}
+    return DeviceModel(model=model, tokenizer=tokenizer, task=s.cfg.data.task,
+                       max_len=s.cfg.data.max_len, sample=examples_sample(s.task.eval),
+                       source=source)
+
+
+def export_device(dm: DeviceModel, out: str | Path, cfg: Config, **kw) -> ExportResult:
+    """Export a :class:`DeviceModel` with the run's ``export`` settings (``kw`` overrides
+    ``opset`` / ``tolerance`` / ``external_threshold``)."""
+    kw.setdefault("opset", cfg.export.opset)
+    kw.setdefault("tolerance", cfg.export.tolerance)
+    return export_model(dm.model, out, tokenizer=dm.tokenizer, task=dm.task,
+                        max_len=dm.max_len, sample=dm.sample, source=dm.source, **kw)
+
+
+def export_run_device(run_dir: str | Path, device_id: int, out: str | Path, overrides=(),
+                      **kw) -> ExportResult:
+    """``fedspine export RUN_DIR --device-id I --out model.onnx`` as a function."""
+    cfg, s, state, extra, step = load_run(run_dir, overrides)
+    dm = device_model(s, state, extra, device_id, run=str(run_dir), step=step)
+    return export_device(dm, out, cfg, **kw)

@@ -1,0 +1,331 @@
+"""Export: compaction -> ONNX (jax2onnx) verified in ONNX Runtime, the inference runtime,
+TensorRT engines (skipped without TensorRT), and exports from a run directory.
+
+Tiny random-init models with the MiniLM tokenizer (so inputs are real tokenised text);
+every layer of the pruned models keeps a different number of heads and channels, one
+layer keeps none of either.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import pytest
+from flax import nnx
+
+pytest.importorskip("jax2onnx")
+pytest.importorskip("onnxruntime")
+
+from fedspine_jax.cli import main  # noqa: E402
+from fedspine_jax.device_runtime.inference import InferenceError, load  # noqa: E402
+from fedspine_jax.export import graph, tensorrt  # noqa: E402
+from fedspine_jax.export.onnx_export import ExportError, export_model  # noqa: E402
+from fedspine_jax.models import ArchConfig, build_model, generate, load_tokenizer  # noqa: E402
+from fedspine_jax.models.state import set_masks  # noqa: E402
+
+TEXTS = ["a gripping, beautifully acted film", "the plot is thin and the jokes fall flat",
+         "an uneven but often funny comedy", "ok", "I would not recommend it to anyone.",
+         "one of the best films of the year , funny and moving"]
+
+
+def tiny(arch: str) -> ArchConfig:
+    dec = arch == "llama"
+    return ArchConfig(arch=arch, vocab_size=30522, hidden_size=32, num_layers=3, num_heads=4,
+                      num_kv_heads=2 if dec else 4, head_dim=8, intermediate_size=48,
+                      max_positions=128, num_labels=0 if dec else 2, lora_rank=4,
+                      norm_eps=1e-6 if dec else 1e-12)
+
+
+def pruned(arch: str):
+    """A tiny model with non-zero LoRA and different head / channel counts per layer:
+    heads 4, 1, 0 (encoder) or 2 (one kv group), 0, 3 (decoder); channels 48, 10, 0."""
+    model = build_model(tiny(arch), 0)
+    rng = np.random.default_rng(0)
+    for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        v.set_value(jnp.asarray(rng.normal(size=v.shape) * 0.05, jnp.float32))
+    if arch == "llama":  # layer 0: kv head 0 loses both its query heads (compaction drops it)
+        hm = np.array([[0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 0]], np.float32)
+    else:
+        hm = np.array([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]], np.float32)
+    cm = np.ones((3, 48), np.float32)
+    cm[1, 10:] = 0
+    cm[2, :] = 0
+    set_masks(model, hm, cm)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("minilm-l6")
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return pruned("bert")
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    return pruned("llama")
+
+
+@pytest.fixture(scope="module")
+def enc_export(encoder, tok, tmp_path_factory):
+    out = tmp_path_factory.mktemp("enc") / "enc.onnx"
+    return export_model(encoder, out, tokenizer=tok, task="sst2", max_len=64)
+
+
+@pytest.fixture(scope="module")
+def dec_export(decoder, tok, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dec") / "dec.onnx"
+    return export_model(decoder, out, tokenizer=tok, task="dolly", max_len=64)
+
+
+def _enc_inputs(tok, texts, max_len=64):
+    e = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="np")
+    return {k: e[k].astype(np.int32) for k in ("input_ids", "attention_mask",
+                                               "token_type_ids")}
+
+
+# ---------------------------------------------------------------------------------------
+# graph passes
+
+
+@pytest.mark.parametrize("eq,ok", [("abc,cd->abd", True), ("bc,cd->bd", True),
+                                   ("abcd,abde->abce", True), ("abc,dc->abd", False),
+                                   ("abc,cd->abc", False), ("aab,bc->aac", False),
+                                   ("abc,abd->acd", False)])
+def test_matmul_equations(eq, ok):
+    assert graph._is_matmul_equation(eq) is ok
+
+
+# ---------------------------------------------------------------------------------------
+# the encoder
+
+
+def test_encoder_export_matches_jax(enc_export, encoder, tok):
+    r = enc_export
+    assert r.max_abs_diff <= 1e-4 and len(r.checks) == 2
+    assert r.meta.heads == (4, 1, 0) and r.meta.channels == (48, 10, 0)
+    assert r.meta.labels == ("negative", "positive")
+    m = onnx.load(str(r.path))
+    ops = {n.op_type for n in m.graph.node}
+    assert "Einsum" not in ops and "MatMul" in ops
+    assert graph.opset_of(m) == 17 and m.ir_version == 8  # what TensorRT 8.5's parser reads
+    assert all(0 not in t.dims for t in m.graph.initializer), "empty weights left"
+    for inp in m.graph.input:
+        assert [d.dim_param for d in inp.type.tensor_type.shape.dim] == ["batch", "seq"]
+        assert inp.type.tensor_type.elem_type == onnx.TensorProto.INT32
+    # new shapes (dynamic batch and sequence) against the *masked, unmerged* model
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(r.path), providers=["CPUExecutionProvider"])
+    for texts in (TEXTS[:3], TEXTS[3:4], TEXTS):
+        feeds = _enc_inputs(tok, texts)
+        got = sess.run(None, feeds)[0]
+        ref = np.asarray(encoder(*[jnp.asarray(feeds[k]) for k in
+                                   ("input_ids", "attention_mask", "token_type_ids")]))
+        assert got.shape == (len(texts), 2)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
+
+
+def test_pruned_file_is_smaller_and_external_data(encoder, enc_export, tok, tmp_path):
+    dense = build_model(tiny("bert"), 0)  # same weights, nothing pruned
+    r = export_model(dense, tmp_path / "dense.onnx", tokenizer=tok, task="sst2",
+                     max_len=64, external_threshold=0)  # force the external-data layout
+    assert [f.name for f in r.files] == ["dense.onnx", "dense.onnx.data"]
+    assert r.meta.params == r.meta.dense_params > enc_export.meta.params
+    assert r.bytes > enc_export.bytes
+    pred = load(r.path)  # ONNX Runtime finds the data file beside it
+    assert len(pred.classify(TEXTS[:2])) == 2
+
+
+def test_infer_cli_gives_the_jax_labels(enc_export, encoder, tok, tmp_path, capsys):
+    f = tmp_path / "in.jsonl"
+    f.write_text("".join(json.dumps({"sentence": t}) + "\n" for t in TEXTS))
+    assert main(["infer", str(enc_export.path), "--file", str(f), "--batch-size", "4"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    feeds = _enc_inputs(tok, TEXTS)
+    ref = np.asarray(encoder(*[jnp.asarray(feeds[k]) for k in
+                               ("input_ids", "attention_mask", "token_type_ids")]))
+    assert [r["label_id"] for r in rows] == ref.argmax(1).tolist()
+    assert [r["text"] for r in rows] == TEXTS
+    for r in rows:
+        assert set(r["probs"]) == {"negative", "positive"}
+        assert abs(sum(r["probs"].values()) - 1) < 1e-5
+        assert r["label"] == max(r["probs"], key=r["probs"].get)
+
+
+# ---------------------------------------------------------------------------------------
+# the decoder
+
+
+def test_decoder_export_matches_jax_and_generates_the_same(dec_export, decoder, tok):
+    r = dec_export
+    assert r.max_abs_diff <= 1e-4
+    assert {"prefill", "decode"} <= {k.split()[0] for k in r.checks}
+    assert r.meta.kind == "causal_lm" and r.meta.heads == (2, 0, 3)
+    # layer 0 kept one kv head, layer 1 none (no cache), layer 2 both
+    assert [(c.layer, c.kv_heads) for c in r.meta.cache] == [(0, 1), (2, 2)]
+    assert "past_key_1" not in r.meta.inputs
+    pred = load(r.path)
+    prompts = ["the capital of france is", "one two three"]
+    got = pred.generate_ids(prompts, max_new_tokens=6, batch_size=2)
+    tok.padding_side = "left"
+    e = tok(prompts, padding=True, return_tensors="np")
+    tok.padding_side = "right"
+    ref = np.asarray(generate(decoder, jnp.asarray(e["input_ids"], jnp.int32),
+                              jnp.asarray(e["attention_mask"], jnp.int32), 6))
+    eos = r.meta.eos_token_id
+    for row, want in zip(got, ref.tolist()):
+        cut = want.index(eos) if eos in want else len(want)
+        assert row == want[:cut]
+    assert len(pred.generate(["hello"], max_new_tokens=3)) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# bad input
+
+
+def test_missing_and_corrupt_files_are_clear_errors(enc_export, tmp_path):
+    with pytest.raises(InferenceError, match="does not exist"):
+        load(tmp_path / "missing.onnx")
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(enc_export.path.read_bytes()[:5000])
+    with pytest.raises(InferenceError, match="not a valid ONNX model"):
+        load(cut)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(InferenceError, match="is empty"):
+        load(empty)
+    plain = tmp_path / "plain.onnx"  # valid ONNX without our metadata
+    m = onnx.load(str(enc_export.path))
+    del m.metadata_props[:]
+    onnx.save(m, str(plain))
+    with pytest.raises(InferenceError, match="no fedspine metadata"):
+        load(plain)
+    with pytest.raises(InferenceError, match="cannot tell how to run"):
+        weird = tmp_path / "model.bin"
+        weird.write_bytes(b"x")
+        load(weird)
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"not an engine")
+    with pytest.raises(InferenceError, match="no metadata file"):
+        load(engine)
+    assert main(["infer", str(cut), "--text", "hello"]) == 2
+
+
+def test_failed_verification_removes_the_file(encoder, tok, tmp_path):
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(ExportError, match="ONNX Runtime and JAX differ by"):
+        export_model(encoder, out, tokenizer=tok, tolerance=-1.0)  # nothing can pass
+    assert not out.exists()
+    with pytest.raises(ExportError, match="must end in .onnx"):
+        export_model(encoder, tmp_path / "model.txt", tokenizer=tok)
+
+
+def test_engine_without_tensorrt_says_how(enc_export, tmp_path, capsys):
+    if tensorrt.available():
+        pytest.skip("tensorrt is installed here")
+    with pytest.raises(tensorrt.TensorRTUnavailable) as e:
+        tensorrt.build_engine(enc_export.path, tmp_path / "m.plan", fp16=True,
+                              max_shape="batch=8,seq=64")
+    msg = str(e.value)
+    assert "pip install 'fedspine-jax[tensorrt]'" in msg
+    assert e.value.trtexec.startswith("trtexec --onnx=")
+    assert "--maxShapes=input_ids:8x64,attention_mask:8x64,token_type_ids:8x64" in msg
+    assert "--fp16" in msg
+    assert main(["export", str(enc_export.path), "--engine", str(tmp_path / "m.plan")]) == 3
+    assert "trtexec --onnx=" in capsys.readouterr().err
+
+
+def test_profile_shapes(enc_export, dec_export):
+    em, dm = enc_export.meta, dec_export.meta
+    assert tensorrt.parse_dims("batch=8, seq=32", em) == {"batch": 8, "seq": 32}
+    assert tensorrt.parse_dims("input_ids:8x32", em) == {"batch": 8, "seq": 32}
+    p = tensorrt.profile(dm, "batch=1,seq=1", None, "batch=4,seq=16,cache=48")
+    assert p.max["past_key_2"] == (4, 48, 2, 8) and p.min["cache_mask"] == (1, 1)
+    assert "cache_position" not in p.max  # a scalar: no profile
+    for bad, words in (("cache=4", "unknown dimension"), ("batch=0", "positive integer"),
+                       ("nope:1x2", "no input"), ("input_ids:1x2x3", "dimensions"),
+                       ("batch=2,input_ids:3x4", "both"), ("seq", "dim=value")):
+        with pytest.raises(ExportError, match=words):
+            tensorrt.profile(em, None, None, bad)
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_engine_matches_onnxruntime(enc_export, dec_export, tmp_path):
+    for r in (enc_export, dec_export):
+        plan = tensorrt.build_engine(r.path, tmp_path / (r.path.stem + ".plan"),
+                                     max_shape="batch=4,seq=64" + (",cache=80" if
+                                                                   r.meta.is_decoder else ""))
+        trt_pred, ort_pred = load(plan), load(r.path, providers=["CPUExecutionProvider"])
+        assert trt_pred.backend.name == "tensorrt"
+        if r.meta.is_decoder:
+            assert trt_pred.generate_ids(TEXTS[:2], 5) == ort_pred.generate_ids(TEXTS[:2], 5)
+        else:
+            np.testing.assert_allclose(trt_pred.logits(TEXTS[:4]), ort_pred.logits(TEXTS[:4]),
+                                       atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------
+# from a run directory
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, shared_data, tiny_config_path):
+    """A run directory as `fedspine simulate` leaves it (config + checkpoint), with device
+    1 pruned and a trained-looking LoRA, written without running the rounds."""
+    from fedspine_jax import checkpoint, simulation
+    from fedspine_jax.config import dump_config, load_config
+    from fedspine_jax.models.state import get_head, get_lora
+
+    run = tmp_path_factory.mktemp("run")
+    cfg = load_config(tiny_config_path, [f"data.source={shared_data / 'sst2'}"])
+    dump_config(cfg, run / "config.yaml")
+    s = simulation.setup(cfg)
+    rng = np.random.default_rng(1)
+    lora = {k: (rng.normal(size=v.shape) * 0.05).astype(np.float32)
+            for k, v in get_lora(s.model).items()}
+    state = s.fed.init(lora, get_head(s.model))
+    n, arch = cfg.federation.num_devices, s.model.cfg
+    hm = np.ones((n, arch.num_layers, arch.num_heads), np.float32)
+    cm = np.ones((n, arch.num_layers, arch.intermediate_size), np.float32)
+    hm[1, 0, :3] = 0
+    cm[1, 1, 5:] = 0
+    extra = {"head_masks": hm, "channel_masks": cm,
+             "last_rank": np.array([8, 4, 2], np.int32)}
+    checkpoint.save(run / "checkpoints", 3, state, extra)
+    return run, s, state, extra
+
+
+def test_export_from_run_directory(run_dir, tmp_path, capsys):
+    from fedspine_jax import simulation
+
+    run, s, state, extra = run_dir
+    out = tmp_path / "dev1.onnx"
+    assert main(["export", str(run), "--device-id", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "max abs diff" in printed and "heads per layer [1, 4] of 4" in printed
+    pred = load(out)
+    src = pred.meta.source
+    assert (src["device_id"], src["rank"], src["round"]) == (1, 4, 3)
+    # the exported model is the device's local model as the simulator evaluates it
+    texts = TEXTS[:4]
+    model = simulation.load_device_model(s, state, extra["head_masks"][1],
+                                         extra["channel_masks"][1], 4)
+    feeds = _enc_inputs(pred.tokenizer, texts, pred.meta.max_len)
+    ref = np.asarray(model(*[jnp.asarray(feeds[k]) for k in
+                             ("input_ids", "attention_mask", "token_type_ids")]))
+    np.testing.assert_allclose(pred.logits(texts), ref, rtol=0, atol=1e-4)
+    # the JAX back end serves the same model straight from the run directory
+    jax_pred = load(run, device_id=1)
+    assert jax_pred.backend.name == "jax"
+    np.testing.assert_allclose(jax_pred.logits(texts), ref, rtol=0, atol=1e-5)
+    assert main(["infer", str(run), "--text", "x"]) == 2  # no --device-id
+    assert "--device-id" in capsys.readouterr().err
+    assert main(["export", str(run), "--device-id", "7", "--out", str(out)]) == 2
+    assert "outside 0..2" in capsys.readouterr().err
