@@ -160,6 +160,10 @@ class FederationConfig:
     target_accuracy: float = _f(0.0, lo=0.0, hi=1.0)
     # Keep only the newest this many round checkpoints of a run.
     keep_checkpoints: int = _f(3, lo=1)
+    # Simulator: at most this many devices' local rounds run together, vmapped (devices of
+    # one rank and one compacted size bucket; see train.local_rounds). 0: all devices when
+    # JAX's default backend is a GPU, one at a time on a CPU (batching gains nothing there).
+    device_batch: int = _f(0, lo=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,9 +3,12 @@
 Design note
 -----------
 The simulator drives the same :class:`~fedspine_jax.federation.Federation` round as the
-gRPC server and the same ``train.local_round`` as a device agent. All devices share one
-frozen model object (their frozen weights are identical); a device's own state is its
-masks and the position of its data stream, and the LoRA and head it receives each round.
+gRPC server and the same local round as a device agent (``train.local_rounds``, of which
+the agent's ``local_round`` is the one-device case). All devices share one frozen model
+object (their frozen weights are identical); a device's own state is its masks and the
+position of its data stream, and the LoRA and head it receives each round. On a GPU the
+devices of one rank and size bucket train together, vmapped (``federation.device_batch``);
+on a CPU one after the other.
 Time is the simulated clock of ``heterogeneity``: a device's completion time is the FLOPs
 its round reports over its throughput in that round plus its LoRA download and upload
 bytes over its bandwidth; a device whose estimated training memory exceeds its memory
@@ -38,7 +41,7 @@ from fedspine_jax.federation import DeviceUpdate, Federation
 from fedspine_jax.models import ArchConfig, build_model, load_pretrained, load_tokenizer
 from fedspine_jax.models.compaction import compact
 from fedspine_jax.models.state import get_head, get_lora, set_head, set_lora, set_masks
-from fedspine_jax.train import evaluate, initial_masks, local_round
+from fedspine_jax.train import RoundInput, evaluate, initial_masks, local_rounds
 
 BYTES_PER_PARAM = 4  # LoRA factors travel as float32
 
@@ -166,6 +169,14 @@ def inference_cost(s: Setup, masks: list, state, batch: int = 32, repeats: int =
     return {"latency_s": float(np.mean(lat)), "memory_bytes": float(np.mean(mem))}
 
 
+def devices_per_batch(cfg: Config) -> int:
+    """How many devices' local rounds run vmapped together (``federation.device_batch``;
+    0: every device on a GPU, one at a time on a CPU)."""
+    if cfg.federation.device_batch:
+        return cfg.federation.device_batch
+    return cfg.federation.num_devices if jax.default_backend() == "gpu" else 1
+
+
 def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Simulate ``cfg.federation.rounds`` rounds; write the run directory; return the summary."""
     out = Path(out)
@@ -208,10 +219,11 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
 
         bar = tqdm(total=rounds, initial=state.round - 1, desc="rounds", unit="round")
     criterion = s.fed.strategy.criterion
+    device_batch = devices_per_batch(cfg)
     while state.round <= rounds:
         t = state.round
         state, tasks = s.fed.plan(state)
-        flops, mem_need, pending = np.zeros(n), np.zeros(n), []
+        flops, mem_need, inputs, streams_now = np.zeros(n), np.zeros(n), [], []
         for i, task in enumerate(tasks):
             train_ex, hold_ex = examples[i]
             batches = data.Batches(train_ex, cfg.train.batch_size,
@@ -220,11 +232,16 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
             probe = data.collate(probe_src, np.arange(min(len(probe_src),
                                                           cfg.train.batch_size)),
                                  cfg.train.batch_size)
-            res = local_round(s.model, task.lora, task.head, masks[i][0], masks[i][1],
-                              task.ratio, batches, probe, cfg, criterion=criterion)
-            streams[i] = batches.state()
+            inputs.append(RoundInput(task.lora, task.head, masks[i][0], masks[i][1],
+                                     task.ratio, batches, probe))
+            streams_now.append(batches)
+        results = local_rounds(s.model, inputs, cfg, criterion=criterion,
+                               max_batch=device_batch)
+        pending = []
+        for i, (task, res) in enumerate(zip(tasks, results)):
+            streams[i] = streams_now[i].state()
             flops[i], mem_need[i] = res.flops, res.peak_memory_bytes
-            pending.append((res, _lora_bytes(task.lora), len(train_ex)))
+            pending.append((res, _lora_bytes(task.lora), len(examples[i][0])))
         times = heterogeneity.completion_time(
             s.fleet, t - 1, flops, np.array([p[1] for p in pending]),
             np.array([p[1] for p in pending]))

@@ -263,65 +263,129 @@ def _to_jnp(batch: dict) -> dict:
 # The local round
 
 
-def local_round(model, lora: dict, head: dict, head_masks: np.ndarray,
-                channel_masks: np.ndarray, ratio: float, batches: Iterator[dict],
-                probe: dict, cfg: Config, criterion: str = "lora") -> LocalRoundResult:
-    """One device round: tau steps of LoRA fine-tuning on the compacted model, Eq. 10-12
-    importance, then pruning to ``ratio``.
+@dataclasses.dataclass(frozen=True)
+class RoundInput:
+    """One device's share of a round (the arguments of :func:`local_round` but the model).
 
-    Args:
-      model: the device's full model (frozen weights); its LoRA, head and masks are
-        overwritten with the arguments and, on return, hold the round's result.
+    Attributes:
       lora: ``{path: array}`` global LoRA shrunk to the device's rank r_i (full shapes).
       head: ``{path: array}`` task head (empty for a decoder).
       head_masks: (L, H) and channel_masks: (L, F) 0/1 masks from earlier rounds.
       ratio: assigned pruning ratio p_i (fraction of prunable parameters).
       batches: iterator of training batches (``cfg.train.local_steps`` are drawn).
       probe: a fixed batch on which the loss before / after is measured.
-      cfg: the run's config (train, pruning sections).
-      criterion: group-importance criterion (see :func:`train_step`; baselines differ).
-    Returns:
-      :class:`LocalRoundResult`.
     """
-    arch: ArchConfig = model.cfg
-    set_lora(model, lora)
-    if head:
-        set_head(model, head)
-    set_masks(model, head_masks, channel_masks)
-    small, index = compact(model, sizes=bucket_sizes(np.asarray(head_masks),
-                                                     np.asarray(channel_masks)))
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion={criterion!r}: allowed {list(CRITERIA)}")
+    lora: dict
+    head: dict
+    head_masks: np.ndarray
+    channel_masks: np.ndarray
+    ratio: float
+    batches: Iterator[dict]
+    probe: dict
+
+
+@dataclasses.dataclass
+class _Job:
+    """A device's round between preparation and finishing (see :func:`local_rounds`)."""
+    inp: RoundInput
+    graphdef: object
+    index: object
+    carry: tuple           # (trainable, opt_state, ema, gb_sum), what the steps update
+    masks: object
+    rest: object
+    data: list             # tau batches (dicts of jnp arrays)
+    loss_before: float
+    compute_time: float = 0.0
+
+    def key(self) -> tuple:
+        """Jobs with equal keys run vmapped together: same graph, same array shapes (the
+        rank is one of them), same batch shapes."""
+        shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(
+            (self.carry[0], self.masks, self.rest)))
+        return (self.graphdef, shapes, tuple(d["input_ids"].shape for d in self.data))
+
+
+def _load(model, inp: RoundInput) -> None:
+    set_lora(model, inp.lora)
+    if inp.head:
+        set_head(model, inp.head)
+    set_masks(model, inp.head_masks, inp.channel_masks)
+
+
+def _prepare(model, inp: RoundInput, cfg: Config, tx) -> _Job:
+    """Load the device's state into ``model``, compact it, draw its batches, F before."""
+    _load(model, inp)
+    small, index = compact(model, sizes=bucket_sizes(np.asarray(inp.head_masks),
+                                                     np.asarray(inp.channel_masks)))
     graphdef, trainable, masks, rest = nnx.split(small, TRAINABLE, Mask, nnx.Variable)
-    tx = _optimizer(cfg.train.learning_rate, cfg.train.weight_decay, cfg.train.head_lr_scale)
-    opt_state = tx.init(trainable)
-    n_layers = arch.num_layers
+    n_layers = model.cfg.num_layers
     hc, fc = len(index.heads[0]), len(index.channels[0])
     ema = (jnp.zeros((n_layers, hc)), jnp.zeros((n_layers, fc)))
     gb_sum = jax.tree.map(jnp.zeros_like, nnx.state(small, nnx.LoRAParam))
-    probe_j = _to_jnp(probe)
-    # Loss before and after on the full masked model (equal to the compacted one's), so
+    # Loss before (and after) on the full masked model (equal to the compacted one's), so
     # this evaluation compiles once per rank, not once per size bucket.
-    loss_before = float(eval_loss(*nnx.split(model), probe_j))
+    loss_before = float(eval_loss(*nnx.split(model), _to_jnp(inp.probe)))
+    data = [_to_jnp(next(inp.batches)) for _ in range(cfg.train.local_steps)]
+    return _Job(inp, graphdef, index, (trainable, tx.init(trainable), ema, gb_sum), masks,
+                rest, data, loss_before)
 
-    steps = cfg.train.local_steps
-    data = [_to_jnp(next(batches)) for _ in range(steps)]
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "eta", "criterion"),
+                   donate_argnames=("trainable", "opt_state"))
+def train_step_vmapped(graphdef, tx, eta, criterion, trainable, opt_state, masks, rest, ema,
+                       gb_sum, first, batch):
+    """:func:`train_step` of G devices at once: every argument but ``first`` carries a
+    leading device axis G (devices of one graph: same rank and compacted sizes)."""
+    def one(tr, op, mk, rs, em, gb, bt):
+        return train_step(graphdef, tx, eta, criterion, tr, op, mk, rs, em, gb, first, bt)
+
+    return jax.vmap(one)(trainable, opt_state, masks, rest, ema, gb_sum, batch)
+
+
+def _stack(trees: list):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _run_group(jobs: list[_Job], tx, cfg: Config, criterion: str) -> None:
+    """The tau steps of ``jobs`` (equal :meth:`_Job.key`): one device with
+    :func:`train_step`, several vmapped with :func:`train_step_vmapped`. Updates each
+    job's ``carry`` and ``compute_time`` (the group's wall clock, shared out evenly)."""
+    g0, eta = jobs[0].graphdef, cfg.pruning.eta
+    if len(jobs) == 1:
+        step, j = train_step, jobs[0]
+        carry, masks, rest, data = j.carry, j.masks, j.rest, j.data
+    else:
+        step = train_step_vmapped
+        carry = _stack([j.carry for j in jobs])
+        masks, rest = _stack([j.masks for j in jobs]), _stack([j.rest for j in jobs])
+        data = [_stack([j.data[k] for j in jobs]) for k in range(len(jobs[0].data))]
+
+    def run(carry, k, batch):
+        tr, op, em, gb = carry
+        tr, op, em, gb, _ = step(g0, tx, eta, criterion, tr, op, masks, rest, em, gb,
+                                 jnp.asarray(k == 0), batch)
+        return tr, op, em, gb
+
     # Compile every batch shape outside the timed loop (a device compiles once per bucket).
     for shape in sorted({d["input_ids"].shape for d in data}):
-        example = next(d for d in data if d["input_ids"].shape == shape)
-        copies = jax.tree.map(jnp.copy, (trainable, opt_state))
-        jax.block_until_ready(train_step(graphdef, tx, cfg.pruning.eta, criterion, *copies,
-                                         masks, rest, ema, gb_sum, jnp.asarray(True), example))
+        k = next(k for k, d in enumerate(data) if d["input_ids"].shape == shape)
+        jax.block_until_ready(run(jax.tree.map(jnp.copy, carry), k, data[k]))
     t0 = time.perf_counter()
     for k, batch in enumerate(data):
-        trainable, opt_state, ema, gb_sum, _ = train_step(
-            graphdef, tx, cfg.pruning.eta, criterion, trainable, opt_state, masks, rest, ema,
-            gb_sum, jnp.asarray(k == 0), batch)
-    jax.block_until_ready(trainable)
-    compute_time = time.perf_counter() - t0
+        carry = run(carry, k, batch)
+    jax.block_until_ready(carry)
+    elapsed = time.perf_counter() - t0
+    for i, j in enumerate(jobs):
+        j.carry = carry if len(jobs) == 1 else jax.tree.map(lambda x: x[i], carry)
+        j.compute_time = elapsed / len(jobs)
 
+
+def _finish(model, job: _Job, cfg: Config) -> LocalRoundResult:
+    """Eq. 13-14, the LoRA back to full shapes, pruning to the ratio, F after, statistics."""
+    inp, arch, steps = job.inp, model.cfg, cfg.train.local_steps
+    trainable, _, ema, gb_sum = job.carry
+    small = nnx.merge(job.graphdef, trainable, job.masks, job.rest)
     # Eq. 13-14 with the round's mean lora_b gradient and the trained b.
-    small = nnx.merge(graphdef, trainable, masks, rest)
     b_list = [v[...] for p, v in nnx.to_flat_state(nnx.state(small, nnx.LoRAParam))
               if p[-1] == "lora_b"]
     gb_list = [v[...] / steps for p, v in nnx.to_flat_state(gb_sum) if p[-1] == "lora_b"]
@@ -329,9 +393,12 @@ def local_round(model, lora: dict, head: dict, head_masks: np.ndarray,
 
     # Back to full shapes; scores of groups outside the compacted model are irrelevant
     # (those groups are already pruned and stay pruned).
+    _load(model, inp)
+    index, head_masks, channel_masks = job.index, inp.head_masks, inp.channel_masks
     expand_lora(model, small, index)
-    if head:
+    if inp.head:
         set_head(model, get_head(small))
+    n_layers = arch.num_layers
     full_h = np.zeros(head_masks.shape, np.float32)
     full_c = np.zeros(channel_masks.shape, np.float32)
     ema_h, ema_c = np.asarray(ema[0]), np.asarray(ema[1])
@@ -344,7 +411,7 @@ def local_round(model, lora: dict, head: dict, head_masks: np.ndarray,
         for i in range(n_layers)])
     new_h, new_c, achieved = pruning.select_masks(
         jnp.asarray(full_h), jnp.asarray(full_c), jnp.asarray(head_masks, jnp.float32),
-        jnp.asarray(channel_masks, jnp.float32), float(ratio),
+        jnp.asarray(channel_masks, jnp.float32), float(inp.ratio),
         head_params=jnp.asarray(head_params, jnp.float32),
         channel_params=pruning.channel_param_count(arch.hidden_size, gated=arch.is_decoder,
                                                    bias=not arch.is_decoder),
@@ -354,29 +421,86 @@ def local_round(model, lora: dict, head: dict, head_masks: np.ndarray,
     set_masks(model, new_h, new_c)
 
     # Loss after training and pruning, on the same probe batch (masked full model).
-    loss_after = float(eval_loss(*nnx.split(model), probe_j))
+    loss_after = float(eval_loss(*nnx.split(model), _to_jnp(inp.probe)))
 
     kept_h = np.asarray(head_masks).sum(1).astype(int)
     kept_c = np.asarray(channel_masks).sum(1).astype(int)
     kv_kept = np.array([len(np.unique(np.asarray(arch.kv_index(i))[np.flatnonzero(
         np.asarray(head_masks)[i])])) for i in range(n_layers)])
-    b, s = data[0]["input_ids"].shape
-    rank = next(iter(lora.values())).shape[-1] if lora else 0
+    b, s = job.data[0]["input_ids"].shape
+    rank = next(iter(inp.lora.values())).shape[-1] if inp.lora else 0
     flops = sum(step_flops(arch, kept_h, kv_kept, kept_c, rank, *d["input_ids"].shape)
-                for d in data)
+                for d in job.data)
     frozen = sum(int(x.size) for x in jax.tree.leaves(
         nnx.state(model, nnx.All(nnx.Param, nnx.Not(TRAINABLE)))))
     pruned_params = float(achieved) * float(
         head_params.sum() + new_c.size * pruning.channel_param_count(
             arch.hidden_size, gated=arch.is_decoder, bias=not arch.is_decoder))
     trainable_n = sum(int(x.size) for x in jax.tree.leaves(trainable))
-    peak = estimate_peak_memory(arch, frozen, trainable_n, hc, fc, b, s)
+    peak = estimate_peak_memory(arch, frozen, trainable_n, len(index.heads[0]),
+                                len(index.channels[0]), b, s)
     return LocalRoundResult(
-        lora=get_lora(model), head=get_head(model) if head else {}, head_masks=new_h,
-        channel_masks=new_c, loss_before=loss_before, loss_after=loss_after,
-        compute_time_s=compute_time, lora_importance=importance, ratio=float(achieved),
+        lora=get_lora(model), head=get_head(model) if inp.head else {}, head_masks=new_h,
+        channel_masks=new_c, loss_before=job.loss_before, loss_after=loss_after,
+        compute_time_s=job.compute_time, lora_importance=importance, ratio=float(achieved),
         params_alive=int(round(frozen - pruned_params)), flops=flops,
         peak_memory_bytes=peak)
+
+
+def local_rounds(model, inputs: list[RoundInput], cfg: Config, criterion: str = "lora",
+                 max_batch: int = 1) -> list[LocalRoundResult]:
+    """The local rounds of several devices that share ``model``'s frozen weights.
+
+    Each device's round is exactly :func:`local_round`'s; devices whose compacted models
+    have the same graph (same rank r_i and size bucket) and whose batches have the same
+    shapes run their tau steps together, up to ``max_batch`` at a time, as one vmapped
+    step over stacked per-device states (frozen compacted weights included: memory grows
+    with the group). ``max_batch=1`` runs them one after the other. Preparation (compaction,
+    F before) and finishing (Eq. 13-14, pruning, F after) stay per device.
+
+    Args:
+      model: the full model (frozen weights); it is overwritten with each device's state
+        in turn and, on return, holds the last device's result.
+      inputs: one :class:`RoundInput` per device.
+      cfg: the run's config (train, pruning sections).
+      criterion: group-importance criterion (see :func:`train_step`; baselines differ).
+      max_batch: most devices per vmapped group (>= 1).
+    Returns:
+      one :class:`LocalRoundResult` per input, in order.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r}: allowed {list(CRITERIA)}")
+    if max_batch < 1:
+        raise ValueError(f"max_batch={max_batch}: must be >= 1")
+    tx = _optimizer(cfg.train.learning_rate, cfg.train.weight_decay, cfg.train.head_lr_scale)
+    jobs = [_prepare(model, inp, cfg, tx) for inp in inputs]
+    groups: dict[tuple, list[_Job]] = {}
+    for j in jobs:
+        groups.setdefault(j.key(), []).append(j)
+    for group in groups.values():
+        for k in range(0, len(group), max_batch):
+            _run_group(group[k:k + max_batch], tx, cfg, criterion)
+    return [_finish(model, j, cfg) for j in jobs]
+
+
+def local_round(model, lora: dict, head: dict, head_masks: np.ndarray,
+                channel_masks: np.ndarray, ratio: float, batches: Iterator[dict],
+                probe: dict, cfg: Config, criterion: str = "lora") -> LocalRoundResult:
+    """One device round: tau steps of LoRA fine-tuning on the compacted model, Eq. 10-12
+    importance, then pruning to ``ratio``.
+
+    Args:
+      model: the device's full model (frozen weights); its LoRA, head and masks are
+        overwritten with the arguments and, on return, hold the round's result.
+      lora, head, head_masks, channel_masks, ratio, batches, probe: see
+        :class:`RoundInput`.
+      cfg: the run's config (train, pruning sections).
+      criterion: group-importance criterion (see :func:`train_step`; baselines differ).
+    Returns:
+      :class:`LocalRoundResult`.
+    """
+    inp = RoundInput(lora, head, head_masks, channel_masks, ratio, batches, probe)
+    return local_rounds(model, [inp], cfg, criterion)[0]
 
 
 def initial_masks(arch: ArchConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -385,8 +509,9 @@ def initial_masks(arch: ArchConfig) -> tuple[np.ndarray, np.ndarray]:
             np.ones((arch.num_layers, arch.intermediate_size), np.float32))
 
 
-__all__ = ["LocalRoundResult", "bucket_sizes", "estimate_peak_memory", "group_scores",
-           "CRITERIA", "evaluate", "initial_masks", "local_round", "loss_fn", "step_flops", "train_step"]
+__all__ = ["LocalRoundResult", "RoundInput", "bucket_sizes", "estimate_peak_memory",
+           "group_scores", "CRITERIA", "evaluate", "initial_masks", "local_round",
+           "local_rounds", "loss_fn", "step_flops", "train_step", "train_step_vmapped"]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -11,10 +11,12 @@ from fedspine_jax.config import load_config, replace
 from fedspine_jax.models import ArchConfig, build_model, load_pretrained, load_tokenizer
 from fedspine_jax.models.state import get_head, get_lora
 from fedspine_jax.train import (
+    RoundInput,
     bucket_sizes,
     evaluate,
     initial_masks,
     local_round,
+    local_rounds,
     step_flops,
 )
 
@@ -124,3 +126,54 @@ def test_head_lr_scale_scales_only_the_head_step():
         np.testing.assert_allclose(steps[0.1][k], 0.1 * steps[1.0][k], rtol=1e-5)
     for k in lora:
         assert steps[0.1][k] == steps[1.0][k] > 0
+
+
+def test_vmapped_local_rounds_equal_sequential_ones(tiny_setup, monkeypatch):
+    """Devices of one rank and size bucket trained together (vmapped) end where the same
+    devices trained one by one end; other ranks / buckets form groups of their own."""
+    cfg, task, parts, arch = tiny_setup
+    cfg = replace(cfg, data={"length_buckets": (cfg.data.max_len,)})  # one batch shape
+    model = build_model(arch, 0)
+    hm, cm = initial_masks(arch)
+    pruned_h = hm.copy()
+    pruned_h[:, 0] = 0  # a 3-of-4-heads bucket: its own group
+    lora, head = get_lora(model), get_head(model)
+
+    lora2 = {k: v[:, :2] if k.endswith("lora_a") else v[:2] for k, v in lora.items()}
+
+    def inputs():
+        out = []
+        for i, (lo, h) in enumerate([(lora, hm), (lora, hm), (lora, pruned_h), (lora, hm),
+                                     (lora2, hm)]):
+            tr = task.train.take(parts[i % len(parts)].train_idx)
+            probe = D.collate(tr, np.arange(cfg.train.batch_size), cfg.train.batch_size)
+            out.append(RoundInput(lo, head, h, cm, 0.3, D.Batches(tr, cfg.train.batch_size,
+                                                                   i), probe))
+        return out
+
+    import fedspine_jax.train as T
+
+    sizes, run_group = [], T._run_group
+    monkeypatch.setattr(T, "_run_group", lambda jobs, *a: (sizes.append(len(jobs)),
+                                                           run_group(jobs, *a)))
+    seq = local_rounds(model, inputs(), cfg, max_batch=1)
+    assert sizes == [1] * 5
+    sizes.clear()
+    vm = local_rounds(model, inputs(), cfg, max_batch=3)
+    # the three full-mask rank-4 devices together; the pruned one and the rank-2 one alone
+    assert sorted(sizes) == [1, 1, 3]
+    for a, b in zip(seq, vm):
+        for k in a.lora:
+            np.testing.assert_allclose(a.lora[k], b.lora[k], rtol=1e-4, atol=1e-5)
+        for k in a.head:
+            np.testing.assert_allclose(a.head[k], b.head[k], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(a.head_masks, b.head_masks)
+        np.testing.assert_array_equal(a.channel_masks, b.channel_masks)
+        assert a.loss_before == pytest.approx(b.loss_before, rel=1e-5)
+        assert a.loss_after == pytest.approx(b.loss_after, rel=1e-4)
+        assert a.lora_importance == pytest.approx(b.lora_importance, rel=1e-3)
+        assert a.flops == b.flops and a.ratio == b.ratio
+    # the devices really differ (different data), so equality is not trivial
+    assert not np.allclose(seq[0].lora[next(iter(lora))], seq[1].lora[next(iter(lora))])
+    with pytest.raises(ValueError, match="max_batch"):
+        local_rounds(model, inputs(), cfg, max_batch=0)
