@@ -2,7 +2,7 @@
 
 A device's local model is what ``simulation.evaluate_devices`` evaluates: the run's
 frozen model with the device's masks, the global LoRA shrunk to the device's last rank and
-the global head. :func:`load_device_model` rebuilds it from a run directory with the
+the global head. :func:`load_run` + :func:`device_model` rebuild it from a run directory with the
 simulator's own code (``simulation.setup`` for the model, tokenizer and data,
 ``checkpoint.restore`` for the state, ``simulation.load_device_model`` for the device),
 so an exported model is exactly the model the run reported on. The verification inputs
