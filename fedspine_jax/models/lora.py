@@ -25,7 +25,8 @@ The LoRA branch ``(x @ a) @ b`` has a hand-written backward (:func:`lora_branch`
 products as 2-D matmuls. The gradients are the autodiff ones (the same products, summed in
 another order); what changes is XLA's schedule: under plain autodiff it computes the ``b``
 gradient of fc1 as a contraction over the 3-D token dims and fuses the GELU backward into a
-transposing copy of ``dy`` that took 23-32 % of a CPU LoRA step (BENCHMARKS.md, local step).
+transposing copy of ``dy`` that took 23-32 % of a CPU LoRA step (measured with
+``benchmarks/local_step.py --profile``).
 """
 
 from __future__ import annotations
