@@ -455,8 +455,10 @@ def local_rounds(model, inputs: list[RoundInput], cfg: Config, criterion: str = 
     have the same graph (same rank r_i and size bucket) and whose batches have the same
     shapes run their tau steps together, up to ``max_batch`` at a time, as one vmapped
     step over stacked per-device states (frozen compacted weights included: memory grows
-    with the group). ``max_batch=1`` runs them one after the other. Preparation (compaction,
-    F before) and finishing (Eq. 13-14, pruning, F after) stay per device.
+    with the group). A group runs as soon as it is full, the rest at the end, so
+    ``max_batch=1`` runs the devices one after the other, holding one compacted copy at a
+    time. Preparation (compaction, F before) and finishing (Eq. 13-14, pruning, F after)
+    stay per device.
 
     Args:
       model: the full model (frozen weights); it is overwritten with each device's state
@@ -473,14 +475,23 @@ def local_rounds(model, inputs: list[RoundInput], cfg: Config, criterion: str = 
     if max_batch < 1:
         raise ValueError(f"max_batch={max_batch}: must be >= 1")
     tx = _optimizer(cfg.train.learning_rate, cfg.train.weight_decay, cfg.train.head_lr_scale)
-    jobs = [_prepare(model, inp, cfg, tx) for inp in inputs]
-    groups: dict[tuple, list[_Job]] = {}
-    for j in jobs:
-        groups.setdefault(j.key(), []).append(j)
-    for group in groups.values():
-        for k in range(0, len(group), max_batch):
-            _run_group(group[k:k + max_batch], tx, cfg, criterion)
-    return [_finish(model, j, cfg) for j in jobs]
+    results: dict[int, LocalRoundResult] = {}
+
+    def flush(group: list[tuple[int, _Job]]) -> None:
+        _run_group([j for _, j in group], tx, cfg, criterion)
+        for pos, j in group:
+            results[pos] = _finish(model, j, cfg)
+
+    open_groups: dict[tuple, list[tuple[int, _Job]]] = {}
+    for pos, inp in enumerate(inputs):
+        job = _prepare(model, inp, cfg, tx)
+        group = open_groups.setdefault(job.key(), [])
+        group.append((pos, job))
+        if len(group) == max_batch:
+            flush(open_groups.pop(job.key()))
+    for group in open_groups.values():
+        flush(group)
+    return [results[pos] for pos in range(len(inputs))]
 
 
 def local_round(model, lora: dict, head: dict, head_masks: np.ndarray,
