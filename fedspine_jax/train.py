@@ -22,6 +22,11 @@ tau batches, and:
    stay in every layer). Pruning happens after fine-tuning, so the scores come from the
    round's own gradients; masks only ever gain zeros.
 
+Several devices sharing one frozen model (the simulator) go through
+:func:`local_rounds`: devices of one rank and size bucket run step 2 together as one vmapped
+step over their stacked states; steps 1 and 3 stay per device. :func:`local_round` (a device
+agent) is its one-device case.
+
 It reports the loss on a fixed probe batch before and after (Delta F of Eq. 3, measured
 after pruning, so it charges the pruning's damage), the wall-clock compute time, I(B_total)
 of Eq. 13-14, parameters alive, the FLOPs of the round (analytic, at the kept sizes) and
@@ -485,10 +490,10 @@ def local_rounds(model, inputs: list[RoundInput], cfg: Config, criterion: str = 
     open_groups: dict[tuple, list[tuple[int, _Job]]] = {}
     for pos, inp in enumerate(inputs):
         job = _prepare(model, inp, cfg, tx)
-        group = open_groups.setdefault(job.key(), [])
-        group.append((pos, job))
-        if len(group) == max_batch:
-            flush(open_groups.pop(job.key()))
+        key = job.key()
+        open_groups.setdefault(key, []).append((pos, job))
+        if len(open_groups[key]) == max_batch:
+            flush(open_groups.pop(key))
     for group in open_groups.values():
         flush(group)
     return [results[pos] for pos in range(len(inputs))]
