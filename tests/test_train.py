@@ -177,3 +177,33 @@ def test_vmapped_local_rounds_equal_sequential_ones(tiny_setup, monkeypatch):
     assert not np.allclose(seq[0].lora[next(iter(lora))], seq[1].lora[next(iter(lora))])
     with pytest.raises(ValueError, match="max_batch"):
         local_rounds(model, inputs(), cfg, max_batch=0)
+
+
+def test_rounds_compile_ahead_and_train_exactly_tau_steps(tiny_setup, monkeypatch):
+    """A round compiles each new batch shape ahead of time and runs its tau steps and no
+    warm-up step; a later round on shapes seen before compiles nothing."""
+    import fedspine_jax.train as T
+
+    cfg, task, parts, arch = tiny_setup
+    cfg = replace(cfg, train={"batch_size": 2, "local_steps": 6})  # batches of mixed lengths
+    model = build_model(arch, 0)
+    hm, cm = initial_masks(arch)
+    tr = task.train.take(parts[0].train_idx)
+    probe = D.collate(tr, np.arange(cfg.train.batch_size), cfg.train.batch_size)
+    monkeypatch.setattr(T, "_EXECUTABLES", {})
+    runs, real = [], T._executable
+
+    def counting(step, static, args):
+        exe = real(step, static, args)
+        return lambda *a: (runs.append(a[-1]["input_ids"].shape), exe(*a))[1]
+
+    monkeypatch.setattr(T, "_executable", counting)
+    compiled = []
+    for _ in range(2):
+        runs.clear()
+        local_round(model, get_lora(model), get_head(model), hm, cm, 0.0,
+                    D.Batches(tr, cfg.train.batch_size, 0), probe, cfg)
+        assert len(runs) == cfg.train.local_steps
+        compiled.append(len(T._EXECUTABLES))
+    assert len(set(runs)) > 1  # several length buckets, so the count below is not trivial
+    assert compiled == [len(set(runs))] * 2
