@@ -13,9 +13,10 @@ tau batches, and:
    once per mask pattern.
 2. Runs tau jitted AdamW steps (optax; a fresh optimiser state each round) on the LoRA
    factors and the task head, each step shape compiled ahead of time once per process (so
-   the compile stays out of the measured compute time and no step is spent warming up). Each step also computes, from the LoRA gradients of that
-   step, Eq. 10 for every frozen kernel, Eq. 11 per head / channel, and folds them into the
-   Eq. 12 moving average (restarted every round).
+   the compile stays out of the measured compute time and no step is spent warming up).
+   Each step also computes, from the LoRA gradients of that step, Eq. 10 for every frozen
+   kernel, Eq. 11 per head / channel, and folds them into the Eq. 12 moving average
+   (restarted every round).
 3. Writes the trained factors back into the full-shape LoRA (``expand_lora``) and prunes
    the least important groups until p_i of the prunable parameters are gone
    (``pruning.select_masks``: one global ranking by importance per parameter across layers;
