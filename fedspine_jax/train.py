@@ -230,24 +230,32 @@ def step_flops(arch: ArchConfig, heads: np.ndarray, kv_heads: np.ndarray,
                channels: np.ndarray, rank: int, batch: int, seq: int) -> float:
     """FLOPs of one training step (forward + backward) at the kept sizes.
 
-    Per token and linear ``(i, o)``: forward ``2 i o`` + LoRA ``2 r (i + o)``; backward
+    Per row and linear ``(i, o)``: forward ``2 i o`` + LoRA ``2 r (i + o)``; backward
     ``2 i o`` (input gradient only: the kernel is frozen) + LoRA ``4 r (i + o)``. Attention
-    scores and mixing: ``4 S dh`` per head and token forward, twice that backward.
+    scores and mixing: ``4 S dh`` per head and query row forward, twice that backward. Rows
+    are the B x S tokens, except in an encoder classifier's last layer, which computes the
+    first token's row alone (``models.encoder``): there q, o and the FFN see B rows, k and
+    v all B x S tokens. The task head sees B rows (an encoder) or B x S (a decoder's LM head).
 
     Args:
       heads, kv_heads, channels: (L,) kept counts per layer; rank: LoRA rank.
     """
     d, dh = arch.hidden_size, arch.head_dim
-    total = 0.0
-    for h, kv, f in zip(heads, kv_heads, channels):
-        dims = [(d, h * dh), (d, kv * dh), (d, kv * dh), (h * dh, d)]
-        dims += [(d, f)] * (2 if arch.is_decoder else 1) + [(f, d)]
-        for i, o in dims:
-            total += 4 * i * o + 6 * rank * (i + o)
-        total += 3 * 4 * seq * dh * h
     tokens = batch * seq
+    first_only = not arch.is_decoder and arch.num_labels > 0
+
+    def per_row(i, o):
+        return 4 * i * o + 6 * rank * (i + o)
+
+    total = 0.0
+    for layer, (h, kv, f) in enumerate(zip(heads, kv_heads, channels)):
+        rows = batch if first_only and layer == len(heads) - 1 else tokens
+        dims = [(d, h * dh), (h * dh, d)] + [(d, f)] * (2 if arch.is_decoder else 1) + [(f, d)]
+        total += rows * (sum(per_row(i, o) for i, o in dims) + 3 * 4 * seq * dh * h)
+        total += tokens * 2 * per_row(d, kv * dh)                  # k and v
+    head_rows = tokens if arch.is_decoder else batch
     head = 2 * d * (arch.vocab_size if arch.is_decoder else max(arch.num_labels, 1))
-    return float(tokens * (total + 3 * head))
+    return float(total + head_rows * 3 * head)
 
 
 def estimate_peak_memory(arch: ArchConfig, frozen_params: int, trainable_params: int,

@@ -186,6 +186,43 @@ def test_model_grads_with_custom_vjp_match_plain_autodiff(arch, monkeypatch):
     assert zero and all(p[:2] == ("layers", 1) and p[-1].startswith("lora") for p in zero), zero
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_classifier_last_layer_on_the_first_row_is_exact(arch, monkeypatch):
+    """An encoder classifier's last layer computes the first token's row alone: the same
+    logits and the same LoRA / mask gradients as a full last layer, for fewer FLOPs."""
+    from fedspine_jax.models.encoder import EncoderLayer
+
+    m = prune_some(randomize_lora(build_model(tiny_arch(arch))))
+    ids, am = inputs()
+    graphdef, state = nnx.split(m)
+    wrt = nnx.DiffState(0, nnx.Any(nnx.LoRAParam, Mask))
+
+    def logits_grads_flops():
+        def f(st):
+            model = nnx.merge(graphdef, st)
+            return model(ids, am), nnx.state(nnx.grad(
+                lambda mod: jnp.sum(jnp.tanh(mod(ids, am)) * jnp.arange(3.0)),
+                argnums=wrt)(model))
+
+        compiled = jax.jit(f).lower(state).compile()
+        cost = compiled.cost_analysis()
+        out, g = compiled(state)
+        return out, nnx.to_flat_state(g), (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    got_logits, got, got_flops = logits_grads_flops()
+    full_layer = EncoderLayer.__call__
+    monkeypatch.setattr(EncoderLayer, "__call__",
+                        lambda self, x, bias, first_only=False: full_layer(self, x, bias))
+    ref_logits, ref, ref_flops = logits_grads_flops()
+    np.testing.assert_allclose(got_logits, ref_logits, rtol=1e-5, atol=1e-6)
+    assert [p for p, _ in got] == [p for p, _ in ref]
+    for (path, g), (_, g_ref) in zip(got, ref):
+        np.testing.assert_allclose(g[...], g_ref[...], rtol=1e-5, atol=1e-6, err_msg=str(path))
+    last = [g for p, g in ref if p[:2] == ("layers", 2) and p[-1] == "lora_a"]
+    assert last and all(float(jnp.abs(g[...]).max()) > 0 for g in last)  # not vacuous
+    assert got_flops < 0.9 * ref_flops
+
+
 # ----------------------------------------------------------------------------- masks
 
 

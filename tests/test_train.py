@@ -3,6 +3,8 @@ and it learns on real data."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -69,6 +71,11 @@ def test_step_flops_fall_with_kept_sizes():
     full = step_flops(arch, np.array([4, 4]), np.array([4, 4]), np.array([128, 128]), 8, 4, 16)
     half = step_flops(arch, np.array([2, 2]), np.array([2, 2]), np.array([64, 64]), 8, 4, 16)
     assert half < 0.6 * full
+    # a classifier's last layer runs the first token's row alone: fewer FLOPs than the same
+    # encoder returning hidden states (every row of every layer)
+    hidden = step_flops(dataclasses.replace(arch, num_labels=0), np.array([4, 4]),
+                        np.array([4, 4]), np.array([128, 128]), 8, 4, 16)
+    assert full < 0.8 * hidden
 
 
 def test_bucket_sizes_are_coarse():

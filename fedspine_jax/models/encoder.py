@@ -5,6 +5,12 @@ heads of ``BertForSequenceClassification`` (pooler dense + tanh on the first tok
 linear classifier) and ``RobertaForSequenceClassification`` (no pooler: dense + tanh +
 out_proj on the first token). RoBERTa positions start at ``pad_token_id + 1`` and skip
 padding, as in ``create_position_ids_from_input_ids``.
+
+With a classification head only the first token's final hidden state is read, so the last
+layer computes that row alone: its keys and values come from every token, its query,
+attention output, output projection and FFN from the first row only (B rows instead of
+B x L). The logits are the same as a full last layer's, and so are the gradients of every
+weight, LoRA factors included (the other rows' outputs have zero gradient).
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ class EncoderLayer(nnx.Module):
         self.mlp = MLP(cfg, layer, rngs=rngs)
         self.ln2 = nnx.LayerNorm(d, epsilon=cfg.norm_eps, rngs=rngs)
 
-    def __call__(self, x_bld, bias):
-        x_bld = self.ln1(x_bld + self.attn(x_bld, bias)[0])
-        return self.ln2(x_bld + self.mlp(x_bld))
+    def __call__(self, x_bld, bias, first_only: bool = False):
+        """x: (B, L, D) -> (B, L, D); with ``first_only`` (B, 1, D), the first token's row
+        alone (its attention still reads every token)."""
+        x_q = x_bld[:, :1] if first_only else x_bld
+        x = self.ln1(x_q + self.attn(x_bld, bias, queries=x_q if first_only else None)[0])
+        return self.ln2(x + self.mlp(x))
 
 
 def _head_linear(d_in, d_out, cfg, rngs):
@@ -78,8 +87,11 @@ class Encoder(nnx.Module):
              + self.token_type(token_type_ids))
         x = self.ln_emb(x)
         bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, NEG_INF)
-        for layer in self.layers:
-            x = layer(x, bias)
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            # Only the first token reaches the classifier: the last layer computes its row
+            # alone (exact; see the module docstring).
+            x = layer(x, bias, first_only=self.classifier is not None and i == n - 1)
         if self.classifier is None:
             return x
         first = x[:, 0]

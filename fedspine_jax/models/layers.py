@@ -77,24 +77,30 @@ class Attention(nnx.Module):
         self.o = _linear(cfg, "o", self.num_heads * dh, d, bias, rngs)
         self.head_mask = Mask(jnp.ones((self.num_heads,)))
 
-    def __call__(self, x_bld, bias_bqk, rope=None, cache=None, cache_pos=None):
+    def __call__(self, x_bld, bias_bqk, rope=None, cache=None, cache_pos=None, queries=None):
         """Self-attention.
 
         Args:
           x_bld: (B, L, D) inputs.
-          bias_bqk: additive attention bias broadcastable to (B, 1, L, K) (0 or -inf).
+          bias_bqk: additive attention bias broadcastable to (B, 1, Q, K) (0 or -inf).
           rope: optional (cos, sin) tables (B, L, dh) for the queries/new keys.
           cache: optional (k_cache, v_cache), each (B, Lmax, Hkv, dh); the new keys/values
             are written at ``cache_pos`` and attention runs over all Lmax slots (K = Lmax).
+          queries: optional (B, Q, D) rows that ask (default ``x_bld``, Q = L); keys and
+            values always come from every row of ``x_bld``. Not with ``rope`` or ``cache``.
         Returns:
-          (B, L, D) output and the updated cache (or None).
+          (B, Q, D) output and the updated cache (or None).
         """
+        if queries is not None and (rope is not None or cache is not None):
+            raise ValueError("queries= is for plain (encoder) attention: no rope, no cache")
+        x_q = x_bld if queries is None else queries
         b, l, _ = x_bld.shape
+        lq = x_q.shape[1]
         if self.num_heads == 0:  # every head pruned: only the output bias remains
-            out = jnp.zeros_like(x_bld)
+            out = jnp.zeros_like(x_q)
             return (out + self.o.bias[...] if self.o.bias is not None else out), cache
         dh = self.head_dim
-        q = self.q(x_bld).reshape(b, l, self.num_heads, dh)
+        q = self.q(x_q).reshape(b, lq, self.num_heads, dh)
         k = self.k(x_bld).reshape(b, l, self.num_kv_heads, dh)
         v = self.v(x_bld).reshape(b, l, self.num_kv_heads, dh)
         if rope is not None:
@@ -108,14 +114,14 @@ class Attention(nnx.Module):
         if self.kv_index != tuple(range(self.num_heads)):
             idx = jnp.asarray(self.kv_index, jnp.int32)
             k, v = jnp.take(k, idx, axis=2), jnp.take(v, idx, axis=2)
-        qh = q.transpose(0, 2, 1, 3)                      # (B, H, L, dh)
+        qh = q.transpose(0, 2, 1, 3)                      # (B, H, Q, dh)
         kh = k.transpose(0, 2, 3, 1)                      # (B, H, dh, K)
         vh = v.transpose(0, 2, 1, 3)                      # (B, H, K, dh)
         scores = jnp.matmul(qh, kh) * (1.0 / math.sqrt(dh)) + bias_bqk
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(vh.dtype)
-        ctx = jnp.matmul(probs, vh)                       # (B, H, L, dh)
+        ctx = jnp.matmul(probs, vh)                       # (B, H, Q, dh)
         ctx = ctx * self.head_mask[...][None, :, None, None]
-        ctx = ctx.transpose(0, 2, 1, 3).reshape(b, l, self.num_heads * dh)
+        ctx = ctx.transpose(0, 2, 1, 3).reshape(b, lq, self.num_heads * dh)
         return self.o(ctx), cache
 
 
