@@ -399,17 +399,11 @@ def _run_group(jobs: list[_Job], tx, cfg: Config, criterion: str) -> None:
         tr, op, em, gb = carry
         return tr, op, masks, rest, em, gb, jnp.asarray(k == 0), batch
 
-    def run(carry, k, batch):
-        a = args(carry, k, batch)
-        tr, op, em, gb, _ = _executable(step, static, a)(*a)
-        return tr, op, em, gb
-
-    # Compile every batch shape before the timed loop (once per process and shape).
-    for k, batch in enumerate(data):
-        _executable(step, static, args(carry, k, batch))
+    # Every step's executable before the timed loop (compiled once per process and shape).
+    exes = [_executable(step, static, args(carry, k, batch)) for k, batch in enumerate(data)]
     t0 = time.perf_counter()
     for k, batch in enumerate(data):
-        carry = run(carry, k, batch)
+        carry = exes[k](*args(carry, k, batch))[:4]
     jax.block_until_ready(carry)
     elapsed = time.perf_counter() - t0
     for i, j in enumerate(jobs):
