@@ -45,6 +45,13 @@ not dropped** (a device may hold fewer examples than a batch): padding rows repe
 ``example_mask = 0`` (and, for dolly, ``loss_mask = 0``), so a loss weighted by them is
 unaffected. All arrays are numpy int32.
 
+Packed tokens. A classification batch also carries ``token_index`` (:func:`pack_index`):
+the flat positions of its real tokens, so the encoder runs its linears on those rows alone
+(``models.encoder``). Their count is rounded up to a multiple of an eighth of the padded
+grid (``PACK_STEPS``), so the shapes a run compiles stay few: at most eight per length
+bucket, in practice two or three (an SST-2 batch of 32 padded to 64 tokens holds ~425 real
+tokens, T = 512 of 2048). Causal-LM batches are not packed.
+
 Partition. Per class, device proportions are drawn from Dir(alpha * 1_N) (paper Sec. 5.2:
 "we sample D ~ Dir(alpha) and allocate data D_i to device i"); the minimum number of samples
 per device is then met by moving random samples from the currently largest device to the
@@ -483,6 +490,31 @@ def load_task(cfg_data: DataConfig, tokenizer, seed: int) -> TaskData:
 # ---------------------------------------------------------------------------- batching
 
 
+PACK_STEPS = 8
+
+
+def pack_index(attention_mask: np.ndarray, steps: int = PACK_STEPS,
+               size: int | None = None) -> np.ndarray:
+    """Packed-token positions of a padded batch (``layers.Packing``).
+
+    Args:
+        attention_mask: (B, L) 1 on real tokens.
+        steps: T is rounded up to a multiple of ``ceil(B * L / steps)``.
+        size: T itself instead (at least the number of real tokens), e.g. to give the
+            batches of devices trained together one shape.
+    Returns:
+        (T,) int32: the sorted flat positions ``b * L + t`` of the real tokens, then
+        distinct spare positions ``B * L, B * L + 1, ...`` up to the bucket T.
+    """
+    n_grid = attention_mask.size
+    real = np.flatnonzero(np.asarray(attention_mask).reshape(-1) > 0)
+    quantum = -(-n_grid // steps)
+    t = max(quantum, -(-len(real) // quantum) * quantum) if size is None else size
+    if t < len(real):
+        raise ValueError(f"pack_index: size={t} is below the {len(real)} real tokens")
+    return np.concatenate([real, n_grid + np.arange(t - len(real))]).astype(np.int32)
+
+
 def collate(examples: Examples, idx: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
     """One padded batch of the examples at ``idx``.
 
@@ -495,7 +527,8 @@ def collate(examples: Examples, idx: np.ndarray, batch_size: int) -> dict[str, n
     Returns:
         int32 arrays: input_ids, attention_mask (B, L), token_type_ids (B, L)
         (classification), labels (B,) (classification) or (B, L) with loss_mask (B, L)
-        (dolly), example_mask (B,); L is the smallest bucket fitting the longest example.
+        (dolly), example_mask (B,); L is the smallest bucket fitting the longest example;
+        token_index (T,) (classification, :func:`pack_index`).
     """
     idx = np.asarray(idx, dtype=np.int64)
     k = len(idx)
@@ -512,6 +545,7 @@ def collate(examples: Examples, idx: np.ndarray, batch_size: int) -> dict[str, n
     else:
         batch["token_type_ids"] = examples.token_type_ids[rows, :length]
         batch["labels"] = examples.labels[rows]
+        batch["token_index"] = pack_index(batch["attention_mask"])
     batch["example_mask"] = example_mask
     return {k_: np.ascontiguousarray(v, dtype=np.int32) for k_, v in batch.items()}
 

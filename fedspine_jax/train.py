@@ -50,6 +50,7 @@ from flax import nnx
 
 from fedspine_jax import pruning
 from fedspine_jax.config import Config
+from fedspine_jax.data import pack_index
 from fedspine_jax.models.arch import ArchConfig
 from fedspine_jax.models.compaction import compact, expand_lora
 from fedspine_jax.models.lora import HeadParam, Mask, lora_scale
@@ -95,7 +96,8 @@ def loss_fn(model, batch: dict) -> jax.Array:
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
         tw = batch["loss_mask"].astype(jnp.float32) * w[:, None]
         return jnp.sum(ce * tw) / jnp.maximum(jnp.sum(tw), 1.0)
-    logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                   batch.get("token_index"))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
 
@@ -227,21 +229,26 @@ def bucket_sizes(head_masks: np.ndarray, channel_masks: np.ndarray) -> tuple[int
 
 
 def step_flops(arch: ArchConfig, heads: np.ndarray, kv_heads: np.ndarray,
-               channels: np.ndarray, rank: int, batch: int, seq: int) -> float:
+               channels: np.ndarray, rank: int, batch: int, seq: int,
+               tokens: int | None = None) -> float:
     """FLOPs of one training step (forward + backward) at the kept sizes.
 
     Per row and linear ``(i, o)``: forward ``2 i o`` + LoRA ``2 r (i + o)``; backward
     ``2 i o`` (input gradient only: the kernel is frozen) + LoRA ``4 r (i + o)``. Attention
-    scores and mixing: ``4 S dh`` per head and query row forward, twice that backward. Rows
-    are the B x S tokens, except in an encoder classifier's last layer, which computes the
-    first token's row alone (``models.encoder``): there q, o and the FFN see B rows, k and
-    v all B x S tokens. The task head sees B rows (an encoder) or B x S (a decoder's LM head).
+    scores and mixing: ``4 S dh`` per head and query row forward, twice that backward, on
+    the B x S grid. The linears' rows are the ``tokens`` (packed, ``models.encoder``; default
+    the B x S grid), except in an encoder classifier's last layer, which computes the first
+    token's row alone: there q, o, the FFN and the attention see B rows, k and v every
+    token. The task head sees B rows (an encoder) or B x S (a decoder's LM head).
 
     Args:
-      heads, kv_heads, channels: (L,) kept counts per layer; rank: LoRA rank.
+      heads, kv_heads, channels: (L,) kept counts per layer; rank: LoRA rank;
+      batch, seq: the padded grid B x S; tokens: rows the linears run on (T of a packed
+      batch's ``token_index``), default B x S.
     """
     d, dh = arch.hidden_size, arch.head_dim
-    tokens = batch * seq
+    grid = batch * seq
+    tokens = grid if tokens is None else tokens
     first_only = not arch.is_decoder and arch.num_labels > 0
 
     def per_row(i, o):
@@ -249,25 +256,34 @@ def step_flops(arch: ArchConfig, heads: np.ndarray, kv_heads: np.ndarray,
 
     total = 0.0
     for layer, (h, kv, f) in enumerate(zip(heads, kv_heads, channels)):
-        rows = batch if first_only and layer == len(heads) - 1 else tokens
+        last = first_only and layer == len(heads) - 1
+        rows, queries = (batch, batch) if last else (tokens, grid)
         dims = [(d, h * dh), (h * dh, d)] + [(d, f)] * (2 if arch.is_decoder else 1) + [(f, d)]
-        total += rows * (sum(per_row(i, o) for i, o in dims) + 3 * 4 * seq * dh * h)
+        total += rows * sum(per_row(i, o) for i, o in dims) + queries * 3 * 4 * seq * dh * h
         total += tokens * 2 * per_row(d, kv * dh)                  # k and v
-    head_rows = tokens if arch.is_decoder else batch
+    head_rows = grid if arch.is_decoder else batch
     head = 2 * d * (arch.vocab_size if arch.is_decoder else max(arch.num_labels, 1))
     return float(total + head_rows * 3 * head)
 
 
 def estimate_peak_memory(arch: ArchConfig, frozen_params: int, trainable_params: int,
-                         heads: int, channels: int, batch: int, seq: int) -> int:
+                         heads: int, channels: int, batch: int, seq: int,
+                         tokens: int | None = None) -> int:
     """Bytes of a training step in fp32: frozen weights, trainable weights with their
     gradient and two AdamW moments, and the activations kept for the backward pass
-    (per layer about ``10 D + 2 F`` values per token and ``2 H S`` attention probabilities)."""
+    (per layer about ``10 D + 2 F`` values per token, ``tokens`` of them (default B x S;
+    fewer when packed), and ``2 H S`` attention probabilities per grid position)."""
     d = arch.hidden_size
-    per_layer = batch * seq * (10 * d + 2 * channels + 2 * heads * seq)
+    tokens = batch * seq if tokens is None else tokens
+    per_layer = tokens * (10 * d + 2 * channels) + batch * seq * 2 * heads * seq
     acts = arch.num_layers * per_layer + 2 * batch * seq * (
         arch.vocab_size if arch.is_decoder else d)
     return int(4 * (frozen_params + 4 * trainable_params + acts))
+
+
+def _tokens(batch: dict) -> int | None:
+    """T of a packed batch (the rows its linears run on), None when not packed."""
+    return batch["token_index"].shape[0] if "token_index" in batch else None
 
 
 def _to_jnp(batch: dict) -> dict:
@@ -314,10 +330,12 @@ class _Job:
 
     def key(self) -> tuple:
         """Jobs with equal keys run vmapped together: same graph, same array shapes (the
-        rank is one of them), same batch shapes."""
+        rank is one of them), same batch shapes (packed batches of different T are padded
+        to one, see :func:`_one_packing`)."""
         shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(
             (self.carry[0], self.masks, self.rest)))
-        return (self.graphdef, shapes, tuple(d["input_ids"].shape for d in self.data))
+        return (self.graphdef, shapes,
+                tuple((d["input_ids"].shape, "token_index" in d) for d in self.data))
 
 
 def _load(model, inp: RoundInput) -> None:
@@ -379,6 +397,16 @@ def _stack(trees: list):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def _one_packing(batches: list[dict]) -> list[dict]:
+    """Batches of devices trained together, their ``token_index`` extended to the longest
+    T with spare rows (``data.pack_index``), so that they stack (and give the same loss)."""
+    if "token_index" not in batches[0]:
+        return batches
+    t = max(b["token_index"].shape[0] for b in batches)
+    return [dict(b, token_index=jnp.asarray(pack_index(np.asarray(b["attention_mask"]),
+                                                       size=t))) for b in batches]
+
+
 def _run_group(jobs: list[_Job], tx, cfg: Config, criterion: str) -> None:
     """The tau steps of ``jobs`` (equal :meth:`_Job.key`): one device with
     :func:`train_step`, several vmapped with :func:`train_step_vmapped`. Updates each
@@ -391,7 +419,8 @@ def _run_group(jobs: list[_Job], tx, cfg: Config, criterion: str) -> None:
         step = train_step_vmapped
         carry = _stack([j.carry for j in jobs])
         masks, rest = _stack([j.masks for j in jobs]), _stack([j.rest for j in jobs])
-        data = [_stack([j.data[k] for j in jobs]) for k in range(len(jobs[0].data))]
+        data = [_stack(_one_packing([j.data[k] for j in jobs]))
+                for k in range(len(jobs[0].data))]
 
     static = (g0, tx, eta, criterion)
 
@@ -458,10 +487,11 @@ def _finish(model, job: _Job, cfg: Config) -> LocalRoundResult:
     kept_c = np.asarray(channel_masks).sum(1).astype(int)
     kv_kept = np.array([len(np.unique(np.asarray(arch.kv_index(i))[np.flatnonzero(
         np.asarray(head_masks)[i])])) for i in range(n_layers)])
-    b, s = job.data[0]["input_ids"].shape
     rank = next(iter(inp.lora.values())).shape[-1] if inp.lora else 0
-    flops = sum(step_flops(arch, kept_h, kv_kept, kept_c, rank, *d["input_ids"].shape)
-                for d in job.data)
+    flops = sum(step_flops(arch, kept_h, kv_kept, kept_c, rank, *d["input_ids"].shape,
+                           tokens=_tokens(d)) for d in job.data)
+    b, s = max(d["input_ids"].shape for d in job.data)
+    tokens = max(_tokens(d) or b * s for d in job.data)
     frozen = sum(int(x.size) for x in jax.tree.leaves(
         nnx.state(model, nnx.All(nnx.Param, nnx.Not(TRAINABLE)))))
     pruned_params = float(achieved) * float(
@@ -469,7 +499,7 @@ def _finish(model, job: _Job, cfg: Config) -> LocalRoundResult:
             arch.hidden_size, gated=arch.is_decoder, bias=not arch.is_decoder))
     trainable_n = sum(int(x.size) for x in jax.tree.leaves(trainable))
     peak = estimate_peak_memory(arch, frozen, trainable_n, len(index.heads[0]),
-                                len(index.channels[0]), b, s)
+                                len(index.channels[0]), b, s, tokens)
     return LocalRoundResult(
         lora=get_lora(model), head=get_head(model) if inp.head else {}, head_masks=new_h,
         channel_masks=new_c, loss_before=job.loss_before, loss_after=loss_after,
@@ -566,7 +596,8 @@ def _correct(graphdef, state, batch):
         pred = jnp.argmax(model(batch["input_ids"], batch["attention_mask"]), -1)
         tw = batch["loss_mask"].astype(jnp.float32) * w[:, None]
         return jnp.sum((pred == batch["labels"]) * tw), jnp.sum(tw)
-    logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                   batch.get("token_index"))
     return jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * w), jnp.sum(w)
 
 

@@ -255,7 +255,7 @@ def test_collate_pads_to_the_smallest_fitting_bucket(sst2_small):
         L = min(x for x in ex.buckets if x >= ex.lengths[idx].max())
         seen.add(L)
         assert set(b) == {"input_ids", "attention_mask", "token_type_ids", "labels",
-                          "example_mask"}
+                          "example_mask", "token_index"}
         assert all(v.dtype == np.int32 for v in b.values())
         assert b["input_ids"].shape == b["attention_mask"].shape == (8, L)
         assert b["token_type_ids"].shape == (8, L) and b["labels"].shape == (8,)
@@ -265,6 +265,11 @@ def test_collate_pads_to_the_smallest_fitting_bucket(sst2_small):
         assert (b["input_ids"][:k] == ex.input_ids[idx, :L]).all()
         assert (b["input_ids"][k:] == b["input_ids"][0]).all()
         assert (b["labels"][:k] == ex.labels[idx]).all()
+        # Packed tokens: every real position once, in order, then spare positions.
+        real = np.flatnonzero(b["attention_mask"])
+        assert np.array_equal(b["token_index"][:len(real)], real)
+        assert (b["token_index"][len(real):] >= 8 * L).all()
+        assert b["token_index"].shape[0] % (8 * L // D.PACK_STEPS) == 0
     assert seen == {8, 16, 32}
 
 

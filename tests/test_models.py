@@ -21,7 +21,7 @@ from fedspine_jax.models import (
 )
 from fedspine_jax.models import lora as lora_module
 from fedspine_jax.models.compaction import compact, expand_lora
-from fedspine_jax.models.lora import Mask, lora_branch
+from fedspine_jax.models.lora import HeadParam, Mask, lora_branch
 
 
 def tiny_arch(arch: str, **kw) -> ArchConfig:
@@ -212,7 +212,8 @@ def test_classifier_last_layer_on_the_first_row_is_exact(arch, monkeypatch):
     got_logits, got, got_flops = logits_grads_flops()
     full_layer = EncoderLayer.__call__
     monkeypatch.setattr(EncoderLayer, "__call__",
-                        lambda self, x, bias, first_only=False: full_layer(self, x, bias))
+                        lambda self, x, bias, first_only=False, packing=None:
+                        full_layer(self, x, bias, packing=packing))
     ref_logits, ref, ref_flops = logits_grads_flops()
     np.testing.assert_allclose(got_logits, ref_logits, rtol=1e-5, atol=1e-6)
     assert [p for p, _ in got] == [p for p, _ in ref]
@@ -221,6 +222,78 @@ def test_classifier_last_layer_on_the_first_row_is_exact(arch, monkeypatch):
     last = [g for p, g in ref if p[:2] == ("layers", 2) and p[-1] == "lora_a"]
     assert last and all(float(jnp.abs(g[...]).max()) > 0 for g in last)  # not vacuous
     assert got_flops < 0.9 * ref_flops
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("head", [True, False])
+def test_packed_tokens_are_exact(arch, head):
+    """With ``token_index`` (data.pack_index) the encoder computes on the real tokens only:
+    the same logits (or hidden states at real positions) and the same gradients of every
+    LoRA factor, mask and head weight as on the padded grid, for fewer FLOPs."""
+    from fedspine_jax.data import pack_index
+
+    cfg = tiny_arch(arch, **({} if head else {"num_labels": 0}))
+    m = prune_some(randomize_lora(build_model(cfg)))
+    rng = np.random.default_rng(3)
+    b, l = 4, 12
+    lengths = np.array([12, 3, 7, 1])
+    am_np = (np.arange(l)[None] < lengths[:, None]).astype(np.int32)
+    ids = jnp.asarray(np.where(am_np > 0, rng.integers(2, 120, (b, l)), cfg.pad_token_id),
+                      jnp.int32)
+    am = jnp.asarray(am_np)
+    tt = jnp.zeros_like(ids)
+    index = pack_index(am_np)
+    assert index.shape == (24,) and np.array_equal(index[:23], np.flatnonzero(am_np))
+    graphdef, state = nnx.split(m)
+    wrt = nnx.DiffState(0, nnx.Any(nnx.LoRAParam, Mask, HeadParam))
+    weights = jax.random.normal(jax.random.PRNGKey(1), (b, l, 1)) * am[..., None]
+
+    def run(token_index):
+        def f(st):
+            def loss(mod):
+                out = mod(ids, am, tt, token_index)
+                return jnp.sum(jnp.tanh(out) * (jnp.arange(3.0) if head else weights))
+            model = nnx.merge(graphdef, st)
+            return model(ids, am, tt, token_index), nnx.state(nnx.grad(loss, argnums=wrt)(model))
+
+        compiled = jax.jit(f).lower(state).compile()
+        cost = compiled.cost_analysis()
+        out, g = compiled(state)
+        return out, nnx.to_flat_state(g), (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    got_out, got, got_flops = run(jnp.asarray(index))
+    ref_out, ref, ref_flops = run(None)
+    if head:
+        np.testing.assert_allclose(got_out, ref_out, rtol=1e-5, atol=1e-6)
+    else:   # hidden states: equal at real positions, zeros at padding
+        np.testing.assert_allclose(got_out * am[..., None], ref_out * am[..., None],
+                                   rtol=1e-5, atol=1e-5)
+        assert float(jnp.abs(got_out * (1 - am[..., None])).max()) == 0.0
+    assert [p for p, _ in got] == [p for p, _ in ref]
+    for (path, g), (_, g_ref) in zip(got, ref):
+        np.testing.assert_allclose(g[...], g_ref[...], rtol=1e-4, atol=1e-6, err_msg=str(path))
+    moved = [p for p, g in ref if p[-1] == "lora_a" and float(jnp.abs(g[...]).max()) > 0]
+    assert len(moved) >= 6                                         # not vacuous
+    assert got_flops < 0.8 * ref_flops                             # 24 of 48 rows
+
+
+def test_pack_index_buckets():
+    from fedspine_jax.data import pack_index
+
+    am = np.zeros((4, 16), np.int32)
+    am[:, :3] = 1                                                   # 12 real of 64
+    idx = pack_index(am)
+    assert idx.dtype == np.int32 and idx.shape == (16,)             # quantum 64 / 8 = 8
+    assert np.array_equal(idx[:12], np.flatnonzero(am)) and np.array_equal(idx[12:],
+                                                                           64 + np.arange(4))
+    am[:] = 1
+    assert np.array_equal(pack_index(am), np.arange(64))            # full grid: no spare
+    am[:] = 0
+    am[:, 0] = 1
+    assert pack_index(am).shape == (8,)                             # at least one quantum
+    assert np.array_equal(pack_index(am, size=6), np.r_[np.flatnonzero(am), 64, 65])
+    with pytest.raises(ValueError, match="below the 4 real tokens"):
+        pack_index(am, size=3)
 
 
 # ----------------------------------------------------------------------------- masks

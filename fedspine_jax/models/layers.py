@@ -9,11 +9,18 @@ whose heads (or channels) are all masked contributes only the output bias.
 Grouped-query attention (LLaMA): masks and pruning work at query-head granularity. Each
 query head reads kv head ``kv_index[h]``; a kv head is physically removed (compaction)
 only once every query head of its group is pruned.
+
+Packed tokens (:class:`Packing`): an encoder may run its linears, LayerNorms and FFN on the
+batch's real tokens alone, ``(T, D)`` rows, instead of the padded ``(B, L, D)`` grid;
+attention unpacks its keys, values and queries onto the grid (zeros at padding, which the
+attention bias masks out) and packs its context back. Exact: a real token's output never
+depends on a padding position (see ``models.encoder``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +30,43 @@ from fedspine_jax.models.arch import ArchConfig
 from fedspine_jax.models.lora import LoRALinear, Mask
 
 NEG_INF = -1e30
+
+
+class Packing(NamedTuple):
+    """Where a batch's real tokens sit when the rows are packed (``(T, D)`` for ``(B, L, D)``).
+
+    Attributes:
+      index: (T,) int32, the flat grid position ``b * L + t`` of packed row j, sorted; rows
+        past the real tokens (spare rows that round T up to a bucket) hold distinct
+        positions >= B * L and read zeros.
+      inverse: (B * L,) int32, the packed row of each grid position, T at padding.
+      first: (B,) int32, the packed row of each sequence's first token.
+      batch, length: B and L of the grid.
+    """
+    index: jax.Array
+    inverse: jax.Array
+    first: jax.Array
+    batch: int
+    length: int
+
+    @classmethod
+    def from_index(cls, index_t: jax.Array, batch: int, length: int) -> Packing:
+        """The packing of ``index_t`` (T,) (see ``data.pack_index``) on a (batch, length) grid."""
+        t = index_t.shape[0]
+        inverse = jnp.full((batch * length,), t, jnp.int32).at[index_t].set(
+            jnp.arange(t, dtype=jnp.int32), mode="drop")
+        return cls(index_t, inverse, inverse[::length], batch, length)
+
+    def pack(self, x_bl: jax.Array) -> jax.Array:
+        """(B, L, ...) -> (T, ...): the real tokens' rows, zeros in spare rows."""
+        flat = x_bl.reshape((self.batch * self.length,) + x_bl.shape[2:])
+        return flat.at[self.index].get(mode="fill", fill_value=0, indices_are_sorted=True,
+                                       unique_indices=True)
+
+    def unpack(self, x_t: jax.Array) -> jax.Array:
+        """(T, ...) -> (B, L, ...): rows back on the grid, zeros at padding."""
+        out = jnp.take(x_t, self.inverse, axis=0, mode="fill", fill_value=0)
+        return out.reshape((self.batch, self.length) + x_t.shape[1:])
 
 
 def _linear(cfg: ArchConfig, name: str, d_in: int, d_out: int, use_bias: bool,
@@ -77,32 +121,40 @@ class Attention(nnx.Module):
         self.o = _linear(cfg, "o", self.num_heads * dh, d, bias, rngs)
         self.head_mask = Mask(jnp.ones((self.num_heads,)))
 
-    def __call__(self, x_bld, bias_bqk, rope=None, cache=None, cache_pos=None, queries=None):
+    def __call__(self, x_bld, bias_bqk, rope=None, cache=None, cache_pos=None, queries=None,
+                 packing=None):
         """Self-attention.
 
         Args:
-          x_bld: (B, L, D) inputs.
+          x_bld: (B, L, D) inputs, or (T, D) packed rows with ``packing``.
           bias_bqk: additive attention bias broadcastable to (B, 1, Q, K) (0 or -inf).
           rope: optional (cos, sin) tables (B, L, dh) for the queries/new keys.
           cache: optional (k_cache, v_cache), each (B, Lmax, Hkv, dh); the new keys/values
             are written at ``cache_pos`` and attention runs over all Lmax slots (K = Lmax).
           queries: optional (B, Q, D) rows that ask (default ``x_bld``, Q = L); keys and
             values always come from every row of ``x_bld``. Not with ``rope`` or ``cache``.
+          packing: optional :class:`Packing` of ``x_bld``'s rows; the output is packed too
+            (unless ``queries`` is given). Not with ``rope`` or ``cache``.
         Returns:
-          (B, Q, D) output and the updated cache (or None).
+          (B, Q, D) output (T, D packed) and the updated cache (or None).
         """
-        if queries is not None and (rope is not None or cache is not None):
-            raise ValueError("queries= is for plain (encoder) attention: no rope, no cache")
+        if (queries is not None or packing is not None) and (rope is not None
+                                                              or cache is not None):
+            raise ValueError("queries= and packing= are for plain (encoder) attention: no "
+                             "rope, no cache")
         x_q = x_bld if queries is None else queries
-        b, l, _ = x_bld.shape
-        lq = x_q.shape[1]
         if self.num_heads == 0:  # every head pruned: only the output bias remains
             out = jnp.zeros_like(x_q)
             return (out + self.o.bias[...] if self.o.bias is not None else out), cache
         dh = self.head_dim
-        q = self.q(x_q).reshape(b, lq, self.num_heads, dh)
-        k = self.k(x_bld).reshape(b, l, self.num_kv_heads, dh)
-        v = self.v(x_bld).reshape(b, l, self.num_kv_heads, dh)
+        q, k, v = self.q(x_q), self.k(x_bld), self.v(x_bld)
+        if packing is not None:                 # onto the (B, L) grid, zeros at padding
+            k, v = packing.unpack(k), packing.unpack(v)
+            q = packing.unpack(q) if queries is None else q
+        b, l, lq = k.shape[0], k.shape[1], q.shape[1]
+        q = q.reshape(b, lq, self.num_heads, dh)
+        k = k.reshape(b, l, self.num_kv_heads, dh)
+        v = v.reshape(b, l, self.num_kv_heads, dh)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -122,6 +174,8 @@ class Attention(nnx.Module):
         ctx = jnp.matmul(probs, vh)                       # (B, H, Q, dh)
         ctx = ctx * self.head_mask[...][None, :, None, None]
         ctx = ctx.transpose(0, 2, 1, 3).reshape(b, lq, self.num_heads * dh)
+        if packing is not None and queries is None:
+            ctx = packing.pack(ctx)                             # (T, H*dh)
         return self.o(ctx), cache
 
 
