@@ -76,6 +76,15 @@ def test_step_flops_fall_with_kept_sizes():
     hidden = step_flops(dataclasses.replace(arch, num_labels=0), np.array([4, 4]),
                         np.array([4, 4]), np.array([128, 128]), 8, 4, 16)
     assert full < 0.8 * hidden
+    # packed rows: the linears' FLOPs are affine in the rows, the attention stays on the grid
+
+    def packed(t):
+        return step_flops(arch, np.array([4, 4]), np.array([4, 4]), np.array([128, 128]), 8,
+                          4, 16, tokens=t)
+
+    assert packed(64) == full
+    assert packed(48) - packed(32) == pytest.approx(packed(32) - packed(16))
+    assert packed(16) < 0.45 * full
 
 
 def test_bucket_sizes_are_coarse():
