@@ -22,8 +22,8 @@ vocab 50265). Data: real SST-2 sentences (``../shared/data/sst2`` beside the rep
 tokenised with the MiniLM tokenizer, every batch padded to ``--seq`` (the RoBERTa side maps
 padding to its pad id 1). The peer computes on every padded position, as Hugging Face's
 models do; ours (but ``ours_full_padded``) on the real tokens, rounded up to an eighth of
-the grid (about a quarter of it on SST-2 at seq 64). Both sides see the same batches in the same order, the same
-learning rate and weight decay (``TrainConfig`` defaults) and fp32.
+the grid (about a quarter of it on SST-2 at seq 64). Both sides see the same batches in the
+same order, the same learning rate and weight decay (``TrainConfig`` defaults) and fp32.
 
 Pruning: on MiniLM, masks that remove a fraction p of every layer's heads and of its FFN
 channels (``round(p * H)`` heads and ``round(p * F)`` channels per layer, indices drawn at
