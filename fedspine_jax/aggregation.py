@@ -175,21 +175,6 @@ def _refactor(a_ds: Array, b_sk: Array, w_s: Array, width: Array, rank: int
     return jax.lax.map(one, (a_ds, b_sk, w_s))
 
 
-def _bucketed(a_ds: Array, b_sk: Array, w_s: Array) -> tuple[Array, Array, Array, Array]:
-    """Zero-pad the stacked width s to a multiple of STACK_BUCKET (product unchanged).
-
-    Returns the padded ``a_ds``, ``b_sk``, ``w_s`` and the unpadded width s (as an array, so
-    that it is not a compile key).
-    """
-    s = a_ds.shape[-1]
-    pad = -s % STACK_BUCKET
-    if pad:
-        a_ds = jnp.pad(a_ds, [(0, 0)] * (a_ds.ndim - 1) + [(0, pad)])
-        b_sk = jnp.pad(b_sk, [(0, 0)] * (b_sk.ndim - 2) + [(0, pad), (0, 0)])
-        w_s = jnp.pad(w_s, [(0, 0)] * (w_s.ndim - 1) + [(0, pad)])
-    return a_ds, b_sk, w_s, jnp.asarray(s, jnp.int32)
-
-
 def _check_pairs(a_list: Sequence[Array], b_list: Sequence[Array], n_weights: int | None
                  ) -> None:
     if len(a_list) != len(b_list) or not a_list:
@@ -203,21 +188,32 @@ def _check_pairs(a_list: Sequence[Array], b_list: Sequence[Array], n_weights: in
 
 
 def _stack(a_list: Sequence[Array], b_list: Sequence[Array], weights: Array
-           ) -> tuple[Array, Array, Array]:
-    """The stacked pair and column weights: ``A = [a_1, ..., a_N]: ([L,] d, s)``,
-    ``B = [b_1; ...; b_N]: ([L,] s, k)`` and ``w_s: ([L,] s)``, device i's weight repeated
-    over its r_i columns, so that ``(A * w_s) @ B = sum_i w_i a_i @ b_i``.
+           ) -> tuple[Array, Array, Array, Array]:
+    """The stacked pair and column weights, zero-padded to a stacked-width bucket.
+
+    ``A = [a_1, ..., a_N, 0]: ([L,] d, s')``, ``B = [b_1; ...; b_N; 0]: ([L,] s', k)`` and
+    ``w_s: ([L,] s')``, device i's weight repeated over its r_i columns, so that
+    ``(A * w_s) @ B = sum_i w_i a_i @ b_i``; ``s = sum_i r_i`` is padded with zero columns /
+    rows to ``s'``, a multiple of STACK_BUCKET (one compile per bucket; the padding is part
+    of the one concatenation, not a second copy). Also returns ``s`` as an int32 array (not
+    a compile key; see :func:`_split`).
 
     ``weights``: (N,), or (L, N) per layer when the factors carry a leading layer axis.
     A few array ops whatever N (this runs outside the compiled core, see the design note).
     """
     dt = _work_dtype(weights, *a_list, *b_list)
     ranks = [a.shape[-1] for a in a_list]
+    s = sum(ranks)
+    pad = -s % STACK_BUCKET
+    lead = a_list[0].shape[:-2]
+    d, k = a_list[0].shape[-2], b_list[0].shape[-1]
     w_s = jnp.repeat(jnp.asarray(weights, dt), jnp.asarray(ranks), axis=-1,
-                     total_repeat_length=sum(ranks))
-    a_ds = jnp.concatenate([a.astype(dt) for a in a_list], axis=-1)
-    b_sk = jnp.concatenate([b.astype(dt) for b in b_list], axis=-2)
-    return a_ds, b_sk, w_s
+                     total_repeat_length=s)
+    w_s = jnp.pad(w_s, [(0, 0)] * (w_s.ndim - 1) + [(0, pad)])          # (s',), small
+    a_parts = [a.astype(dt) for a in a_list] + ([jnp.zeros(lead + (d, pad), dt)] if pad else [])
+    b_parts = [b.astype(dt) for b in b_list] + ([jnp.zeros(lead + (pad, k), dt)] if pad else [])
+    return (jnp.concatenate(a_parts, axis=-1), jnp.concatenate(b_parts, axis=-2), w_s,
+            jnp.asarray(s, jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------
@@ -289,7 +285,7 @@ def aggregate_lora(a_list: Sequence[Array], b_list: Sequence[Array], weights: Ar
       decreasing order of singular value.
     """
     _check_pairs(a_list, b_list, len(weights))
-    return _refactor(*_bucketed(*_stack(a_list, b_list, weights)), rank=rank)
+    return _refactor(*_stack(a_list, b_list, weights), rank=rank)
 
 
 def aggregate_lora_batched(a_list: Sequence[Array], b_list: Sequence[Array], weights: Array,
@@ -312,7 +308,7 @@ def aggregate_lora_batched(a_list: Sequence[Array], b_list: Sequence[Array], wei
     """
     _check_pairs(a_list, b_list, jnp.shape(weights)[-1])
     w_ln = jnp.broadcast_to(jnp.asarray(weights), (a_list[0].shape[0], len(a_list)))
-    return _refactor(*_bucketed(*_stack(a_list, b_list, w_ln)), rank=rank)
+    return _refactor(*_stack(a_list, b_list, w_ln), rank=rank)
 
 
 @functools.partial(jax.jit, static_argnames=("rank",))
@@ -376,30 +372,28 @@ def aggregate_lora_masked(a_list: Sequence[Array], b_list: Sequence[Array], weig
     if col_masks is None and row_masks is None:
         raise ValueError("aggregate_lora_masked needs col_masks and/or row_masks; "
                          "use aggregate_lora without masks")
-    a_ds, b_sk, w_s = _stack(a_list, b_list, weights)
+    a_ds, b_sk, w_s, width = _stack(a_list, b_list, weights)
     dt = a_ds.dtype
     w = jnp.asarray(weights, dt)
-    offsets = [0]
-    for a in a_list:
-        offsets.append(offsets[-1] + a.shape[1])
+    ranks = [a.shape[1] for a in a_list]
+    pad = a_ds.shape[1] - sum(ranks)
 
-    def per_component(masks_nx):            # device i's mask repeated over its r_i components
-        return jnp.concatenate([jnp.broadcast_to(masks_nx[i], (offsets[i + 1] - offsets[i],
-                                                               masks_nx.shape[1]))
-                                for i in range(len(a_list))], axis=0)
+    def per_component(masks_nx):     # device i's mask repeated over its r_i components: (s', X)
+        return jnp.concatenate([jnp.broadcast_to(m, (r, masks_nx.shape[1]))
+                                for m, r in zip(masks_nx, ranks)] +
+                               [jnp.zeros((pad, masks_nx.shape[1]), dt)], axis=0)
 
     if row_masks is not None and col_masks is not None:
         rows = jnp.asarray(row_masks, dt)
         cols = jnp.asarray(col_masks, dt)
         a_ds = a_ds * w_s * per_component(rows).T
         b_sk = b_sk * per_component(cols)
-        a_ds, b_sk, _, _ = _bucketed(a_ds, b_sk, w_s)
         return _truncate_masked_sum(a_ds, b_sk, rows, cols, w, rank)
     if col_masks is not None:
         b_sk = b_sk * per_component(_col_scale(jnp.asarray(col_masks, dt), w))
     else:
         a_ds = a_ds * per_component(_col_scale(jnp.asarray(row_masks, dt), w)).T
-    return _refactor(*_bucketed(a_ds, b_sk, w_s), rank=rank)
+    return _refactor(a_ds, b_sk, w_s, width, rank=rank)
 
 
 @functools.partial(jax.jit, static_argnames=("rank",))
