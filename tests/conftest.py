@@ -3,12 +3,43 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    """One persistent JAX compilation cache for the whole test session.
+
+    Many tests compile the same programs (the tiny config's train step, at the same shapes)
+    in this process and in the server, device and simulator processes of the gRPC tests;
+    with the cache each is compiled once per session. A cache the user set
+    (``JAX_COMPILATION_CACHE_DIR``) is used as it is; otherwise a temporary one is made and
+    removed at the end. Subprocesses inherit it through the environment.
+    """
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    import jax
+
+    config._fedspine_jax_cache = tempfile.mkdtemp(prefix="fedspine-jax-cache-")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=config._fedspine_jax_cache,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    # this process: jax may have been imported (and read the environment) already
+    jax.config.update("jax_compilation_cache_dir", config._fedspine_jax_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_fedspine_jax_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """The real deployment over gRPC: server and device agents as processes on 127.0.0.1.
 
 Every process is started by the test, writes its log to a file, and is killed (by its
-pid) in teardown. All processes share a JAX persistent compilation cache in a temporary
-directory so that each function is compiled once per test session, not once per process.
+pid) in teardown. All processes share the session's JAX persistent compilation cache
+(conftest.py), so that each function is compiled once per test session, not once per process.
 """
 
 from __future__ import annotations
@@ -87,12 +87,12 @@ class Proc:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    cache = tmp_path_factory.mktemp("jax_cache")
+def env() -> dict:
+    """The child processes' environment: CPU, unbuffered, and the session's JAX compilation
+    cache (conftest.py), which they share with this process and with each other."""
+    assert os.environ.get("JAX_COMPILATION_CACHE_DIR"), "conftest.py sets the shared cache"
     e = dict(os.environ)
-    e.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    e.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     return e
 
 
