@@ -111,6 +111,11 @@ def tokens_dir(tmp_path_factory) -> Path:
     return d
 
 
+# The runs that test recovery skip the end-of-run ONNX export (about 12 s each); the
+# three-device run and the fetch test cover it.
+NO_EXPORT = ["export.at_end=false"]
+
+
 def _sets(shared_data: Path, extra=()) -> list[str]:
     return ["federation.simulated_clock=true", f"data.source={shared_data / 'sst2'}",
             *extra]
@@ -615,7 +620,7 @@ def test_server_sigkill_and_restart_loses_nothing(procs, env, tmp_path, tokens_d
     """SIGKILL the server right after it acknowledged an update of round 2; restart it on
     the same port with --resume. The devices reconnect and the run ends in the state of an
     uninterrupted run (the simulator's, which the test above shows the gRPC run equals)."""
-    sets = _sets(shared_data)
+    sets = _sets(shared_data, NO_EXPORT)
     cfg = load_config(TINY, sets)
     out = tmp_path / "run"
     server, port = start_server(procs, env, tmp_path, "server", sets,
@@ -653,7 +658,8 @@ def test_device_killed_mid_round_round_closes_at_deadline(procs, env, tmp_path, 
     """Device 2 is SIGKILLed while training round 1: the round closes at its deadline with
     devices 0 and 1; restarted, device 2 rejoins and round 2 closes with all three."""
     deadline = 40.0
-    sets = _sets(shared_data, [f"federation.deadline_s={deadline}", "federation.rounds=2"])
+    sets = _sets(shared_data, [f"federation.deadline_s={deadline}", "federation.rounds=2",
+                               *NO_EXPORT])
     out = tmp_path / "run"
     server, port = start_server(procs, env, tmp_path, "server", sets,
                                 tokens_dir / "tokens.json", out)
