@@ -33,11 +33,12 @@ import numpy as np
 
 from fedspine_jax.export import metadata
 from fedspine_jax.export.metadata import MetadataError, ModelMeta
+from fedspine_jax.errors import UserError
 
 ENGINE_SUFFIXES = (".plan", ".engine")
 
 
-class InferenceError(RuntimeError):
+class InferenceError(UserError, RuntimeError):
     """A model that cannot be loaded or run, or bad input; the message names the problem."""
 
 

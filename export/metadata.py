@@ -21,6 +21,7 @@ import hashlib
 import json
 import tempfile
 from pathlib import Path
+from fedspine_jax.errors import UserError
 
 META_KEY = "fedspine.meta"
 TOKENIZER_KEY = "fedspine.tokenizer"
@@ -34,7 +35,7 @@ LABEL_NAMES = {"sst2": ("negative", "positive"),
 BATCH, SEQ, CACHE = "batch", "seq", "cache"
 
 
-class MetadataError(ValueError):
+class MetadataError(UserError, ValueError):
     """A model file without (valid) fedspine metadata; the message names the file."""
 
 

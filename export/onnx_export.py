@@ -68,6 +68,7 @@ from flax import nnx
 
 from fedspine_jax.export import graph, metadata
 from fedspine_jax.export.metadata import BATCH, CACHE, SEQ, CacheSpec, ModelMeta
+from fedspine_jax.errors import UserError
 
 log = logging.getLogger("fedspine.export")
 
@@ -88,7 +89,7 @@ DEFAULT_TEXTS = (
 VERIFY_DECODE_STEPS = 3
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export that cannot be made or did not verify; the message says why."""
 
 

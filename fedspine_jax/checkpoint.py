@@ -19,6 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fedspine_jax import bandit
+from fedspine_jax.config import Config, dump_config, for_resume, load_config
+from fedspine_jax.errors import RunDirError
 from fedspine_jax.federation import DeviceUpdate, Federation, FederationState
 
 _STEP = re.compile(r"^round_(\d+)$")
@@ -90,6 +92,48 @@ def steps(directory: str | Path) -> list[int]:
     if not d.is_dir():
         return []
     return sorted(int(m.group(1)) for p in d.iterdir() if (m := _STEP.match(p.name)))
+
+
+def saved_config(out: str | Path) -> Path:
+    """The ``config.yaml`` of the run in ``out`` (what ``--resume`` starts from).
+
+    Raises:
+      RunDirError: ``out`` holds no run.
+    """
+    path = Path(out) / "config.yaml"
+    if not path.is_file():
+        raise RunDirError(f"--resume: {str(out)!r} holds no run (no config.yaml); start the "
+                          f"run without --resume")
+    return path
+
+
+def prepare_run_dir(out: str | Path, cfg: Config, resume: bool) -> tuple[Config, bool]:
+    """Check a run directory for a new run or a resume and write its ``config.yaml``
+    (both transports' one resume rule).
+
+    A new run needs a directory that holds no run. A resume needs a run (its
+    ``config.yaml``) and continues with ``cfg`` where that differs from the saved config
+    only in keys a resume may change (``config.for_resume``); a run stopped before its
+    first checkpoint starts again from its beginning.
+
+    Returns:
+      (the config to run with, whether to restore the newest checkpoint).
+
+    Raises:
+      RunDirError: ``out`` holds a run (and ``resume`` is false), or none (and ``resume``
+        is true).
+      ConfigError: ``cfg`` changes a key a resume must keep (the message names it).
+    """
+    out = Path(out)
+    done = bool(steps(out / "checkpoints"))
+    if resume:
+        cfg = for_resume(load_config(saved_config(out)), cfg)
+    elif (out / "metrics.jsonl").exists() or done:
+        raise RunDirError(f"{str(out)!r} already holds a run; continue it with --resume, "
+                          f"or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    return cfg, resume and done
 
 
 def save(directory: str | Path, step: int, state: FederationState, extra: dict | None = None,

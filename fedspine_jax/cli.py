@@ -1,82 +1,204 @@
 """The ``fedspine`` command line.
 
+Design note
+-----------
 Subcommands are thin: each parses its arguments and calls one function of the module that
-owns the work. The transports and the exporter (``fedspine_jax.server``,
-``fedspine_jax.device_runtime``, ``fedspine_jax.export``) are looked up by module name at
-call time, so the core never imports them (imports flow one way, see DESIGN.md).
+owns the work. Building the parser imports no JAX: the core's own subcommands (simulate,
+compare, sweep) declare their arguments here, ``report`` in its own light module, and the
+transports and the exporter (``fedspine_jax.server``, ``fedspine_jax.device_runtime``,
+``fedspine_jax.export``) in their ``cli`` modules, looked up by name so that the core never
+imports them (imports flow one way, see DESIGN.md). The work's modules are imported only
+when a command runs, so ``fedspine --help`` answers at once.
+
+Errors a user can cause (:class:`~fedspine_jax.errors.UserError`, and the operating system's
+file errors) end in one line, ``fedspine <command>: <message>``, with exit status 2; a
+traceback means a bug (``FEDSPINE_TRACEBACK=1`` shows it for any error). Ctrl-C prints the
+command that continues the run.
+
+Commands that compile (simulate, compare, sweep, server, device, export, infer) keep JAX's
+persistent compilation cache in the user's cache directory
+(``$XDG_CACHE_HOME/fedspine-jax/jax``, else ``~/.cache/fedspine-jax/jax``), so a second run
+reuses the first one's programs; ``--no-compile-cache`` turns it off and a cache set with
+``JAX_COMPILATION_CACHE_DIR`` is used as it is.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shlex
 import sys
+from pathlib import Path
 
-# subcommand -> (module that implements it, one-line help)
+from fedspine_jax import __version__
+
+# subcommand -> (module holding its add_arguments / run_cli, one-line help)
 COMMANDS = {
-    "simulate": ("fedspine_jax.simulation", "run an in-process federated simulation"),
-    "compare": ("fedspine_jax.simulation", "run several methods on the same seeds and traces"),
+    "simulate": (__name__, "run an in-process federated simulation"),
+    "compare": (__name__, "run several methods on the same seeds and traces"),
     "report": ("fedspine_jax.report", "render tables and plots of a run or comparison"),
-    "sweep": ("fedspine_jax.sweep", "S-UCB hyperparameter sweeps on synthetic fleets"),
+    "sweep": (__name__, "S-UCB hyperparameter sweeps on synthetic fleets"),
     "server": ("fedspine_jax.server.cli", "run the gRPC federation server"),
     "device": ("fedspine_jax.device_runtime.cli", "run a device agent against a server"),
     "export": ("fedspine_jax.export.cli", "export a device's pruned model to ONNX / TensorRT"),
     "infer": ("fedspine_jax.device_runtime.infer_cli", "run inference with an exported model"),
 }
+# Commands that run JAX programs: they get --no-compile-cache.
+COMPILING = ("simulate", "compare", "sweep", "server", "device", "export", "infer")
+# Commands a Ctrl-C can leave half done, and how to continue them.
+RESUMABLE = {"simulate": "--resume", "server": "--resume", "compare": "", "device": ""}
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+# ---------------------------------------------------------------------------------------
+# the core's subcommands
+
+
+def _add_simulate_args(p: argparse.ArgumentParser, compare: bool) -> None:
     p.add_argument("config", nargs="?", default=None,
-                   help="YAML config (default: configs/sst2_minilm.yaml settings)")
+                   help="YAML config: a file, or the name of a shipped one (tiny, "
+                        "sst2_minilm, ...; default: sst2_minilm)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--out", required=True, help="output directory")
+    if compare:
+        p.add_argument("--methods", default=None,
+                       help="comma-separated methods (default: fedspine and the four "
+                            "baselines; add 'ablations' for both ablations)")
+    else:
+        p.add_argument("--resume", action="store_true",
+                       help="continue the run in --out (--set may change federation.rounds, "
+                            "federation.eval_every and similar; see the README)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _run_simulate(args) -> int:
+    from fedspine_jax import simulation
+
+    return simulation.run_cli(args)
+
+
+def _add_sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None,
+                   help="YAML config with a 'sweep:' section (e.g. configs/sweep.yaml); "
+                        "default: built-in defaults")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE",
+                   help="override a config or sweep value, e.g. sweep.seeds=8 (repeatable)")
+    p.add_argument("--out", default=None,
+                   help="sweep: output directory; --calibrate: the parameters' JSON file "
+                        "(default RUN_DIR/sweep_env.json)")
+    p.add_argument("--env", default=None,
+                   help="environment parameters (JSON from --calibrate); overrides sweep.env")
+    p.add_argument("--calibrate", default=None, metavar="RUN_DIR",
+                   help="fit the environment to a simulation run directory and save it")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _run_sweep(args) -> int:
+    from fedspine_jax import sweep
+
+    return sweep.run_cli(args)
+
+
+_CORE = {"simulate": (lambda p: _add_simulate_args(p, compare=False), _run_simulate),
+         "compare": (lambda p: _add_simulate_args(p, compare=True), _run_simulate),
+         "sweep": (_add_sweep_args, _run_sweep)}
+
+
+def _entry(name: str):
+    """(add_arguments, run_cli) of subcommand ``name``."""
+    if name in _CORE:
+        return _CORE[name]
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.add_arguments, module.run_cli
+
+
+# ---------------------------------------------------------------------------------------
+# parser, compilation cache, errors
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedspine",
         description="FedSpine-JAX: federated LoRA fine-tuning with adaptive structured pruning.")
+    parser.add_argument("--version", action="version", version=f"fedspine-jax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        module = _load(name)
-        add_args = getattr(module, "add_arguments", None) if module else None
-        if add_args is not None:
-            add_args(p)
-        else:
-            p.add_argument("args", nargs=argparse.REMAINDER)
+        _entry(name)[0](p)
+        if name in COMPILING:
+            p.add_argument("--no-compile-cache", action="store_true",
+                           help="do not keep compiled programs in the user's cache directory")
     return parser
 
 
-def _load(name: str):
-    """The module implementing ``name``, or None while it does not exist yet."""
-    module_name = COMMANDS[name][0]
+def compile_cache_dir() -> Path:
+    """Where the commands keep JAX's persistent compilation cache."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fedspine-jax" / "jax"
+
+
+def enable_compile_cache() -> None:
+    """Turn JAX's persistent compilation cache on in :func:`compile_cache_dir` (unless one
+    is set already). Child processes inherit it through the environment."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    path = compile_cache_dir()
     try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):
-            return None
-        raise
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable cache directory: run without the cache
+        return
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=str(path),
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
+    if "jax" in sys.modules:  # already imported (read the environment before we set it)
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _resume_hint(command: str, argv: list[str]) -> str:
+    flag = RESUMABLE[command]
+    again = ["fedspine", *argv]
+    if flag and flag not in again:
+        again.append(flag)
+    return " ".join(shlex.quote(a) for a in again)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    module = _load(args.command)
-    run = getattr(module, "run_cli", None) if module else None
-    if run is None:
-        print(f"fedspine {args.command}: not yet available in this version", file=sys.stderr)
-        return 2
-    from fedspine_jax.config import ConfigError
+    if not getattr(args, "no_compile_cache", True):
+        enable_compile_cache()
+    from fedspine_jax.errors import UserError
 
+    cmd = args.command
     try:
-        return int(run(args) or 0)
-    except ConfigError as e:
-        print(f"fedspine {args.command}: config error: {e}", file=sys.stderr)
+        return int(_entry(cmd)[1](args) or 0)
+    except (UserError, OSError) as e:
+        if os.environ.get("FEDSPINE_TRACEBACK"):
+            raise
+        if isinstance(e, OSError) and e.filename and e.strerror:
+            msg = f"{e.filename}: {e.strerror}"
+        else:
+            msg = str(e) or type(e).__name__
+        print(f"fedspine {cmd}: {_one_line(msg)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("FEDSPINE_TRACEBACK"):
+            raise
+        hint = (f"; continue with: {_resume_hint(cmd, argv)}" if cmd in RESUMABLE else "")
+        print(f"\nfedspine {cmd}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,11 +8,24 @@ onto them, applies ``--set section.key=value`` overrides, and validates every va
 an unknown section or key, a wrong type or an out-of-range value raises
 :class:`ConfigError` naming the key, the value and what is allowed. Nothing downstream
 reads configuration through string keys.
+
+YAML is read with YAML 1.2's number rules (``1e-3`` is a float; PyYAML's YAML 1.1 reads it
+as a string). A config argument is a file, or the name of a config shipped with the package
+(``tiny``, ``sst2_minilm``, ...: :func:`config_path`). Relative paths in ``data.source``,
+``model.source`` and ``model.tokenizer`` that exist are made absolute when a config loads, so
+the ``config.yaml`` a run writes works from any directory.
+
+Resume. :data:`RUN_KEYS` say how long a run goes and what it records, not what its rounds
+compute: a resumed run may change them (``--resume --set federation.rounds=20``) and the
+devices of a deployment need not agree on them (:func:`round_dict`); any other key that
+differs from the run's saved config is refused, naming the key (:func:`for_resume`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,8 +33,32 @@ from typing import Any
 
 import yaml
 
+from fedspine_jax.errors import UserError
 
-class ConfigError(ValueError):
+# Where the shipped configs live (package data; the repository's configs/ folder).
+CONFIGS_PACKAGE = "fedspine_jax.configs"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats: ``1e-3`` and ``5E4`` are numbers, not strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with :class:`_Loader` (YAML 1.2 floats)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+class ConfigError(UserError, ValueError):
     """A configuration key or value is not allowed; the message names both."""
 
 
@@ -310,6 +347,41 @@ def _cross_checks(cfg: Config) -> None:
                           f"model.hidden_size={cfg.model.hidden_size}")
 
 
+def _model_arch(m: ModelConfig) -> str | None:
+    """The architecture a model source names, where that is cheap to tell (None: unknown)."""
+    if m.source == "random":
+        return m.arch
+    if m.source in ("minilm-l6", "smollm2-135m"):
+        return {"minilm-l6": "bert", "smollm2-135m": "llama"}[m.source]
+    if m.source.endswith(".gguf"):
+        return "llama"
+    hf = Path(m.source).expanduser() / "config.json"
+    if hf.is_file():
+        try:
+            import json
+
+            return {"bert": "bert", "roberta": "roberta", "llama": "llama"}.get(
+                json.loads(hf.read_text()).get("model_type"))
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def _check_model_task(cfg: Config) -> None:
+    arch, task = _model_arch(cfg.model), cfg.data.task
+    if arch is None:
+        return
+    if task == "dolly" and arch != "llama":
+        raise ConfigError(f"data.task=dolly is instruction tuning and needs a decoder, but "
+                          f"model.source={cfg.model.source!r} is a {arch} encoder; use a "
+                          f"LLaMA-family model (e.g. --set model.source=smollm2-135m, or "
+                          f"configs/dolly_smollm2.yaml)")
+    if task != "dolly" and arch == "llama":
+        raise ConfigError(f"data.task={task} is classification and needs an encoder, but "
+                          f"model.source={cfg.model.source!r} is a LLaMA decoder; use a "
+                          f"BERT or RoBERTa model (e.g. --set model.source=minilm-l6)")
+
+
 def from_dict(raw: dict) -> Config:
     """Build and validate a :class:`Config` from a nested mapping (missing keys: defaults)."""
     if raw is None:
@@ -322,6 +394,7 @@ def from_dict(raw: dict) -> Config:
         raise ConfigError(f"unknown section {unknown[0]!r}; allowed sections: {sorted(hints)}")
     cfg = Config(**{name: _build_section(name, cls, raw.get(name)) for name, cls in hints.items()})
     _cross_checks(cfg)
+    _check_model_task(cfg)
     return cfg
 
 
@@ -342,30 +415,97 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         path, text = item.split("=", 1)
         section, key = path.split(".", 1)
         try:
-            value = yaml.safe_load(text)
+            value = yaml_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
         raw.setdefault(section, {})[key] = value
     return raw
 
 
+def _shipped_configs() -> Path | None:
+    spec = importlib.util.find_spec(CONFIGS_PACKAGE)
+    return Path(list(spec.submodule_search_locations)[0]) if spec else None
+
+
+def config_path(name: str | Path) -> Path:
+    """The file of a config argument: an existing file, or a shipped config by name
+    (``tiny``, ``tiny.yaml`` or ``configs/tiny.yaml``)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    shipped = _shipped_configs()
+    if shipped is not None and p.suffix in ("", ".yaml", ".yml"):
+        cand = shipped / f"{p.stem}.yaml"
+        if cand.is_file():
+            return cand
+    names = sorted(f.stem for f in shipped.glob("*.yaml")) if shipped else []
+    raise ConfigError(f"config file {str(name)!r} does not exist (shipped configs: "
+                      f"{', '.join(names)})")
+
+
+def _absolute_paths(raw: dict) -> dict:
+    """Relative (or ``~``) paths of data.source, model.source and model.tokenizer that exist
+    here, made absolute: a run directory's config.yaml then works from anywhere."""
+    for section, key in (("data", "source"), ("model", "source"), ("model", "tokenizer")):
+        value = (raw.get(section) or {}).get(key)
+        if not isinstance(value, str) or value in ("", "random"):
+            continue
+        p = Path(value).expanduser()
+        if (value.startswith("~") or not p.is_absolute()) and p.exists():
+            raw[section][key] = str(p.resolve())
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
                 ) -> Config:
-    """Load a YAML config file (or defaults when ``path`` is None), apply overrides, validate.
+    """Load a YAML config (a file or a shipped config's name; defaults when ``path`` is
+    None), apply ``section.key=value`` overrides, validate.
 
-    Relative ``data.source`` paths are resolved against the current directory, as a
-    user typing them would expect.
+    Relative paths that exist (``data.source``, ``model.source``, ``model.tokenizer``) are
+    resolved against the current directory, as a user typing them would expect.
     """
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+        p = config_path(path)
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-    return from_dict(apply_overrides(raw, overrides))
+    return from_dict(_absolute_paths(apply_overrides(raw, overrides)))
+
+
+# Keys that say how long a run goes and what it records, not what its rounds compute.
+RUN_KEYS = frozenset({"federation.rounds", "federation.eval_every",
+                      "federation.target_accuracy", "federation.keep_checkpoints",
+                      "export.at_end", "data.source"})
+
+
+def round_dict(cfg: Config) -> dict:
+    """The config without :data:`RUN_KEYS`: what every round computes with (the part a
+    deployment's server and devices must share)."""
+    d = to_dict(cfg)
+    for key in RUN_KEYS:
+        section, name = key.split(".")
+        d[section].pop(name)
+    return d
+
+
+def for_resume(saved: Config, asked: Config) -> Config:
+    """The config a resumed run continues with: ``asked``, if it differs from the run's
+    ``saved`` config in :data:`RUN_KEYS` only.
+
+    Raises:
+      ConfigError: naming the first other key that differs.
+    """
+    old, new = to_dict(saved), to_dict(asked)
+    for section in SECTIONS:
+        for key, value in new[section].items():
+            if old[section][key] != value and f"{section}.{key}" not in RUN_KEYS:
+                raise ConfigError(
+                    f"--resume: {section}.{key}={value!r} differs from the run's "
+                    f"{old[section][key]!r}; a resumed run may change only "
+                    f"{', '.join(sorted(RUN_KEYS))}")
+    return asked
 
 
 def replace(cfg: Config, **sections: dict) -> Config:

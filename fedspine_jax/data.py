@@ -73,6 +73,7 @@ from typing import Any
 import numpy as np
 
 from fedspine_jax.config import DataConfig
+from fedspine_jax.errors import UserError
 
 NUM_LABELS = {"sst2": 2, "mnli": 3, "dolly": None}
 # Split names of each task (local file stems and hub split names alike); dolly has one.
@@ -93,7 +94,7 @@ _STREAM_SUBSAMPLE = 0
 _STREAM_PARTITION = 1
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data source, file or record is invalid; the message names where."""
 
 
@@ -186,19 +187,25 @@ def _looks_local(source: str) -> bool:
             or source.endswith((".json", ".jsonl")))
 
 
+def _fields(task: str) -> list[str]:
+    return list(TEXT_FIELDS[task]) + (["label"] if NUM_LABELS[task] is not None else [])
+
+
 def _check_record(rec: Any, task: str, where: str) -> dict:
     """Validate one raw record (fields, types, label range); errors name ``where``."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     for name in TEXT_FIELDS[task]:
         if name not in rec:
-            raise DataError(f"{where}: missing field {name!r}")
+            raise DataError(f"{where}: missing field {name!r} ({task} records need "
+                            f"{_fields(task)}; this one has {sorted(rec)})")
         if not isinstance(rec[name], str):
             raise DataError(f"{where}: field {name!r} must be a string, got {rec[name]!r}")
     num_labels = NUM_LABELS[task]
     if num_labels is not None:
         if "label" not in rec:
-            raise DataError(f"{where}: missing field 'label'")
+            raise DataError(f"{where}: missing field 'label' ({task} records need "
+                            f"{_fields(task)}; this one has {sorted(rec)})")
         label = rec["label"]
         if isinstance(label, bool) or not isinstance(label, int):
             raise DataError(f"{where}: label {label!r} is not an integer")
@@ -235,14 +242,20 @@ def read_jsonl(path: str | Path, task: str) -> list[dict]:
 
 
 def _read_hub(source: str, task: str, split: str) -> list[dict]:
-    import datasets  # deferred: only hub sources need it
+    try:
+        import datasets  # deferred: only hub sources need it
+    except ImportError:
+        raise DataError(f"data.source={source!r} is not a local directory, and reading it "
+                        f"from the Hugging Face hub needs the 'hub' extra: pip install "
+                        f"'fedspine-jax[hub]'") from None
 
     config = task if source.rsplit("/", 1)[-1] == "glue" else None
     try:
         ds = datasets.load_dataset(source, config, split=split)
     except Exception as e:  # the hub raises many types; re-raise naming the source
         raise DataError(f"could not load hub data set {source!r} (config {config!r}, split "
-                        f"{split!r}): {e}") from e
+                        f"{split!r}): {type(e).__name__}: {str(e).splitlines()[0][:200]}; "
+                        f"without a hub, point data.source at a local directory") from e
     rows = ds.to_list() if hasattr(ds, "to_list") else list(ds)
     if not rows:
         raise DataError(f"hub data set {source!r} split {split!r}: no records")
@@ -293,11 +306,13 @@ def _load_records(task: str, source: str
             for split in SPLITS[task]:
                 f = path / f"{split}.jsonl"
                 if not f.is_file():
-                    raise DataError(f"{task} source {str(path)!r} has no {f.name}")
+                    raise DataError(f"{task} source {str(path)!r} has no {f.name} (expected "
+                                    f"{', '.join(s + '.jsonl' for s in SPLITS[task])})")
                 splits.append(read_jsonl(f, task))
     elif _looks_local(source):
         raise DataError(f"data source {source!r} looks like a local path but is not a "
-                        f"directory")
+                        f"directory; point data.source at the data (e.g. --set "
+                        f"data.source=../shared/data/{task})")
     else:
         splits = [_read_hub(source, task, split) for split in SPLITS[task]]
     if task == "dolly":

@@ -35,6 +35,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from fedspine_jax.errors import UserError
 
 # Methods in table / legend order: the reference first, then paper Table 5's order, then the
 # ablations. Directories with other names follow, alphabetically.
@@ -65,7 +66,7 @@ _DPI = 120
 _MIB = 1024.0 ** 2
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A directory that cannot be reported on (missing, empty, malformed, bad round)."""
 
 

@@ -25,7 +25,6 @@ checkpoint and ends in the same state as an uninterrupted run.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -169,6 +168,46 @@ def inference_cost(s: Setup, masks: list, state, batch: int = 32, repeats: int =
     return {"latency_s": float(np.mean(lat)), "memory_bytes": float(np.mean(mem))}
 
 
+class Progress:
+    """The rounds' progress bar (tqdm). While JAX compiles it reads "compiling" (JAX's
+    monitoring events; the start of a compile is seen when the persistent compilation cache
+    is on) and it shows the seconds spent compiling so far."""
+
+    _START = "/jax/compilation_cache/compile_requests_use_cache"
+    _END = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self, total: int, initial: int):
+        from jax import monitoring
+        from tqdm import tqdm
+
+        self._monitoring = monitoring
+        self.bar = tqdm(total=total, initial=initial, desc="rounds", unit="round")
+        self.compile_s = 0.0
+        self.postfix: dict = {}
+        monitoring.register_event_listener(self._on_event)
+        monitoring.register_event_duration_secs_listener(self._on_duration)
+
+    def _on_event(self, event: str, **_) -> None:
+        if event == self._START:
+            self.bar.set_description("compiling", refresh=True)
+
+    def _on_duration(self, event: str, duration: float, **_) -> None:
+        if event == self._END:
+            self.compile_s += duration
+            self.bar.set_description("rounds", refresh=False)
+            self.bar.set_postfix(self.postfix | {"compiled": f"{self.compile_s:.0f}s"})
+
+    def round_done(self, **postfix) -> None:
+        self.postfix = postfix
+        self.bar.set_postfix(postfix | {"compiled": f"{self.compile_s:.0f}s"}, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self._monitoring.unregister_event_listener(self._on_event)
+        self._monitoring.unregister_event_duration_listener(self._on_duration)
+        self.bar.close()
+
+
 def devices_per_batch(cfg: Config) -> int:
     """How many devices' local rounds run vmapped together (``federation.device_batch``;
     0: every device on a GPU, one at a time on a CPU)."""
@@ -181,21 +220,12 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
     """Simulate ``cfg.federation.rounds`` rounds; write the run directory; return the summary."""
     out = Path(out)
     ckdir = out / "checkpoints"
-    if resume:
-        if not checkpoint.steps(ckdir):
-            raise FileNotFoundError(f"--resume: no checkpoint in {str(ckdir)!r}")
-        saved = load_config(out / "config.yaml")
-        if saved != cfg:
-            cfg = saved  # a resumed run continues with the config it started with
-    elif out.exists() and (out / "metrics.jsonl").exists():
-        raise FileExistsError(f"{str(out)!r} already holds a run; use --resume or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    cfg, restore = checkpoint.prepare_run_dir(out, cfg, resume)
     s = setup(cfg)
     n, rounds = cfg.federation.num_devices, cfg.federation.rounds
     arch = s.model.cfg
     hm0, cm0 = initial_masks(arch)
-    if resume:
+    if restore:
         state, extra, _ = checkpoint.restore(ckdir, s.fed)
         masks = [(np.asarray(extra["head_masks"][i]), np.asarray(extra["channel_masks"][i]))
                  for i in range(n)]
@@ -213,95 +243,92 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
         last_rank = np.full(n, cfg.lora.rank, np.int32)
         (out / "metrics.jsonl").write_text("")
     examples = [_device_examples(s, i) for i in range(n)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=rounds, initial=state.round - 1, desc="rounds", unit="round")
+    bar = Progress(rounds, state.round - 1) if progress else None
     criterion = s.fed.strategy.criterion
     device_batch = devices_per_batch(cfg)
-    while state.round <= rounds:
-        t = state.round
-        state, tasks = s.fed.plan(state)
-        flops, mem_need, inputs, streams_now = np.zeros(n), np.zeros(n), [], []
-        for i, task in enumerate(tasks):
-            train_ex, hold_ex = examples[i]
-            batches = data.Batches(train_ex, cfg.train.batch_size,
-                                   cfg.federation.seed * 1000 + i, **streams[i])
-            probe_src = hold_ex if len(hold_ex) else train_ex
-            probe = data.collate(probe_src, np.arange(min(len(probe_src),
-                                                          cfg.train.batch_size)),
-                                 cfg.train.batch_size)
-            inputs.append(RoundInput(task.lora, task.head, masks[i][0], masks[i][1],
-                                     task.ratio, batches, probe))
-            streams_now.append(batches)
-        results = local_rounds(s.model, inputs, cfg, criterion=criterion,
-                               max_batch=device_batch)
-        pending = []
-        for i, (task, res) in enumerate(zip(tasks, results)):
-            streams[i] = streams_now[i].state()
-            flops[i], mem_need[i] = res.flops, res.peak_memory_bytes
-            pending.append((res, _lora_bytes(task.lora), len(examples[i][0])))
-        times = heterogeneity.completion_time(
-            s.fleet, t - 1, flops, np.array([p[1] for p in pending]),
-            np.array([p[1] for p in pending]))
-        fits = heterogeneity.fits_memory(s.fleet, mem_need)
-        times = heterogeneity.apply_memory_policy(times, fits, cfg.federation.deadline_s)
-        for i, (res, _, n_train) in enumerate(pending):
-            if not fits[i]:
-                continue  # out of memory: no update (design note)
-            masks[i] = (res.head_masks, res.channel_masks)
-            last_rank[i] = tasks[i].rank
-            upd = DeviceUpdate(
-                device_id=i, round=t, lora=res.lora, head=res.head, head_masks=res.head_masks,
-                channel_masks=res.channel_masks, num_samples=n_train,
-                loss_before=res.loss_before, loss_after=res.loss_after,
-                lora_importance=res.lora_importance, ratio=res.ratio,
-                compute_time_s=float(times.comp[i]), comm_time_s=float(times.comm[i]),
-                flops=res.flops, peak_memory_bytes=res.peak_memory_bytes,
-                params_alive=res.params_alive)
-            state = s.fed.accept(state, upd)
-        state, report = s.fed.close(state, force=True)
-        round_time = float(np.max(times.total))
-        clock += round_time
-        peak_mem = max(peak_mem, float(mem_need[fits].max()) if fits.any() else 0.0)
-        acc = None
-        k = cfg.federation.eval_every
-        if (k and t % k == 0) or t == rounds:
-            acc = evaluate_devices(s, state, masks, last_rank)
-        rewards = dict(zip(report.device_ids.tolist(), report.rewards.tolist()))
-        lines = []
-        for i, (res, _, _) in enumerate(pending):
-            lines.append({
-                "round": t, "device": i, "device_type": s.fleet.type_names[i],
-                "p": float(report.p[i]), "r": int(report.r[i]), "ratio": res.ratio,
-                "completion_time": float(times.total[i]), "compute_time": float(times.comp[i]),
-                "comm_time": float(times.comm[i]),
-                "waiting_time": round_time - float(times.total[i]),
-                "loss_before": res.loss_before, "loss_drop": res.loss_drop,
-                "lora_importance": res.lora_importance, "reward": rewards.get(i),
-                "flops": res.flops, "peak_memory_bytes": res.peak_memory_bytes,
-                "fits_memory": bool(fits[i]), "measured_compute_s": res.compute_time_s,
-                "accuracy": None if acc is None else float(acc[i])})
-        lines.append({"round": t, "summary": True, "clock": clock, "round_time": round_time,
-                      "waiting_time": float(heterogeneity.waiting_time(times.total)),
-                      "mean_sparsity": float(np.mean([ln["ratio"] for ln in lines])),
-                      "accuracy": None if acc is None else float(acc.mean())})
-        with open(out / "metrics.jsonl", "a") as f:
-            for ln in lines:
-                f.write(json.dumps(ln) + "\n")
-        extra = {"head_masks": np.stack([m[0] for m in masks]),
-                 "channel_masks": np.stack([m[1] for m in masks]),
-                 "stream": np.array([[st["epoch"], st["position"]] for st in streams]),
-                 "clock": np.float64(clock), "last_rank": last_rank,
-                 "peak_memory": np.float64(peak_mem)}
-        checkpoint.save(ckdir, t, state, extra, keep=cfg.federation.keep_checkpoints)
+    try:
+        while state.round <= rounds:
+            t = state.round
+            state, tasks = s.fed.plan(state)
+            flops, mem_need, inputs, streams_now = np.zeros(n), np.zeros(n), [], []
+            for i, task in enumerate(tasks):
+                train_ex, hold_ex = examples[i]
+                batches = data.Batches(train_ex, cfg.train.batch_size,
+                                       cfg.federation.seed * 1000 + i, **streams[i])
+                probe_src = hold_ex if len(hold_ex) else train_ex
+                probe = data.collate(probe_src, np.arange(min(len(probe_src),
+                                                              cfg.train.batch_size)),
+                                     cfg.train.batch_size)
+                inputs.append(RoundInput(task.lora, task.head, masks[i][0], masks[i][1],
+                                         task.ratio, batches, probe))
+                streams_now.append(batches)
+            results = local_rounds(s.model, inputs, cfg, criterion=criterion,
+                                   max_batch=device_batch)
+            pending = []
+            for i, (task, res) in enumerate(zip(tasks, results)):
+                streams[i] = streams_now[i].state()
+                flops[i], mem_need[i] = res.flops, res.peak_memory_bytes
+                pending.append((res, _lora_bytes(task.lora), len(examples[i][0])))
+            times = heterogeneity.completion_time(
+                s.fleet, t - 1, flops, np.array([p[1] for p in pending]),
+                np.array([p[1] for p in pending]))
+            fits = heterogeneity.fits_memory(s.fleet, mem_need)
+            times = heterogeneity.apply_memory_policy(times, fits, cfg.federation.deadline_s)
+            for i, (res, _, n_train) in enumerate(pending):
+                if not fits[i]:
+                    continue  # out of memory: no update (design note)
+                masks[i] = (res.head_masks, res.channel_masks)
+                last_rank[i] = tasks[i].rank
+                upd = DeviceUpdate(
+                    device_id=i, round=t, lora=res.lora, head=res.head, head_masks=res.head_masks,
+                    channel_masks=res.channel_masks, num_samples=n_train,
+                    loss_before=res.loss_before, loss_after=res.loss_after,
+                    lora_importance=res.lora_importance, ratio=res.ratio,
+                    compute_time_s=float(times.comp[i]), comm_time_s=float(times.comm[i]),
+                    flops=res.flops, peak_memory_bytes=res.peak_memory_bytes,
+                    params_alive=res.params_alive)
+                state = s.fed.accept(state, upd)
+            state, report = s.fed.close(state, force=True)
+            round_time = float(np.max(times.total))
+            clock += round_time
+            peak_mem = max(peak_mem, float(mem_need[fits].max()) if fits.any() else 0.0)
+            acc = None
+            k = cfg.federation.eval_every
+            if (k and t % k == 0) or t == rounds:
+                acc = evaluate_devices(s, state, masks, last_rank)
+            rewards = dict(zip(report.device_ids.tolist(), report.rewards.tolist()))
+            lines = []
+            for i, (res, _, _) in enumerate(pending):
+                lines.append({
+                    "round": t, "device": i, "device_type": s.fleet.type_names[i],
+                    "p": float(report.p[i]), "r": int(report.r[i]), "ratio": res.ratio,
+                    "completion_time": float(times.total[i]), "compute_time": float(times.comp[i]),
+                    "comm_time": float(times.comm[i]),
+                    "waiting_time": round_time - float(times.total[i]),
+                    "loss_before": res.loss_before, "loss_drop": res.loss_drop,
+                    "lora_importance": res.lora_importance, "reward": rewards.get(i),
+                    "flops": res.flops, "peak_memory_bytes": res.peak_memory_bytes,
+                    "fits_memory": bool(fits[i]), "measured_compute_s": res.compute_time_s,
+                    "accuracy": None if acc is None else float(acc[i])})
+            lines.append({"round": t, "summary": True, "clock": clock, "round_time": round_time,
+                          "waiting_time": float(heterogeneity.waiting_time(times.total)),
+                          "mean_sparsity": float(np.mean([ln["ratio"] for ln in lines])),
+                          "accuracy": None if acc is None else float(acc.mean())})
+            with open(out / "metrics.jsonl", "a") as f:
+                for ln in lines:
+                    f.write(json.dumps(ln) + "\n")
+            extra = {"head_masks": np.stack([m[0] for m in masks]),
+                     "channel_masks": np.stack([m[1] for m in masks]),
+                     "stream": np.array([[st["epoch"], st["position"]] for st in streams]),
+                     "clock": np.float64(clock), "last_rank": last_rank,
+                     "peak_memory": np.float64(peak_mem)}
+            checkpoint.save(ckdir, t, state, extra, keep=cfg.federation.keep_checkpoints)
+            if bar is not None:
+                bar.round_done(sim_time=f"{clock:.0f}s", acc="-" if acc is None else
+                               f"{acc.mean():.3f}", sparsity=f"{lines[-1]['mean_sparsity']:.2f}")
+    finally:
         if bar is not None:
-            bar.set_postfix(sim_time=f"{clock:.0f}s", acc="-" if acc is None else
-                            f"{acc.mean():.3f}", sparsity=f"{lines[-1]['mean_sparsity']:.2f}")
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
     summary = summarize(out, cfg)
     summary["inference"] = inference_cost(s, masks, state)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -346,45 +373,77 @@ def summarize(out: Path, cfg: Config) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", default=None,
-                   help="YAML config (default: configs/sst2_minilm.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--methods", default=None,
-                   help="compare: comma-separated methods (add 'ablations' for both ablations)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def _default_config() -> str:
-    here = Path(__file__).resolve().parents[1] / "configs" / "sst2_minilm.yaml"
-    return str(here)
+# CLI (arguments: fedspine_jax.cli)
 
 
 def run_cli(args) -> int:
-    import sys
+    """``fedspine simulate`` / ``fedspine compare``: run, draw the plots, print a summary."""
+    from fedspine_jax import report
 
-    cfg = load_config(args.config or _default_config(), args.overrides)
+    out = Path(args.out)
+    if args.command == "simulate" and args.resume:  # the run's own config, unless given
+        cfg = load_config(args.config or checkpoint.saved_config(out), args.overrides)
+    else:
+        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    t0 = time.perf_counter()
     if args.command == "compare":
-        from fedspine_jax.report import render_comparison
-
-        methods = (args.methods or "fedspine,hetlora,fedlora_prune,llmpruner_fedlora,fedapt"
-                   ).split(",")
+        methods = (args.methods or ",".join(COMPARE_METHODS)).split(",")
         if "ablations" in methods:
-            methods = [m for m in methods if m != "ablations"] + ["fedspine_no_ap",
-                                                                  "fedspine_no_at"]
-        compare_runs(cfg, methods, args.out, progress=not args.no_progress)
-        render_comparison(args.out)
+            methods = [m for m in methods if m != "ablations"] + list(ABLATIONS)
+        compare_runs(cfg, methods, out, progress=not args.no_progress)
+        res = report.render_comparison(out)
+        print(res["markdown"], end="")
+        print(f"\nwall time {_duration(time.perf_counter() - t0)}; wrote "
+              f"{', '.join(str(f) for f in res['files'].values())}")
+        print(f"next:\n  fedspine report {_q(out)}           # re-render these tables "
+              f"and plots\n  fedspine report {_q(out / methods[0])}  # one method's run")
         return 0
-    summary = run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    json.dump(summary, sys.stdout, indent=2)
-    print()
+    summary = run(cfg, out, resume=args.resume, progress=not args.no_progress)
+    plots = report.render_run(out)
+    print(end_of_run(cfg, out, summary, time.perf_counter() - t0, plots.values()))
     return 0
+
+
+DEFAULT_CONFIG = "sst2_minilm"  # a shipped config (fedspine_jax.config.config_path)
+COMPARE_METHODS = ("fedspine", "hetlora", "fedlora_prune", "llmpruner_fedlora", "fedapt")
+ABLATIONS = ("fedspine_no_ap", "fedspine_no_at")
+
+
+def _q(path) -> str:
+    import shlex
+
+    return shlex.quote(str(path))
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{seconds:.1f} s"
+
+
+def end_of_run(cfg: Config, out: Path, summary: dict, wall_s: float, plots) -> str:
+    """The human summary ``fedspine simulate`` ends with: accuracy, sparsity, simulated and
+    wall time, the files written and the commands to run next."""
+    acc = summary.get("final_accuracy")
+    target = summary.get("target_accuracy")
+    ttt = summary.get("time_to_target_s")
+    lines = [f"{summary['method']} on {cfg.data.task} ({cfg.model.source}), "
+             f"{cfg.federation.num_devices} devices, {summary['rounds']} rounds",
+             f"  accuracy     {'-' if acc is None else f'{acc:.3f}'} (mean of the devices' "
+             f"models on the evaluation split)"]
+    if target:
+        lines.append(f"  target {target:.2f}  " + ("not reached" if ttt is None else
+                                                   f"reached at {ttt:,.0f} s simulated"))
+    lines += [f"  sparsity     {summary['final_sparsity']:.2f} of the prunable parameters "
+              f"(target {cfg.pruning.target_ratio:.2f})",
+              f"  time         {summary['simulated_time_s']:,.0f} s on the simulated fleet, "
+              f"{_duration(wall_s)} wall",
+              f"  wrote        {out}/: config.yaml, metrics.jsonl, summary.json, checkpoints/, "
+              + ", ".join(Path(p).name for p in plots),
+              "next:",
+              f"  fedspine report {_q(out)}",
+              f"  fedspine export {_q(out)} --device-id 0 --out {_q(out / 'device0.onnx')}",
+              f"  fedspine infer {_q(out / 'device0.onnx')} --text \"a gripping film\""]
+    return "\n".join(lines)
 
 
 def compare_runs(cfg: Config, methods: list[str], out: str | Path, progress: bool = True
@@ -393,9 +452,7 @@ def compare_runs(cfg: Config, methods: list[str], out: str | Path, progress: boo
     out = Path(out)
     results = {}
     for m in methods:
-        done = checkpoint.steps(out / m / "checkpoints")
-        if not done and (out / m / "metrics.jsonl").exists():
-            (out / m / "metrics.jsonl").unlink()  # killed before its first checkpoint
+        started = (out / m / "config.yaml").is_file()  # a method's run resumes
         results[m] = run(replace(cfg, federation={"strategy": m}), out / m,
-                         resume=bool(done), progress=progress)
+                         resume=started, progress=progress)
     return results

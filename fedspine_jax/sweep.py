@@ -58,7 +58,6 @@ regret of the top configurations) and ``choices.png`` (the best configuration's 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import itertools
@@ -78,7 +77,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fedspine_jax import bandit, heterogeneity as het, sweep_env
-from fedspine_jax.config import Config, ConfigError, apply_overrides, from_dict, replace
+from fedspine_jax.config import (Config, ConfigError, apply_overrides, config_path, from_dict,
+                                 replace, yaml_load)
 
 FORMAT = "fedspine-sweep/1"
 _CELLS = "cells"  # name of the mesh axis the cells are sharded over
@@ -299,11 +299,9 @@ def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] =
     """
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+        p = config_path(path)
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -697,23 +695,6 @@ def plot(doc: dict, out: Path, top: int = 5) -> None:
 
 
 # ---------------------------------------------------------------------- CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", default=None,
-                   help="YAML config with a 'sweep:' section (e.g. configs/sweep.yaml); "
-                        "default: built-in defaults")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="SECTION.KEY=VALUE",
-                   help="override a config or sweep value, e.g. sweep.seeds=8 (repeatable)")
-    p.add_argument("--out", default=None,
-                   help="sweep: output directory; --calibrate: the parameters' JSON file "
-                        "(default RUN_DIR/sweep_env.json)")
-    p.add_argument("--env", default=None,
-                   help="environment parameters (JSON from --calibrate); overrides sweep.env")
-    p.add_argument("--calibrate", default=None, metavar="RUN_DIR",
-                   help="fit the environment to a simulation run directory and save it")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run_cli(args) -> int:

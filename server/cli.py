@@ -60,6 +60,10 @@ def run_cli(args) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("fedspine").setLevel(logging.INFO)
     log = logging.getLogger("fedspine.server")
+    if args.resume and args.out and not args.config:  # the run's own config
+        from fedspine_jax.checkpoint import saved_config
+
+        args.config = saved_config(args.out)
     cfg = load_config(args.config, args.overrides)
     if args.init_tokens:
         path = auth.write_tokens(args.init_tokens, cfg.federation.num_devices)

@@ -54,7 +54,7 @@ import numpy as np
 import yaml
 
 from fedspine_jax import checkpoint, simulation
-from fedspine_jax.config import Config, dump_config, load_config, to_dict
+from fedspine_jax.config import Config, round_dict
 from fedspine_jax.federation import DeviceUpdate, UpdateRejected
 from fedspine_jax.models.state import get_head, get_lora
 from fedspine_jax.server import wire
@@ -76,11 +76,10 @@ class RunDone(Exception):
 
 
 def config_digest(cfg: Config) -> str:
-    """sha256 of the config that devices and server must share (``data.source`` excluded:
-    each machine has its own path to its data)."""
-    d = to_dict(cfg)
-    d["data"] = {k: v for k, v in d["data"].items() if k != "source"}
-    return hashlib.sha256(yaml.safe_dump(d, sort_keys=True).encode()).hexdigest()
+    """sha256 of the config that devices and server must share: what the rounds compute
+    with (``config.round_dict``; the data's path, the number of rounds and what the server
+    records are each machine's own)."""
+    return hashlib.sha256(yaml.safe_dump(round_dict(cfg), sort_keys=True).encode()).hexdigest()
 
 
 def update_digest(u: DeviceUpdate) -> str:
@@ -125,16 +124,7 @@ class Coordinator:
         self.out = Path(out)
         self.ckdir = self.out / "checkpoints"
         self.jdir = self.out / "journal"
-        if resume:
-            if not checkpoint.steps(self.ckdir):
-                raise FileNotFoundError(f"--resume: no checkpoint in {str(self.ckdir)!r}")
-            saved = load_config(self.out / "config.yaml")
-            if config_digest(saved) != config_digest(cfg):
-                raise ValueError(f"--resume: the config differs from the run's "
-                                 f"{str(self.out / 'config.yaml')!r}")
-        elif (self.out / "metrics.jsonl").exists() or checkpoint.steps(self.ckdir):
-            raise FileExistsError(f"{str(self.out)!r} already holds a run; use --resume or "
-                                  f"another --out")
+        cfg, restore = checkpoint.prepare_run_dir(self.out, cfg, resume)
         self.cfg = cfg
         self.digest = config_digest(cfg)
         self.s = simulation.setup(cfg)
@@ -158,10 +148,9 @@ class Coordinator:
         self.out.mkdir(parents=True, exist_ok=True)
         self.jdir.mkdir(exist_ok=True)
         arch = self.s.model.cfg
-        if resume:
+        if restore:
             self._restore()
         else:
-            dump_config(cfg, self.out / "config.yaml")
             (self.out / "metrics.jsonl").write_text("")
             hm0, cm0 = initial_masks(arch)
             self.head_masks = np.stack([hm0] * self.n)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from fedspine_jax.config import ConfigError, dump_config, from_dict, load_config, to_dict
+from fedspine_jax.config import (ConfigError, config_path, dump_config, for_resume, from_dict,
+                                 load_config, round_dict, to_dict)
 
 
 def test_tiny_config_loads(tiny_config_path):
@@ -58,3 +59,51 @@ def test_configs_in_repo_are_valid():
             load_sweep(path)
         else:
             load_config(path)
+
+
+def test_yaml_12_floats(tmp_path):
+    """``1e-3`` is a number (YAML 1.2), in files and in --set overrides alike."""
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  learning_rate: 1e-3\n  weight_decay: 5E-2\n")
+    cfg = load_config(p, ["train.head_lr_scale=2e0"])
+    assert cfg.train.learning_rate == 1e-3 and cfg.train.weight_decay == 0.05
+    assert cfg.train.head_lr_scale == 2.0
+    assert load_config(None, ["data.source=1e3x"]).data.source == "1e3x"  # still a string
+
+
+def test_shipped_configs_by_name(tiny_config_path):
+    names = ("tiny", "tiny.yaml", "configs/tiny.yaml")
+    assert {config_path(n).resolve() for n in names} == {tiny_config_path.resolve()}
+    assert config_path("tiny").read_text() == tiny_config_path.read_text()
+    assert load_config("tiny") == load_config(tiny_config_path)
+    with pytest.raises(ConfigError, match="does not exist .*shipped configs: .*tiny"):
+        config_path("tinyy")
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch, shared_data):
+    """A run's config.yaml must work from any directory: existing relative paths are
+    resolved against the current directory when a config loads; others stay as written."""
+    monkeypatch.chdir(shared_data.parent)
+    cfg = load_config("tiny", ["data.source=data/sst2"])
+    assert cfg.data.source == str((shared_data / "sst2").resolve())
+    assert load_config("tiny", ["data.source=glue"]).data.source == "glue"  # a hub id
+    assert load_config("tiny").model.tokenizer == "minilm-l6"              # a name
+
+
+def test_model_and_task_must_fit():
+    with pytest.raises(ConfigError, match="data.task=dolly .* needs a decoder.*smollm2"):
+        from_dict({"data": {"task": "dolly"}})
+    with pytest.raises(ConfigError, match="classification and needs an encoder"):
+        from_dict({"model": {"source": "smollm2-135m"}, "data": {"task": "sst2"}})
+    assert from_dict({"model": {"arch": "llama"}, "data": {"task": "dolly"}})
+
+
+def test_resume_may_change_run_keys_only(tiny_config_path):
+    saved = load_config(tiny_config_path)
+    more = load_config(tiny_config_path, ["federation.rounds=5", "federation.eval_every=2"])
+    assert for_resume(saved, more) == more
+    other = load_config(tiny_config_path, ["train.learning_rate=0.01"])
+    with pytest.raises(ConfigError, match="--resume: train.learning_rate=0.01 differs"):
+        for_resume(saved, other)
+    # what a deployment's devices must share leaves the run keys out
+    assert round_dict(saved) == round_dict(more) != round_dict(other)

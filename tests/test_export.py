@@ -9,6 +9,7 @@ layer keeps none of either.
 from __future__ import annotations
 
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -284,7 +285,12 @@ def run_dir(tmp_path_factory, shared_data, tiny_config_path):
     from fedspine_jax.models.state import get_head, get_lora
 
     run = tmp_path_factory.mktemp("run")
-    cfg = load_config(tiny_config_path, [f"data.source={shared_data / 'sst2'}"])
+    here = os.getcwd()
+    try:  # the data given as a path relative to where the run starts, as users do
+        os.chdir(shared_data.parent)
+        cfg = load_config(tiny_config_path, ["data.source=data/sst2"])
+    finally:
+        os.chdir(here)
     dump_config(cfg, run / "config.yaml")
     s = simulation.setup(cfg)
     rng = np.random.default_rng(1)
@@ -300,6 +306,19 @@ def run_dir(tmp_path_factory, shared_data, tiny_config_path):
              "last_rank": np.array([8, 4, 2], np.int32)}
     checkpoint.save(run / "checkpoints", 3, state, extra)
     return run, s, state, extra
+
+
+def test_run_directory_works_from_anywhere(run_dir, tmp_path, monkeypatch, capsys):
+    """The run was made with a relative data path elsewhere; export and infer work on it
+    from another directory, and with its data gone they say which --set points to it."""
+    run = run_dir[0]
+    monkeypatch.chdir(tmp_path)
+    assert main(["infer", str(run), "--device-id", "1", "--text", "a gripping film"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["label"] in ("negative",
+                                                                           "positive")
+    assert main(["infer", str(run), "--device-id", "1", "--text", "x", "--set",
+                 f"data.source={tmp_path / 'moved'}"]) == 2
+    assert "--set data.source=" in capsys.readouterr().err
 
 
 def test_export_from_run_directory(run_dir, tmp_path, capsys):

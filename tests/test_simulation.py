@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from fedspine_jax import checkpoint, heterogeneity, simulation
-from fedspine_jax.config import load_config
+from fedspine_jax.config import dump_config, load_config
+from fedspine_jax.errors import RunDirError
 from fedspine_jax.federation import Federation
 
 ROUNDS, DEVICES = 3, 3
@@ -170,9 +171,9 @@ def test_run_refuses_to_overwrite_and_to_resume_nothing(tiny_config_path, tmp_pa
     cfg = load_config(tiny_config_path)
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "metrics.jsonl").write_text("")
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunDirError, match="--resume"):
         simulation.run(cfg, tmp_path / "old", progress=False)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(RunDirError, match="holds no run"):
         simulation.run(cfg, tmp_path / "new", resume=True, progress=False)
 
 
@@ -192,6 +193,7 @@ def test_compare_restarts_a_method_killed_before_its_first_checkpoint(tiny_confi
                                                                       tmp_path, monkeypatch):
     cfg = load_config(tiny_config_path)
     (tmp_path / "fedspine").mkdir()
+    dump_config(cfg, tmp_path / "fedspine" / "config.yaml")
     (tmp_path / "fedspine" / "metrics.jsonl").write_text("")
 
     def started(cfg):

