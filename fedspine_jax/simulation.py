@@ -407,6 +407,10 @@ def run_cli(args) -> int:
 DEFAULT_CONFIG = "sst2_minilm"  # a shipped config (fedspine_jax.config.config_path)
 COMPARE_METHODS = ("fedspine", "hetlora", "fedlora_prune", "llmpruner_fedlora", "fedapt")
 ABLATIONS = ("fedspine_no_ap", "fedspine_no_at")
+# what the end-of-run summary suggests to try the exported model on, per task
+EXAMPLE_INPUT = {"sst2": '--text "a gripping film"',
+                 "mnli": '--text "A man plays a guitar." --text-pair "Someone makes music."',
+                 "dolly": '--text "Name three rivers in Europe."'}
 
 
 def _q(path) -> str:
@@ -442,7 +446,7 @@ def end_of_run(cfg: Config, out: Path, summary: dict, wall_s: float, plots) -> s
               "next:",
               f"  fedspine report {_q(out)}",
               f"  fedspine export {_q(out)} --device-id 0 --out {_q(out / 'device0.onnx')}",
-              f"  fedspine infer {_q(out / 'device0.onnx')} --text \"a gripping film\""]
+              f"  fedspine infer {_q(out / 'device0.onnx')} {EXAMPLE_INPUT[cfg.data.task]}"]
     return "\n".join(lines)
 
 

@@ -69,3 +69,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="no CUDA GPU visible to JAX"))
         if "tensorrt" in item.keywords and not (has_trt and has_gpu):
             item.add_marker(pytest.mark.skip(reason="tensorrt or a GPU is not available"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(shared_data, tmp_path_factory):
+    """``fedspine simulate tiny`` on the real SST-2 slice, run once per session through the
+    command line: (run directory, summary, what it printed, wall seconds).
+
+    The simulator's tests read it, and the gRPC tests take it as the reference a
+    deployment must reproduce; it also fills the session's compilation cache.
+    """
+    import contextlib
+    import io
+    import json
+    import time
+
+    from fedspine_jax.cli import main
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    printed = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["simulate", "tiny", "--out", str(out), "--set",
+                   f"data.source={shared_data / 'sst2'}", "--no-progress"])
+    seconds = time.perf_counter() - t0
+    assert rc == 0, printed.getvalue()
+    return out, json.loads((out / "summary.json").read_text()), printed.getvalue(), seconds

@@ -1,8 +1,11 @@
-"""The real deployment over gRPC: server and device agents as processes on 127.0.0.1.
+"""The real deployment over gRPC on 127.0.0.1.
 
-Every process is started by the test, writes its log to a file, and is killed (by its
-pid) in teardown. All processes share the session's JAX persistent compilation cache
-(conftest.py), so that each function is compiled once per test session, not once per process.
+Servers and device agents run as real processes where a test kills them (the server
+SIGKILLed and restarted, a device killed mid-round) or exercises the command line (the TLS
+server); elsewhere a :class:`LocalServer` (the coordinator and its gRPC server) and device
+agents run as threads of this process: the same protocol over a real loopback socket, and
+the programs the session has already compiled. Processes share the session's persistent
+JAX compilation cache (conftest.py) and are killed (by pid) in teardown.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -185,37 +189,100 @@ def assert_same_final_state(out: Path, ref: Path, cfg, atol: float = 1e-6) -> No
 
 
 # ---------------------------------------------------------------------------------------
-# the in-process simulator's run, the reference
-
-
-class Reference:
-    """``fedspine simulate`` of the same config, started in the background once."""
-
-    def __init__(self, procs, env, logdir, sets, out):
-        self.out = out
-        self.p = Proc("simulate", _fedspine("simulate", str(TINY), *_set_args(sets), "--out",
-                                            str(out), "--no-progress"), env, logdir)
-        procs.append(self.p)
-
-    def result(self, timeout: float = 600) -> Path:
-        assert self.p.wait(timeout) == 0, self.p.text()[-3000:]
-        return self.out
+# the in-process simulator's run (the reference) and in-process servers and agents
 
 
 @pytest.fixture(scope="module")
-def reference(procs, env, tmp_path_factory, shared_data):
-    d = tmp_path_factory.mktemp("reference")
-    return Reference(procs, env, d, _sets(shared_data), d / "run")
+def reference(tiny_run) -> Path:
+    """``fedspine simulate`` of the tiny config (conftest's session run)."""
+    return tiny_run[0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _start_reference_early(request):
-    """When a selected test needs it, the simulator's run starts with the module: it
-    overlaps the cheap tests and fills the shared compilation cache before the device
-    processes need it."""
-    if any("reference" in getattr(item, "fixturenames", ())
-           for item in request.session.items):
-        request.getfixturevalue("reference")
+class LocalServer:
+    """A coordinator and its gRPC server in this process, closing rounds in a thread."""
+
+    def __init__(self, cfg, out: Path, tokens_dir: Path, linger_s: float = 2.0):
+        from fedspine_jax.server.coordinator import Coordinator
+        from fedspine_jax.server.servicer import make_server
+
+        self.coord = Coordinator(cfg, out)
+        self.server, self.port = make_server(self.coord,
+                                             auth.Tokens.load(tokens_dir / "tokens.json"),
+                                             "127.0.0.1:0")
+        self.stop, self.summary = threading.Event(), []
+        self.thread = threading.Thread(
+            target=lambda: self.summary.append(self.coord.run(self.stop, linger_s)),
+            daemon=True)
+        self.thread.start()
+
+    def wait(self, timeout: float) -> dict:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"the run did not end within {timeout} s"
+        assert self.summary and self.summary[0] is not None
+        return self.summary[0]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.stop(0)
+
+
+class Agents:
+    """Device agents (``DeviceAgent.run``) as threads of this process. ``hold`` maps a
+    device id to a round its agent waits for ``release`` before training (a device frozen
+    mid-round, without a process to SIGSTOP)."""
+
+    def __init__(self):
+        self.threads: dict[str, threading.Thread] = {}
+        self.results: dict[str, object] = {}
+        self.agents: dict[str, object] = {}
+        self.release = threading.Event()
+
+    def start(self, cfg, i: int, port: int, tokens_dir: Path, name: str | None = None,
+              hold_round: int | None = None):
+        from fedspine_jax.device_runtime.agent import Backoff, DeviceAgent
+
+        name = name or f"device{i}"
+        agent = DeviceAgent(cfg, i, f"127.0.0.1:{port}", token(tokens_dir, i),
+                            backoff=Backoff(base_s=0.2, max_s=2.0, give_up_s=240), wait_s=5)
+        if hold_round is not None:
+            real = agent.run_round
+
+            def held(header, tensors, download_s):
+                if int(header.round) == hold_round:
+                    assert self.release.wait(300), "never released"
+                return real(header, tensors, download_s)
+
+            agent.run_round = held
+
+        def target():
+            try:
+                self.results[name] = agent.run()
+            except BaseException as e:  # reported by wait()
+                self.results[name] = e
+
+        self.agents[name] = agent
+        self.threads[name] = threading.Thread(target=target, name=name, daemon=True)
+        self.threads[name].start()
+        return agent
+
+    def wait(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        for name, t in self.threads.items():
+            t.join(max(0.0, end - time.monotonic()))
+            assert not t.is_alive(), f"{name} still running after {timeout} s"
+            assert self.results[name] == 0, f"{name}: {self.results[name]!r}"
+
+
+def wait_for_round(out: Path, t: int, timeout: float) -> dict:
+    """The metrics row of round ``t`` once the server has closed it."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if (out / "metrics.jsonl").exists():
+            rows = summaries(out)
+            if t in rows:
+                return rows[t]
+        time.sleep(0.1)
+    raise AssertionError(f"round {t} not closed within {timeout} s")
 
 
 # ---------------------------------------------------------------------------------------
@@ -585,31 +652,34 @@ def test_fetch_model_over_loopback_grpc(tmp_path, tokens_dir, shared_data):
 
 
 @pytest.mark.slow
-def test_three_devices_match_simulation(procs, env, tmp_path, tokens_dir, shared_data,
-                                        reference):
-    sets = _sets(shared_data)
+def test_three_devices_match_simulation(tmp_path, tokens_dir, shared_data, reference):
+    """Three agents against a server: the run ends in the simulator's state, bit for bit,
+    and the scheduler saw the simulator's times and rewards device by device."""
+    sets = _sets(shared_data, NO_EXPORT)  # the fetch test covers the end-of-run export
     cfg = load_config(TINY, sets)
     out = tmp_path / "run"
-    ref = reference.result()  # first: the devices then find every function compiled
-    server, port = start_server(procs, env, tmp_path, "server", sets,
-                                tokens_dir / "tokens.json", out)
-    devs = [start_device(procs, env, tmp_path, i, port, sets, tokens_dir) for i in range(N)]
-    assert server.wait(480) == 0, server.text()[-3000:]
-    for d in devs:
-        assert d.wait(60) == 0, d.text()[-3000:]
-    for t in range(1, cfg.federation.rounds + 1):
-        assert re.search(rf"round {t}/3 closed \(all devices answered\): 3/3 devices, "
-                         rf"stragglers none, round time", server.text())
-    assert_same_final_state(out, ref, cfg)
-    # the scheduler saw the simulator's times and rewards, device by device
-    mine, theirs = device_rows(out), device_rows(ref)
+    server, agents = LocalServer(cfg, out, tokens_dir), Agents()
+    try:
+        for i in range(N):
+            agents.start(cfg, i, server.port, tokens_dir)
+        server.wait(300)
+        agents.wait(60)
+    finally:
+        server.close()
+    rows = summaries(out)
+    assert sorted(rows) == [1, 2, 3]
+    for t in rows:
+        assert rows[t]["close_reason"] == "all devices answered"
+        assert rows[t]["devices"] == [0, 1, 2] and rows[t]["stragglers"] == []
+    assert_same_final_state(out, reference, cfg)
+    mine, theirs = device_rows(out), device_rows(reference)
     assert mine.keys() == theirs.keys()
     for key, row in mine.items():
         for f in ("completion_time", "compute_time", "comm_time", "flops", "p", "r"):
             assert row[f] == pytest.approx(theirs[key][f], rel=1e-12), (key, f)
         for f in ("reward", "loss_drop", "lora_importance", "ratio", "accuracy"):
             assert row[f] == pytest.approx(theirs[key][f], abs=1e-6), (key, f)
-    s_mine, s_ref = (json.loads((o / "summary.json").read_text()) for o in (out, ref))
+    s_mine, s_ref = (json.loads((o / "summary.json").read_text()) for o in (out, reference))
     for f in ("final_accuracy", "final_sparsity", "simulated_time_s", "mean_waiting_time_s"):
         assert s_mine[f] == pytest.approx(s_ref[f], abs=1e-6), f
 
@@ -617,24 +687,21 @@ def test_three_devices_match_simulation(procs, env, tmp_path, tokens_dir, shared
 @pytest.mark.slow
 def test_server_sigkill_and_restart_loses_nothing(procs, env, tmp_path, tokens_dir,
                                                   shared_data, reference):
-    """SIGKILL the server right after it acknowledged an update of round 2; restart it on
-    the same port with --resume. The devices reconnect and the run ends in the state of an
-    uninterrupted run (the simulator's, which the test above shows the gRPC run equals)."""
+    """SIGKILL the server process right after it acknowledged an update of round 2 (devices
+    1 and 2 held back, so the kill lands mid-round); restart it on the same port with
+    --resume. The devices reconnect and the run ends in the state of an uninterrupted run
+    (the simulator's, which the test above shows the gRPC run equals)."""
     sets = _sets(shared_data, NO_EXPORT)
     cfg = load_config(TINY, sets)
     out = tmp_path / "run"
     server, port = start_server(procs, env, tmp_path, "server", sets,
                                 tokens_dir / "tokens.json", out)
-    devs = [start_device(procs, env, tmp_path, i, port, sets, tokens_dir) for i in range(N)]
-    # Freeze devices 1 and 2 once round 2 is open, so that the kill lands mid-round,
-    # right after device 0's update was acknowledged (journaled, not yet checkpointed).
-    server.wait_for(r"round 2 open", 420)
-    for d in devs[1:]:
-        os.kill(d.p.pid, signal.SIGSTOP)
-    server.wait_for(r"round 2: update from device 0 accepted", 240)
+    agents = Agents()
+    for i in range(N):
+        agents.start(cfg, i, port, tokens_dir, hold_round=2 if i else None)
+    server.wait_for(r"round 2: update from device 0 accepted", 300)
     server.kill()
-    for d in devs[1:]:
-        os.kill(d.p.pid, signal.SIGCONT)
+    agents.release.set()
     assert (out / "journal").is_dir() and list((out / "journal").glob("r00002_*.npz"))
     server2, port2 = start_server(procs, env, tmp_path, "server-restarted", sets,
                                   tokens_dir / "tokens.json", out,
@@ -643,38 +710,43 @@ def test_server_sigkill_and_restart_loses_nothing(procs, env, tmp_path, tokens_d
     m = server2.wait_for(r"resumed from checkpoint round_00001: collecting round 2, "
                          r"(\d+) journal entries replayed", 60)
     assert int(m.group(1)) >= 1
-    assert server2.wait(420) == 0, server2.text()[-3000:]
-    for d in devs:
-        assert d.wait(60) == 0, d.text()[-3000:]
+    assert server2.wait(300) == 0, server2.text()[-3000:]
+    agents.wait(60)
     rows = summaries(out)
     assert sorted(rows) == [1, 2, 3]
     assert all(rows[t]["devices"] == [0, 1, 2] for t in rows)
-    assert_same_final_state(out, reference.result(), cfg)
+    assert_same_final_state(out, reference, cfg)
 
 
 @pytest.mark.slow
 def test_device_killed_mid_round_round_closes_at_deadline(procs, env, tmp_path, tokens_dir,
                                                          shared_data):
-    """Device 2 is SIGKILLed while training round 1: the round closes at its deadline with
-    devices 0 and 1; restarted, device 2 rejoins and round 2 closes with all three."""
-    deadline = 40.0
+    """Device 2's agent process is SIGKILLed while training round 1: the round closes at
+    its deadline with devices 0 and 1; restarted, device 2 rejoins and round 2 closes with
+    all three."""
+    deadline = 25.0
     sets = _sets(shared_data, [f"federation.deadline_s={deadline}", "federation.rounds=2",
                                *NO_EXPORT])
+    cfg = load_config(TINY, sets)
     out = tmp_path / "run"
-    server, port = start_server(procs, env, tmp_path, "server", sets,
-                                tokens_dir / "tokens.json", out)
-    devs = [start_device(procs, env, tmp_path, i, port, sets, tokens_dir) for i in range(N)]
-    devs[2].wait_for(r"round 1: training", 240, poll=0.02)
-    devs[2].kill()
-    server.wait_for(r"round 1/2 closed \(deadline\)", 240)
-    rejoined = start_device(procs, env, tmp_path, 2, port, sets, tokens_dir, "device2-again")
-    assert server.wait(420) == 0, server.text()[-3000:]
-    for d in (devs[0], devs[1], rejoined):
-        assert d.wait(60) == 0, d.text()[-3000:]
+    server, agents = LocalServer(cfg, out, tokens_dir), Agents()
+    try:
+        # device 2 first: its fetch opens round 1 and starts the deadline's clock
+        dev2 = start_device(procs, env, tmp_path, 2, server.port, sets, tokens_dir)
+        dev2.wait_for(r"round 1: training", 240, poll=0.02)
+        dev2.kill()
+        for i in (0, 1):
+            agents.start(cfg, i, server.port, tokens_dir)
+        first = wait_for_round(out, 1, 120)
+        rejoined = agents.start(cfg, 2, server.port, tokens_dir, name="device2-again")
+        server.wait(300)
+        agents.wait(60)
+    finally:
+        server.close()
     rows = summaries(out)
-    assert rows[1]["close_reason"] == "deadline"
+    assert first["close_reason"] == "deadline" == rows[1]["close_reason"]
     assert rows[1]["devices"] == [0, 1] and rows[1]["stragglers"] == [2]
     assert rows[1]["wall_time_s"] >= deadline - 0.5
     assert rows[2]["close_reason"] == "all devices answered"
     assert rows[2]["devices"] == [0, 1, 2]
-    assert "round 2: update accepted" in rejoined.text()
+    assert rejoined.rounds_done == 1

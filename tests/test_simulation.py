@@ -9,7 +9,6 @@ the others reuse them.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +41,10 @@ def tiny_cfg(shared_data, tiny_config_path):
 
 
 @pytest.fixture(scope="module")
-def plain_run(tiny_cfg, tmp_path_factory):
-    """``fedspine simulate configs/tiny.yaml``: (out dir, summary, wall seconds)."""
-    out = tmp_path_factory.mktemp("sim") / "plain"
-    t0 = time.perf_counter()
-    summary = simulation.run(tiny_cfg, out, progress=False)
-    return out, summary, time.perf_counter() - t0
+def plain_run(tiny_run):
+    """``fedspine simulate tiny`` (conftest's session run): (out dir, summary, seconds)."""
+    out, summary, _, seconds = tiny_run
+    return out, summary, seconds
 
 
 class _Crash(RuntimeError):
@@ -148,7 +145,7 @@ def test_simulate_writes_every_file(plain_run, tiny_cfg):
                for r in dev if r["round"] == ROUNDS)
 
     written = json.loads((out / "summary.json").read_text())
-    assert set(written) == SUMMARY_KEYS and written == json.loads(json.dumps(summary))
+    assert set(written) == SUMMARY_KEYS and written == summary
     assert written["method"] == "fedspine" and written["rounds"] == ROUNDS
     assert written["simulated_time_s"] == pytest.approx(rnd[-1]["clock"])
     assert written["final_accuracy"] == pytest.approx(rnd[-1]["accuracy"])
@@ -165,6 +162,22 @@ def test_simulate_writes_every_file(plain_run, tiny_cfg):
     assert set(extra) == {"head_masks", "channel_masks", "stream", "clock", "last_rank",
                           "peak_memory"}
     assert float(extra["clock"]) == pytest.approx(rnd[-1]["clock"])
+
+
+def test_simulate_ends_with_a_summary_and_plots(tiny_run):
+    """The command ends with a human summary (no raw JSON), the plots and what to run next."""
+    out, summary, printed, _ = tiny_run
+    lines = printed.splitlines()
+    assert lines[0] == "fedspine on sst2 (random), 3 devices, 3 rounds"
+    assert f"accuracy     {summary['final_accuracy']:.3f}" in printed
+    assert f"sparsity     {summary['final_sparsity']:.2f}" in printed
+    assert "s on the simulated fleet" in printed and " wall" in printed
+    for png in ("accuracy_vs_time.png", "completion_time.png", "p_r_over_rounds.png"):
+        assert (out / png).is_file() and png in printed
+    assert lines[-4] == "next:" and lines[-3] == f"  fedspine report {out}"
+    assert lines[-2].startswith(f"  fedspine export {out} --device-id 0 --out ")
+    assert lines[-1].startswith("  fedspine infer ")
+    assert "{" not in printed
 
 
 def test_run_refuses_to_overwrite_and_to_resume_nothing(tiny_config_path, tmp_path):
