@@ -150,12 +150,12 @@ def enable_compile_cache() -> None:
     except OSError:  # no writable cache directory: run without the cache
         return
     os.environ.update(JAX_COMPILATION_CACHE_DIR=str(path),
-                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     if "jax" in sys.modules:  # already imported (read the environment before we set it)
         import jax
 
         jax.config.update("jax_compilation_cache_dir", str(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _one_line(text: str) -> str:

@@ -121,7 +121,7 @@ def test_existing_out_and_resume_of_nothing(capsys, tmp_path):
     fails(capsys, ["simulate", "--out", str(tmp_path / "empty"), "--resume"],
           "holds no run", "without --resume")
     fails(capsys, ["simulate", "tiny", "--out", str(tmp_path / "empty"), "--resume"],
-          "holds no checkpoint")
+          "holds no run")
 
 
 def test_missing_token_file(capsys, tmp_path):
