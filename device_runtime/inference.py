@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fedspine_jax.errors import UserError
 from fedspine_jax.export import metadata
 from fedspine_jax.export.metadata import MetadataError, ModelMeta
-from fedspine_jax.errors import UserError
 
 ENGINE_SUFFIXES = (".plan", ".engine")
 

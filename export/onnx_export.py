@@ -66,9 +66,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedspine_jax.errors import UserError
 from fedspine_jax.export import graph, metadata
 from fedspine_jax.export.metadata import BATCH, CACHE, SEQ, CacheSpec, ModelMeta
-from fedspine_jax.errors import UserError
 
 log = logging.getLogger("fedspine.export")
 

@@ -6,6 +6,9 @@ bug. Every module's own error class derives from it (``ConfigError``, ``DataErro
 ``ModelLoadError``, ...), so the ``fedspine`` command prints any of them as one line,
 ``fedspine <command>: <message>``, and exits with status 2, instead of a traceback. The
 message names the problem and, where there is one, the fix.
+
+This module imports nothing, so every package may import it (``models`` included, which
+otherwise imports nothing of the rest of the core).
 """
 
 

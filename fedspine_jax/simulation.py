@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedspine_jax import checkpoint, data, heterogeneity
-from fedspine_jax.config import Config, dump_config, load_config, replace
+from fedspine_jax.config import Config, load_config, replace
 from fedspine_jax.federation import DeviceUpdate, Federation
 from fedspine_jax.models import ArchConfig, build_model, load_pretrained, load_tokenizer
 from fedspine_jax.models.compaction import compact
@@ -184,15 +184,16 @@ class Progress:
         self.bar = tqdm(total=total, initial=initial, desc="rounds", unit="round")
         self.compile_s = 0.0
         self.postfix: dict = {}
+        self.closed = False  # a run that raised leaves its listeners; they then do nothing
         monitoring.register_event_listener(self._on_event)
         monitoring.register_event_duration_secs_listener(self._on_duration)
 
     def _on_event(self, event: str, **_) -> None:
-        if event == self._START:
+        if event == self._START and not self.closed:
             self.bar.set_description("compiling", refresh=True)
 
     def _on_duration(self, event: str, duration: float, **_) -> None:
-        if event == self._END:
+        if event == self._END and not self.closed:
             self.compile_s += duration
             self.bar.set_description("rounds", refresh=False)
             self.bar.set_postfix(self.postfix | {"compiled": f"{self.compile_s:.0f}s"})
@@ -203,6 +204,7 @@ class Progress:
         self.bar.update(1)
 
     def close(self) -> None:
+        self.closed = True
         self._monitoring.unregister_event_listener(self._on_event)
         self._monitoring.unregister_event_duration_listener(self._on_duration)
         self.bar.close()
@@ -246,89 +248,87 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
     bar = Progress(rounds, state.round - 1) if progress else None
     criterion = s.fed.strategy.criterion
     device_batch = devices_per_batch(cfg)
-    try:
-        while state.round <= rounds:
-            t = state.round
-            state, tasks = s.fed.plan(state)
-            flops, mem_need, inputs, streams_now = np.zeros(n), np.zeros(n), [], []
-            for i, task in enumerate(tasks):
-                train_ex, hold_ex = examples[i]
-                batches = data.Batches(train_ex, cfg.train.batch_size,
-                                       cfg.federation.seed * 1000 + i, **streams[i])
-                probe_src = hold_ex if len(hold_ex) else train_ex
-                probe = data.collate(probe_src, np.arange(min(len(probe_src),
-                                                              cfg.train.batch_size)),
-                                     cfg.train.batch_size)
-                inputs.append(RoundInput(task.lora, task.head, masks[i][0], masks[i][1],
-                                         task.ratio, batches, probe))
-                streams_now.append(batches)
-            results = local_rounds(s.model, inputs, cfg, criterion=criterion,
-                                   max_batch=device_batch)
-            pending = []
-            for i, (task, res) in enumerate(zip(tasks, results)):
-                streams[i] = streams_now[i].state()
-                flops[i], mem_need[i] = res.flops, res.peak_memory_bytes
-                pending.append((res, _lora_bytes(task.lora), len(examples[i][0])))
-            times = heterogeneity.completion_time(
-                s.fleet, t - 1, flops, np.array([p[1] for p in pending]),
-                np.array([p[1] for p in pending]))
-            fits = heterogeneity.fits_memory(s.fleet, mem_need)
-            times = heterogeneity.apply_memory_policy(times, fits, cfg.federation.deadline_s)
-            for i, (res, _, n_train) in enumerate(pending):
-                if not fits[i]:
-                    continue  # out of memory: no update (design note)
-                masks[i] = (res.head_masks, res.channel_masks)
-                last_rank[i] = tasks[i].rank
-                upd = DeviceUpdate(
-                    device_id=i, round=t, lora=res.lora, head=res.head, head_masks=res.head_masks,
-                    channel_masks=res.channel_masks, num_samples=n_train,
-                    loss_before=res.loss_before, loss_after=res.loss_after,
-                    lora_importance=res.lora_importance, ratio=res.ratio,
-                    compute_time_s=float(times.comp[i]), comm_time_s=float(times.comm[i]),
-                    flops=res.flops, peak_memory_bytes=res.peak_memory_bytes,
-                    params_alive=res.params_alive)
-                state = s.fed.accept(state, upd)
-            state, report = s.fed.close(state, force=True)
-            round_time = float(np.max(times.total))
-            clock += round_time
-            peak_mem = max(peak_mem, float(mem_need[fits].max()) if fits.any() else 0.0)
-            acc = None
-            k = cfg.federation.eval_every
-            if (k and t % k == 0) or t == rounds:
-                acc = evaluate_devices(s, state, masks, last_rank)
-            rewards = dict(zip(report.device_ids.tolist(), report.rewards.tolist()))
-            lines = []
-            for i, (res, _, _) in enumerate(pending):
-                lines.append({
-                    "round": t, "device": i, "device_type": s.fleet.type_names[i],
-                    "p": float(report.p[i]), "r": int(report.r[i]), "ratio": res.ratio,
-                    "completion_time": float(times.total[i]), "compute_time": float(times.comp[i]),
-                    "comm_time": float(times.comm[i]),
-                    "waiting_time": round_time - float(times.total[i]),
-                    "loss_before": res.loss_before, "loss_drop": res.loss_drop,
-                    "lora_importance": res.lora_importance, "reward": rewards.get(i),
-                    "flops": res.flops, "peak_memory_bytes": res.peak_memory_bytes,
-                    "fits_memory": bool(fits[i]), "measured_compute_s": res.compute_time_s,
-                    "accuracy": None if acc is None else float(acc[i])})
-            lines.append({"round": t, "summary": True, "clock": clock, "round_time": round_time,
-                          "waiting_time": float(heterogeneity.waiting_time(times.total)),
-                          "mean_sparsity": float(np.mean([ln["ratio"] for ln in lines])),
-                          "accuracy": None if acc is None else float(acc.mean())})
-            with open(out / "metrics.jsonl", "a") as f:
-                for ln in lines:
-                    f.write(json.dumps(ln) + "\n")
-            extra = {"head_masks": np.stack([m[0] for m in masks]),
-                     "channel_masks": np.stack([m[1] for m in masks]),
-                     "stream": np.array([[st["epoch"], st["position"]] for st in streams]),
-                     "clock": np.float64(clock), "last_rank": last_rank,
-                     "peak_memory": np.float64(peak_mem)}
-            checkpoint.save(ckdir, t, state, extra, keep=cfg.federation.keep_checkpoints)
-            if bar is not None:
-                bar.round_done(sim_time=f"{clock:.0f}s", acc="-" if acc is None else
-                               f"{acc.mean():.3f}", sparsity=f"{lines[-1]['mean_sparsity']:.2f}")
-    finally:
+    while state.round <= rounds:
+        t = state.round
+        state, tasks = s.fed.plan(state)
+        flops, mem_need, inputs, streams_now = np.zeros(n), np.zeros(n), [], []
+        for i, task in enumerate(tasks):
+            train_ex, hold_ex = examples[i]
+            batches = data.Batches(train_ex, cfg.train.batch_size,
+                                   cfg.federation.seed * 1000 + i, **streams[i])
+            probe_src = hold_ex if len(hold_ex) else train_ex
+            probe = data.collate(probe_src, np.arange(min(len(probe_src),
+                                                          cfg.train.batch_size)),
+                                 cfg.train.batch_size)
+            inputs.append(RoundInput(task.lora, task.head, masks[i][0], masks[i][1],
+                                     task.ratio, batches, probe))
+            streams_now.append(batches)
+        results = local_rounds(s.model, inputs, cfg, criterion=criterion,
+                               max_batch=device_batch)
+        pending = []
+        for i, (task, res) in enumerate(zip(tasks, results)):
+            streams[i] = streams_now[i].state()
+            flops[i], mem_need[i] = res.flops, res.peak_memory_bytes
+            pending.append((res, _lora_bytes(task.lora), len(examples[i][0])))
+        times = heterogeneity.completion_time(
+            s.fleet, t - 1, flops, np.array([p[1] for p in pending]),
+            np.array([p[1] for p in pending]))
+        fits = heterogeneity.fits_memory(s.fleet, mem_need)
+        times = heterogeneity.apply_memory_policy(times, fits, cfg.federation.deadline_s)
+        for i, (res, _, n_train) in enumerate(pending):
+            if not fits[i]:
+                continue  # out of memory: no update (design note)
+            masks[i] = (res.head_masks, res.channel_masks)
+            last_rank[i] = tasks[i].rank
+            upd = DeviceUpdate(
+                device_id=i, round=t, lora=res.lora, head=res.head, head_masks=res.head_masks,
+                channel_masks=res.channel_masks, num_samples=n_train,
+                loss_before=res.loss_before, loss_after=res.loss_after,
+                lora_importance=res.lora_importance, ratio=res.ratio,
+                compute_time_s=float(times.comp[i]), comm_time_s=float(times.comm[i]),
+                flops=res.flops, peak_memory_bytes=res.peak_memory_bytes,
+                params_alive=res.params_alive)
+            state = s.fed.accept(state, upd)
+        state, report = s.fed.close(state, force=True)
+        round_time = float(np.max(times.total))
+        clock += round_time
+        peak_mem = max(peak_mem, float(mem_need[fits].max()) if fits.any() else 0.0)
+        acc = None
+        k = cfg.federation.eval_every
+        if (k and t % k == 0) or t == rounds:
+            acc = evaluate_devices(s, state, masks, last_rank)
+        rewards = dict(zip(report.device_ids.tolist(), report.rewards.tolist()))
+        lines = []
+        for i, (res, _, _) in enumerate(pending):
+            lines.append({
+                "round": t, "device": i, "device_type": s.fleet.type_names[i],
+                "p": float(report.p[i]), "r": int(report.r[i]), "ratio": res.ratio,
+                "completion_time": float(times.total[i]), "compute_time": float(times.comp[i]),
+                "comm_time": float(times.comm[i]),
+                "waiting_time": round_time - float(times.total[i]),
+                "loss_before": res.loss_before, "loss_drop": res.loss_drop,
+                "lora_importance": res.lora_importance, "reward": rewards.get(i),
+                "flops": res.flops, "peak_memory_bytes": res.peak_memory_bytes,
+                "fits_memory": bool(fits[i]), "measured_compute_s": res.compute_time_s,
+                "accuracy": None if acc is None else float(acc[i])})
+        lines.append({"round": t, "summary": True, "clock": clock, "round_time": round_time,
+                      "waiting_time": float(heterogeneity.waiting_time(times.total)),
+                      "mean_sparsity": float(np.mean([ln["ratio"] for ln in lines])),
+                      "accuracy": None if acc is None else float(acc.mean())})
+        with open(out / "metrics.jsonl", "a") as f:
+            for ln in lines:
+                f.write(json.dumps(ln) + "\n")
+        extra = {"head_masks": np.stack([m[0] for m in masks]),
+                 "channel_masks": np.stack([m[1] for m in masks]),
+                 "stream": np.array([[st["epoch"], st["position"]] for st in streams]),
+                 "clock": np.float64(clock), "last_rank": last_rank,
+                 "peak_memory": np.float64(peak_mem)}
+        checkpoint.save(ckdir, t, state, extra, keep=cfg.federation.keep_checkpoints)
         if bar is not None:
-            bar.close()
+            bar.round_done(sim_time=f"{clock:.0f}s", acc="-" if acc is None else
+                           f"{acc.mean():.3f}", sparsity=f"{lines[-1]['mean_sparsity']:.2f}")
+    if bar is not None:
+        bar.close()
     summary = summarize(out, cfg)
     summary["inference"] = inference_cost(s, masks, state)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -419,6 +419,10 @@ def _q(path) -> str:
     return shlex.quote(str(path))
 
 
+def _seconds(x: float) -> str:
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
+
+
 def _duration(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m} min {s:02d} s" if m else f"{seconds:.1f} s"
@@ -436,10 +440,10 @@ def end_of_run(cfg: Config, out: Path, summary: dict, wall_s: float, plots) -> s
              f"models on the evaluation split)"]
     if target:
         lines.append(f"  target {target:.2f}  " + ("not reached" if ttt is None else
-                                                   f"reached at {ttt:,.0f} s simulated"))
+                                                   f"reached at {_seconds(ttt)} s simulated"))
     lines += [f"  sparsity     {summary['final_sparsity']:.2f} of the prunable parameters "
               f"(target {cfg.pruning.target_ratio:.2f})",
-              f"  time         {summary['simulated_time_s']:,.0f} s on the simulated fleet, "
+              f"  time         {_seconds(summary['simulated_time_s'])} s on the simulated fleet, "
               f"{_duration(wall_s)} wall",
               f"  wrote        {out}/: config.yaml, metrics.jsonl, summary.json, checkpoints/, "
               + ", ".join(Path(p).name for p in plots),

@@ -308,3 +308,27 @@ def test_compare_gives_every_method_the_same_devices_data_and_traces(compared, p
     mine = _rows(out / "fedspine")
     assert [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in plain] == \
            [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in mine]
+
+
+@pytest.mark.slow
+def test_resume_applies_safe_overrides_and_refuses_others(tiny_run, tmp_path, capsys):
+    """``--resume --set federation.rounds=4`` runs a fourth round with the run's own config;
+    a key that changes what a round computes is refused, naming it, and nothing changes."""
+    import shutil
+
+    from fedspine_jax.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["simulate", "--out", str(out), "--resume", "--set",
+                 "train.learning_rate=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: train.learning_rate=0.5 differs from the run's 0.001" in err
+    assert (out / "metrics.jsonl").read_text() == before
+    assert main(["simulate", "--out", str(out), "--resume", "--set", "federation.rounds=4",
+                 "--no-progress"]) == 0
+    assert "4 rounds" in capsys.readouterr().out
+    assert sorted({r["round"] for r in _rows(out)}) == [1, 2, 3, 4]
+    assert load_config(out / "config.yaml").federation.rounds == 4
+    assert checkpoint.steps(out / "checkpoints")[-1] == 4

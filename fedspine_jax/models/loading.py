@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fedspine_jax.models.arch import ArchConfig
 from fedspine_jax.errors import UserError
+from fedspine_jax.models.arch import ArchConfig
 from fedspine_jax.models.decoder import Decoder
 from fedspine_jax.models.encoder import Encoder
 
