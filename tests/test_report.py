@@ -242,3 +242,23 @@ def test_cli_report_errors(tmp_path, capsys):
     assert main(["report", str(run_dir), "--round", "7"]) == 2
     assert "round 7 not recorded" in capsys.readouterr().err
 
+
+
+def test_cli_compare_ends_with_the_table_and_what_next(tmp_path, monkeypatch, capsys):
+    """``fedspine compare`` ends with Table 5, the files written and the next commands (the
+    runs themselves stand in: the simulator's tests run real ones)."""
+    from fedspine_jax import simulation
+
+    def fake_compare_runs(cfg, methods, out, progress=True):
+        for m in methods:
+            write_run(Path(out) / m, m, SUMMARIES[m])
+
+    monkeypatch.setattr(simulation, "compare_runs", fake_compare_runs)
+    out = tmp_path / "cmp"
+    assert main(["compare", "tiny", "--out", str(out), "--methods", "fedspine,hetlora"]) == 0
+    printed = capsys.readouterr().out
+    assert "| FedSpine | 89.0 | 50.0 |" in printed and "| HETLoRA | 90.0 |" in printed
+    assert "wall time" in printed and "comparison.md" in printed
+    assert "accuracy_vs_time.png" in printed and (out / "accuracy_vs_time.png").is_file()
+    assert printed.rstrip().splitlines()[-3] == "next:"
+    assert f"fedspine report {out}" in printed
