@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import re
 import types
 import typing
@@ -358,8 +359,6 @@ def _model_arch(m: ModelConfig) -> str | None:
     hf = Path(m.source).expanduser() / "config.json"
     if hf.is_file():
         try:
-            import json
-
             return {"bert": "bert", "roberta": "roberta", "llama": "llama"}.get(
                 json.loads(hf.read_text()).get("model_type"))
         except (OSError, ValueError):
