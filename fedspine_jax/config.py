@@ -455,6 +455,22 @@ def _absolute_paths(raw: dict) -> dict:
     return raw
 
 
+def read_config(path: str | Path) -> dict:
+    """The raw mapping of a config argument (a file or a shipped config's name; YAML 1.2).
+
+    Raises:
+      ConfigError: no such file or shipped config, invalid YAML, or not a mapping.
+    """
+    p = config_path(path)
+    try:
+        raw = yaml_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(p)!r} must be a mapping of sections")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
                 ) -> Config:
     """Load a YAML config (a file or a shipped config's name; defaults when ``path`` is
@@ -463,13 +479,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     Relative paths that exist (``data.source``, ``model.source``, ``model.tokenizer``) are
     resolved against the current directory, as a user typing them would expect.
     """
-    raw: dict = {}
-    if path is not None:
-        p = config_path(path)
-        try:
-            raw = yaml_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    raw = read_config(path) if path is not None else {}
     return from_dict(_absolute_paths(apply_overrides(raw, overrides)))
 
 

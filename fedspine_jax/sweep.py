@@ -72,13 +72,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fedspine_jax import bandit, heterogeneity as het, sweep_env
-from fedspine_jax.config import (Config, ConfigError, apply_overrides, config_path, from_dict,
-                                 replace, yaml_load)
+from fedspine_jax.config import (Config, ConfigError, apply_overrides, from_dict, read_config,
+                                 replace)
 
 FORMAT = "fedspine-sweep/1"
 _CELLS = "cells"  # name of the mesh axis the cells are sharded over
@@ -297,16 +296,7 @@ def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] =
     ``pruning`` schedule, ``devices`` knobs). ``--set`` overrides apply to both, e.g.
     ``--set sweep.seeds=8``.
     """
-    raw: dict = {}
-    if path is not None:
-        p = config_path(path)
-        try:
-            raw = yaml_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(p)!r} must be a mapping of sections")
-    raw = apply_overrides(raw, overrides)
+    raw = apply_overrides(read_config(path) if path is not None else {}, overrides)
     sweep_raw = raw.pop("sweep", None)
     cfg = from_dict(raw)
     return cfg, spec_from_dict(sweep_raw, cfg)
