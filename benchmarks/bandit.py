@@ -58,9 +58,11 @@ class NumpyAgent:
         prm, f32 = self.prm, np.float32
         self.round += 1
         target = f32(prm.target_ratio)
-        frac = min(f32(self.round) / f32(prm.target_round), f32(1.0))
-        floor = target if frac >= 1.0 else f32(target * f32(frac))
-        p_lo = max(self.last_p, floor)
+        p_lo = self.last_p
+        if prm.arm_space == "floor":
+            frac = min(f32(self.round) / f32(prm.target_round), f32(1.0))
+            floor = target if frac >= 1.0 else f32(target * f32(frac))
+            p_lo = max(self.last_p, floor)
         p_hi = max(target, p_lo)
         head = f32(p_hi - p_lo)
         live = self.leaves
@@ -182,8 +184,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    # Defaults except a later target round, so the p schedule is live for half the run.
-    cfg = replace(Config(), pruning={"target_round": max(1, args.rounds // 2)})
+    # Our tuned bandit (the schedule floor) with a later target round, so the p schedule
+    # is live for half the run.
+    cfg = replace(Config(), pruning={"target_round": max(1, args.rounds // 2)},
+                  bandit=bandit.TUNED)
     key = jax.random.key(0)
 
     agree = check_agreement(cfg, 8, args.rounds, jax.random.key(1))

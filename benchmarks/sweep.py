@@ -164,7 +164,7 @@ def main() -> None:
     cfg = replace(Config(), federation={"num_devices": args.agents, "rounds": args.rounds},
                   pruning={"target_ratio": 0.5, "target_round": max(1, args.rounds // 3)},
                   devices={"scenario": "high"},
-                  bandit={"reward": "log", "exploration": 0.01, "discount": 0.99})
+                  bandit={**bandit.TUNED, "discount": 0.99})
     env, hw = sweep_env.default_params(), sweep_env.Hardware.from_config(cfg)
     fleet = het.build_fleet(cfg)
     check = check_peer(cfg, env, hw)

@@ -46,15 +46,15 @@ import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 
-from fedspine_jax import data, heterogeneity, simulation
+from fedspine_jax import driver, heterogeneity, simulation
 from fedspine_jax.config import Config
 from fedspine_jax.server import auth, wire
 from fedspine_jax.server import fedspine_pb2 as pb
 from fedspine_jax.server import fedspine_pb2_grpc as pb_grpc
 from fedspine_jax.server.coordinator import config_digest
-from fedspine_jax.train import local_round
+from fedspine_jax.federation import DeviceTask
+from fedspine_jax.train import local_rounds
 
 log = logging.getLogger("fedspine.device")
 
@@ -218,20 +218,17 @@ class DeviceAgent:
         """Train on the task and upload the update (or report why there is none)."""
         cfg, i, t = self.cfg, self.i, int(header.round)
         lora, head, other = wire.split_payload(tensors)
-        bs = cfg.train.batch_size
-        batches = data.Batches(self.train_ex, bs, cfg.federation.seed * 1000 + i,
-                               epoch=int(header.stream_epoch),
-                               position=int(header.stream_position))
-        probe_src = self.hold_ex if len(self.hold_ex) else self.train_ex
-        probe = data.collate(probe_src, np.arange(min(len(probe_src), bs)), bs)
-        log.info("device %d: round %d: training (p=%.3f, r=%d)", i, t, header.ratio,
-                 header.rank)
+        record = wire.record_from_tensors(other)
+        record["scored"] = record["head_importance"] is not None
+        record["stream"] = (int(header.stream_epoch), int(header.stream_position))
+        task = DeviceTask(i, t, float(header.ratio), int(header.rank), lora, head, record)
+        inp = driver.device_input(cfg, task, self.train_ex, self.hold_ex)
+        log.info("device %d: round %d: training (pruned first to p=%.3f; r=%d)", i, t,
+                 header.ratio, header.rank)
         self._status(t, pb.TRAINING)
-        res = local_round(self.s.model, lora, head, other["head_masks"],
-                          other["channel_masks"], float(header.ratio), batches, probe, cfg,
-                          criterion=self.s.fed.strategy.criterion)
-        stream = batches.state()
-        stream = (stream["epoch"], stream["position"])
+        res = local_rounds(self.s.model, [inp], cfg,
+                           criterion=self.s.fed.strategy.criterion)[0]
+        stream = driver.stream_after(inp)
         sim = None
         if cfg.federation.simulated_clock:
             nbytes = int(sum(v.size for v in lora.values())) * simulation.BYTES_PER_PARAM
@@ -245,7 +242,9 @@ class DeviceAgent:
                 return
             sim = (float(times.comp[i]), float(times.comm[i]))
         tensors_up = wire.join_payload(res.lora, res.head, head_masks=res.head_masks,
-                                       channel_masks=res.channel_masks)
+                                       channel_masks=res.channel_masks,
+                                       head_importance=res.head_importance,
+                                       channel_importance=res.channel_importance)
 
         def frames():
             yield pb.UpdateFrame(header=pb.UpdateHeader(device_id=i, round=t,

@@ -203,8 +203,8 @@ class JaxBackend:
             raise InferenceError(f"{str(run_dir)!r} is a run directory: say which device's "
                                  f"model to serve with --device-id")
         try:
-            cfg, s, state, extra, step = load_run(run_dir, overrides)
-            dm = device_model(s, state, extra, device_id, run=str(run_dir), step=step)
+            cfg, s, state, _, step = load_run(run_dir, overrides)
+            dm = device_model(s, state, device_id, run=str(run_dir), step=step)
         except onnx_export.ExportError as e:
             raise InferenceError(str(e)) from None
         small, dense = onnx_export.prepare(dm.model)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 
 from fedspine_jax import checkpoint, simulation
 from fedspine_jax.config import Config, load_config
@@ -65,26 +64,23 @@ def load_run(run_dir: str | Path, overrides=()) -> tuple[Config, simulation.Setu
     return cfg, s, state, extra, step
 
 
-def device_model(s: simulation.Setup, state, extra: dict, device_id: int, *, run: str = "",
+def device_model(s: simulation.Setup, state, device_id: int, *, run: str = "",
                  step: int | None = None, tokenizer=None) -> DeviceModel:
-    """Device ``device_id``'s local model from a setup, a federation state and the run's
-    per-device records ``extra`` (``head_masks (N, L, H)``, ``channel_masks (N, L, F)``,
-    ``last_rank (N,)``)."""
+    """Device ``device_id``'s local model from a setup and a federation state (its record's
+    masks, the global LoRA shrunk to its last rank, the global head)."""
     n = s.cfg.federation.num_devices
     if not 0 <= int(device_id) < n:
         raise ExportError(f"device id {device_id} outside 0..{n - 1} (the run has {n} devices)")
     i = int(device_id)
-    hm = np.asarray(extra["head_masks"][i], np.float32)
-    cm = np.asarray(extra["channel_masks"][i], np.float32)
-    rank = int(extra["last_rank"][i])
-    model = simulation.load_device_model(s, state, hm, cm, rank)
+    model = simulation.load_device_model(s, state, i)
     if tokenizer is None:
         from fedspine_jax.models import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_name(s.cfg))
     source = {"run": str(run), "device_id": i, "round": None if step is None else int(step),
-              "rank": rank, "strategy": s.cfg.federation.strategy,
-              "heads_kept": float(hm.mean()), "channels_kept": float(cm.mean())}
+              "rank": int(state.devices.rank[i]), "strategy": s.cfg.federation.strategy,
+              "heads_kept": float(state.devices.head_masks[i].mean()),
+              "channels_kept": float(state.devices.channel_masks[i].mean())}
     return DeviceModel(model=model, tokenizer=tokenizer, task=s.cfg.data.task,
                        max_len=s.cfg.data.max_len, sample=examples_sample(s.task.eval),
                        source=source)
@@ -103,5 +99,5 @@ def export_run_device(run_dir: str | Path, device_id: int, out: str | Path, over
                       **kw) -> ExportResult:
     """``fedspine export RUN_DIR --device-id I --out model.onnx`` as a function."""
     cfg, s, state, extra, step = load_run(run_dir, overrides)
-    dm = device_model(s, state, extra, device_id, run=str(run_dir), step=step)
+    dm = device_model(s, state, device_id, run=str(run_dir), step=step)
     return export_device(dm, out, cfg, **kw)

@@ -3,7 +3,8 @@
 Design note
 -----------
 Every device has one agent that picks, each round, a pruning ratio ``p`` and a LoRA rank
-``r`` from the arm space ``[p^{t-1}, p_target] x [r_min, r_max]``. The agent partitions
+``r`` from the arm space ``[p_lo(t), p_target] x [r_min, r_max]`` (``p_lo(t)`` below; the
+paper's is ``p^{t-1}``). The agent partitions
 that space into regions (the leaves of a decision tree), plays the region with the
 largest upper confidence bound (Eq. 4-6), draws an arm uniformly inside it, and splits
 the region while it is coarser than ``delta``.
@@ -20,11 +21,19 @@ function over the leading agent axis, so a fleet, or a stack of fleets under a f
 *Coordinates.* The tree lives in normalised coordinates and never has to be remapped:
 
 * ``u in [0, 1]`` is the fraction of the round's pruning headroom taken:
-  ``p = p_lo(t) + u * (p_hi - p_lo(t))`` with ``p_hi = target_ratio`` and
-  ``p_lo(t) = max(p^{t-1}, target_ratio * min(t / target_round, 1))``. The paper's lower
-  bound is ``p^{t-1}`` (pruning never undoes itself); the second term is our schedule
-  floor, which guarantees ``p = target_ratio`` from round ``target_round`` on (there
-  ``p_lo = p_hi``). Decision: as ``p^{t-1}`` rises the interval shrinks and every region
+  ``p = p_lo(t) + u * (p_hi - p_lo(t))`` with ``p_hi = target_ratio``. The lower bound
+  depends on ``bandit.arm_space``:
+
+  - ``"paper"`` (the default): ``p_lo(t) = p^{t-1}``, Algorithm 1's ``[p^{t-1},
+    p_target]``: pruning never undoes itself, and nothing else constrains the pace, so a
+    device may reach the target in its first round or still be short of it after
+    ``target_round`` (``p`` approaches the target as the headroom narrows; the interval
+    closes once ``p^{t-1}`` reaches it).
+  - ``"floor"`` (ours, :data:`TUNED`): ``p_lo(t) = max(p^{t-1}, target_ratio * min(t /
+    target_round, 1))``. The second term is a schedule floor, which guarantees ``p =
+    target_ratio`` from round ``target_round`` on (there ``p_lo = p_hi``).
+
+  Decision: as ``p^{t-1}`` rises the interval shrinks and every region
   keeps its ``u`` extent, i.e. regions are re-mapped proportionally rather than cut off
   below ``p^{t-1}``. Reason: ``u`` keeps a stationary meaning ("how aggressive a step
   to take"), the statistics of every leaf stay usable, and no leaf ever has to be
@@ -95,6 +104,12 @@ from flax import struct
 
 from fedspine_jax.config import Config
 
+# Our tuned settings (BENCHMARKS.md, sweeps): the schedule floor, the "log" reward and a
+# padding scale matched to its spread. The defaults of config.BanditConfig are the paper's
+# (arm_space "paper", reward "paper", exploration 1.0); a config or strategy that wants
+# ours sets these ``bandit.*`` keys, e.g. ``replace(cfg, bandit=TUNED)``.
+TUNED = {"arm_space": "floor", "reward": "log", "exploration": 0.01}
+
 # Counts below this are treated as zero (unvisited): a region not played for so long that
 # its discounted count underflows is explored again, and S/N never divides by a denormal.
 _MIN_COUNT = 1e-30
@@ -119,7 +134,10 @@ class BanditParams:
         exploration: scale of the padding c_t of Eq. 5 (1.0 is the paper's).
         rank_choices: the ranks an agent may assign, sorted (``lora.rank_choices``).
         target_ratio: pruning ratio every device reaches (``pruning.target_ratio``).
-        target_round: round by which it is reached (``pruning.target_round``).
+        target_round: round by which it is reached (``pruning.target_round``); only
+            the ``"floor"`` arm space enforces it.
+        arm_space: ``"paper"`` (``[p^{t-1}, target]``) or ``"floor"`` (with our schedule
+            floor); ``bandit.arm_space``, see the module note.
     """
 
     capacity: int
@@ -129,6 +147,7 @@ class BanditParams:
     rank_choices: tuple[int, ...]
     target_ratio: float
     target_round: int
+    arm_space: str
 
     @classmethod
     def from_config(cls, cfg: Config) -> BanditParams:
@@ -136,7 +155,8 @@ class BanditParams:
                    delta=float(cfg.bandit.delta), exploration=float(cfg.bandit.exploration),
                    rank_choices=tuple(int(r) for r in cfg.lora.rank_choices),
                    target_ratio=float(cfg.pruning.target_ratio),
-                   target_round=int(cfg.pruning.target_round))
+                   target_round=int(cfg.pruning.target_round),
+                   arm_space=str(cfg.bandit.arm_space))
 
 
 @struct.dataclass
@@ -213,17 +233,26 @@ def init(cfg: Config, num_agents: int, key: jax.Array) -> BanditState:
 
 def _p_range(params: BanditParams, t: jax.Array, last_p: jax.Array
              ) -> tuple[jax.Array, jax.Array]:
-    """Pruning-ratio interval of round ``t`` (1-based): ``[max(p^{t-1}, floor_t), target]``."""
+    """Pruning-ratio interval of round ``t`` (1-based): ``[p_lo, max(target, p_lo)]``.
+
+    ``p_lo = p^{t-1}`` for the ``"paper"`` arm space, ``max(p^{t-1}, floor_t)`` with the
+    schedule floor ``floor_t = target * min(t / target_round, 1)`` for ``"floor"``.
+    """
     target = jnp.float32(params.target_ratio)
-    frac = jnp.minimum(t.astype(jnp.float32) / params.target_round, 1.0)
-    # At frac == 1 the floor is exactly `target` (no rounding), so p hits the target.
-    floor = jnp.where(frac >= 1.0, target, target * frac)
-    p_lo = jnp.maximum(last_p, floor)
+    p_lo = last_p
+    if params.arm_space == "floor":
+        frac = jnp.minimum(t.astype(jnp.float32) / params.target_round, 1.0)
+        # At frac == 1 the floor is exactly `target` (no rounding), so p hits the target.
+        floor = jnp.where(frac >= 1.0, target, target * frac)
+        p_lo = jnp.maximum(last_p, floor)
     return p_lo, jnp.maximum(target, p_lo)
 
 
 def p_bounds(state: BanditState) -> tuple[jax.Array, jax.Array]:
     """The interval ``[p_lo, p_hi]`` the next :func:`select` draws pruning ratios from.
+
+    ``p_lo`` is ``state.last_p`` (``"paper"`` arm space) or that raised to the schedule
+    floor (``"floor"``); ``p_hi = max(target_ratio, p_lo)``.
 
     Returns:
         ``(p_lo, p_hi)``, float32 ``(A,)`` each.
@@ -336,8 +365,11 @@ def select(state: BanditState, key: jax.Array) -> tuple[BanditState, jax.Array, 
 
     Each agent plays its live region with the largest ``U = Rbar + c`` (Eq. 4-6), draws
     an arm uniformly inside it, maps it to ``(p, r)`` and splits the region (see the
-    module note). Guarantees ``state.last_p <= p <= target_ratio``, ``p == target_ratio``
-    from round ``target_round`` on, and ``r in rank_choices``.
+    module note). Guarantees, with either arm space, ``state.last_p <= p <=
+    max(target_ratio, state.last_p)`` (``p`` never decreases) and ``r in rank_choices``.
+    The ``"floor"`` arm space also guarantees ``p >= target_ratio * min(t / target_round,
+    1)``, so ``p == target_ratio`` from round ``target_round`` on; the ``"paper"`` arm
+    space (Algorithm 1) sets no pace: ``p`` may be anywhere in ``[p^{t-1}, target_ratio]``.
 
     Args:
         state: agents, leading axis ``A``.

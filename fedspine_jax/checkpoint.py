@@ -1,7 +1,9 @@
 """Orbax checkpoints of the federation state (and any extra run state), for exact resume.
 
 A checkpoint is one orbax ``StandardCheckpointer`` directory ``DIR/round_XXXXX`` holding a
-tree of numpy arrays: ``{"server": <FederationState as a tree>, "extra": {...}}``. Orbax
+tree of numpy arrays: ``{"server": <FederationState as a tree>, "extra": {...}}``; the
+federation state includes every device's record (masks, carried importance, stream
+position, rank), so a run resumes exactly from it. Orbax
 writes to a temporary directory and renames it when complete, so a crash mid-save leaves
 the previous checkpoint intact and no half-written one is ever picked up.
 Module paths in LoRA keys (``layers/0/attn/q/lora_a``) are stored with ``/`` replaced by
@@ -21,7 +23,7 @@ import orbax.checkpoint as ocp
 from fedspine_jax import bandit
 from fedspine_jax.config import Config, dump_config, for_resume, load_config
 from fedspine_jax.errors import RunDirError
-from fedspine_jax.federation import DeviceUpdate, Federation, FederationState
+from fedspine_jax.federation import DeviceRecords, DeviceUpdate, Federation, FederationState
 
 _STEP = re.compile(r"^round_(\d+)$")
 
@@ -34,10 +36,15 @@ def _dec(d: dict) -> dict:
     return {k.replace("|", "/"): np.asarray(v, np.float32) for k, v in (d or {}).items()}
 
 
+_ARRAYS = ("head_masks", "channel_masks", "head_importance", "channel_importance")
+_INTS = ("device_id", "round", "num_samples", "peak_memory_bytes", "params_alive")
+
+
 def _update_tree(u: DeviceUpdate) -> dict:
     t = {f.name: np.asarray(getattr(u, f.name)) for f in dataclasses.fields(u)
          if f.name not in ("lora", "head")}
     t["lora"], t["head"] = _enc(u.lora), _enc(u.head)
+    t["stream"] = np.asarray(u.stream, np.int64)
     return t
 
 
@@ -47,21 +54,35 @@ def _update_from_tree(t: dict) -> DeviceUpdate:
         v = t[f.name]
         if f.name in ("lora", "head"):
             kw[f.name] = _dec(v)
-        elif f.name in ("head_masks", "channel_masks"):
+        elif f.name in _ARRAYS:
             kw[f.name] = np.asarray(v, np.float32)
-        elif f.name in ("device_id", "round", "num_samples", "peak_memory_bytes",
-                        "params_alive"):
+        elif f.name == "stream":
+            kw[f.name] = tuple(int(x) for x in np.asarray(v))
+        elif f.name in _INTS:
             kw[f.name] = int(v)
         else:
             kw[f.name] = float(v)
     return DeviceUpdate(**kw)
 
 
+def _records_tree(rec: DeviceRecords) -> dict:
+    return {f.name: np.asarray(getattr(rec, f.name)) for f in dataclasses.fields(rec)}
+
+
+def _records_from_tree(t: dict) -> DeviceRecords:
+    dtypes = {"scored": bool, "rank": np.int32, "stream": np.int64}
+    return DeviceRecords(**{f.name: np.asarray(t[f.name], dtypes.get(f.name, np.float32))
+                            for f in dataclasses.fields(DeviceRecords)})
+
+
 def state_to_tree(state: FederationState) -> dict:
     """A FederationState as a tree of numpy arrays."""
     t = {"round": np.int64(state.round), "lora": _enc(state.lora), "head": _enc(state.head),
-         "last_p": np.asarray(state.last_p),
-         "updates": {str(i): _update_tree(u) for i, u in enumerate(state.updates)}}
+         "devices": _records_tree(state.devices),
+         "updates": {str(i): _update_tree(u) for i, u in enumerate(state.updates)},
+         "skipped": {str(k): {"device_id": np.int64(i),
+                              "stream": np.asarray((-1, -1) if st is None else st, np.int64)}
+                     for k, (i, st) in enumerate(state.skipped)}}
     if state.bandit is not None:
         t["bandit"] = {f.name: np.asarray(getattr(state.bandit, f.name))
                        for f in dataclasses.fields(state.bandit) if f.name != "params"}
@@ -79,11 +100,16 @@ def state_from_tree(t: dict, fed: Federation) -> FederationState:
                                                        for k, v in t["bandit"].items()})
     ups = tuple(_update_from_tree(t["updates"][k])
                 for k in sorted(t.get("updates", {}) or {}, key=int))
+    skipped = []
+    for k in sorted(t.get("skipped", {}) or {}, key=int):
+        st = tuple(int(x) for x in np.asarray(t["skipped"][k]["stream"]))
+        skipped.append((int(t["skipped"][k]["device_id"]), None if st[0] < 0 else st))
     return FederationState(
         round=int(t["round"]), lora=_dec(t["lora"]), head=_dec(t.get("head")), bandit=b_state,
-        last_p=np.asarray(t["last_p"], np.float32),
+        devices=_records_from_tree(t["devices"]),
         plan_p=np.asarray(t["plan_p"], np.float32) if "plan_p" in t else None,
-        plan_r=np.asarray(t["plan_r"], np.int32) if "plan_r" in t else None, updates=ups)
+        plan_r=np.asarray(t["plan_r"], np.int32) if "plan_r" in t else None, updates=ups,
+        skipped=tuple(skipped))
 
 
 def steps(directory: str | Path) -> list[int]:

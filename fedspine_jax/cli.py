@@ -63,8 +63,9 @@ def _add_simulate_args(p: argparse.ArgumentParser, compare: bool) -> None:
     p.add_argument("--out", required=True, help="output directory")
     if compare:
         p.add_argument("--methods", default=None,
-                       help="comma-separated methods (default: fedspine and the four "
-                            "baselines; add 'ablations' for both ablations)")
+                       help="comma-separated methods, each optionally NAME:K for K seeds "
+                            "(default: fedspine and the four baselines, one seed each; "
+                            "'ablations' adds both ablations)")
     else:
         p.add_argument("--resume", action="store_true",
                        help="continue the run in --out (--set may change federation.rounds, "

@@ -149,20 +149,25 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BanditConfig:
+    # Defaults are the paper's S-UCB (Algorithm 1, Eq. 3-5); bandit.TUNED holds our tuned
+    # settings (arm_space floor, reward log, exploration 0.01; see BENCHMARKS.md, sweeps).
     # Discount factor lambda of Eq. 4-5 (0.9 keeps too little history to learn: see
     # tests/test_bandit.py and the sweep in BENCHMARKS.md).
     discount: float = _f(0.99, lo=0.0, hi=1.0)
     # Regions are split while their (normalised) diameter exceeds delta.
     delta: float = _f(0.1, lo=0.0, hi=2.0)
-    # Scale of the padding function c_t of Eq. 5 (1.0 is the paper's). Match it to the
-    # rewards' spread: a real round's "log" reward is about 0.005-0.05, and the shipped
-    # sweep (BENCHMARKS.md, sweeps) ranks 0.003 above 0.03 and 0.3; 0.01 sits between.
-    exploration: float = _f(0.01, lo=0.0)
+    # Scale of the padding function c_t of Eq. 5; 1.0 is the paper's. The padding is in
+    # reward units, so a smaller scale suits rewards of small spread (BENCHMARKS.md, sweeps).
+    exploration: float = _f(1.0, lo=0.0)
     # Fixed capacity of the partition tree (leaves), so select/update are jittable.
     capacity: int = _f(64, lo=2)
     # Reward: "paper" is Eq. 3 as written (its scale depends on units); "log" compresses
     # each factor with log1p so rewards are O(1) whatever the task (see bandit.reward).
-    reward: str = _f("log", choices=("paper", "log"))
+    reward: str = _f("paper", choices=("paper", "log"))
+    # Pruning-ratio arm space of round t: "paper" is Algorithm 1's [p^{t-1}, p_target];
+    # "floor" is ours, [max(p^{t-1}, p_target * min(t / target_round, 1)), p_target], whose
+    # schedule floor guarantees p = p_target from round target_round on.
+    arm_space: str = _f("paper", choices=("paper", "floor"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +183,7 @@ class AggregationConfig:
 class FederationConfig:
     # Method: fedspine, its ablations, or a baseline.
     strategy: str = _f("fedspine", choices=(
-        "fedspine", "fedspine_no_ap", "fedspine_no_at", "hetlora",
+        "fedspine", "fedspine_tuned", "fedspine_no_ap", "fedspine_no_at", "hetlora",
         "fedlora_prune", "llmpruner_fedlora", "fedapt"))
     # Number of devices N.
     num_devices: int = _f(4, lo=1)
@@ -240,6 +245,16 @@ class DevicesConfig:
     bandwidth_noise: float = _f(0.2, lo=0.0, hi=1.0)
     # Fraction of peak throughput a local round achieves.
     efficiency: float = _f(0.3, lo=1e-3, hi=1.0)
+    # Time scale of the simulated compute. "flops": a round's FLOPs over the device's
+    # throughput. "paper_regime": that time times one factor k, chosen so that a round of
+    # the run's model has the compute/communication time ratio RoBERTa-base has in the
+    # paper's SST-2 setting (heterogeneity.paper_regime_scale; needs data.task sst2).
+    clock: str = _f("flops", choices=("flops", "paper_regime"))
+    # Spread of the devices' speeds. "paper": Table 2 peaks, power modes and distance groups
+    # as they are. "narrow" (paper Fig. 2c, a sensitivity setting): every round, throughputs
+    # and bandwidths are compressed towards the round's strongest device so that the weakest
+    # runs at 0.7 of the strongest's speed (heterogeneity.compress_spread).
+    spread: str = _f("paper", choices=("paper", "narrow"))
 
 
 @dataclasses.dataclass(frozen=True)

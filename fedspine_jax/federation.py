@@ -51,14 +51,68 @@ class QuorumNotMet(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
+class DeviceRecords:
+    """What the round keeps of every device between its rounds (leading axis: N devices).
+
+    A device's local round starts from its record (prune with the carried importance, train
+    on its data stream from the recorded position) and :meth:`Federation.close` replaces the
+    record of every device whose update it took; a device without an update this round
+    keeps its record. So a device needs no state of its own: a restarted device agent, or a
+    resumed run, continues exactly from here.
+    """
+    head_masks: np.ndarray          # (N, L, H) 0/1 after the device's last accepted round
+    channel_masks: np.ndarray       # (N, L, F) 0/1
+    head_importance: np.ndarray     # (N, L, H) Eq. 12 average of its last round's tau steps
+    channel_importance: np.ndarray  # (N, L, F) (0 for groups pruned before that round)
+    scored: np.ndarray              # (N,) bool: the importance above has been measured
+    ratio: np.ndarray               # (N,) float32 pruning ratio its masks reach, p^{t-1}
+    rank: np.ndarray                # (N,) int32 LoRA rank of its last accepted round
+    stream: np.ndarray              # (N, 2) int64 (epoch, position) of its data stream
+
+    def device(self, i: int) -> dict:
+        """Device ``i``'s record as a dict of arrays (what travels with its task)."""
+        return {f.name: getattr(self, f.name)[i] for f in dataclasses.fields(self)}
+
+    def replace_device(self, i: int, **values) -> DeviceRecords:
+        """A copy with device ``i``'s entries of the named fields replaced."""
+        out = {}
+        for f in dataclasses.fields(self):
+            arr = getattr(self, f.name)
+            if f.name in values:
+                arr = arr.copy()
+                arr[i] = values[f.name]
+            out[f.name] = arr
+        return DeviceRecords(**out)
+
+
+def initial_records(num_devices: int, mask_shapes: tuple, rank: int) -> DeviceRecords:
+    """Records before round 1: nothing pruned, no importance yet, streams at their start.
+
+    Args:
+      mask_shapes: ``((L, H), (L, F))`` of the model's head and channel masks.
+      rank: the global LoRA rank R (the rank a device's model holds before its first round).
+    """
+    (layers, heads), (_, channels) = mask_shapes
+    n = int(num_devices)
+    return DeviceRecords(
+        head_masks=np.ones((n, layers, heads), np.float32),
+        channel_masks=np.ones((n, layers, channels), np.float32),
+        head_importance=np.zeros((n, layers, heads), np.float32),
+        channel_importance=np.zeros((n, layers, channels), np.float32),
+        scored=np.zeros(n, bool), ratio=np.zeros(n, np.float32),
+        rank=np.full(n, rank, np.int32), stream=np.zeros((n, 2), np.int64))
+
+
+@dataclasses.dataclass(frozen=True)
 class DeviceTask:
-    """What a device receives for a round."""
+    """What a device receives for a round: its plan, the global model and its record."""
     device_id: int
     round: int
     ratio: float          # pruning ratio p_i to reach this round
     rank: int             # LoRA rank r_i
     lora: dict            # {path: array} global LoRA shrunk to r_i
     head: dict            # {path: array} task head
+    record: dict          # the device's DeviceRecords entries (masks, importance, stream...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +122,11 @@ class DeviceUpdate:
     round: int
     lora: dict                 # {path: array} trained factors at rank r_i (float32)
     head: dict                 # {path: array} trained task head
-    head_masks: np.ndarray     # (L, H) masks after this round
+    head_masks: np.ndarray     # (L, H) masks after this round's pruning
     channel_masks: np.ndarray  # (L, F)
+    head_importance: np.ndarray     # (L, H) Eq. 12 average of this round (next round prunes
+    channel_importance: np.ndarray  # (L, F)  with it)
+    stream: tuple              # (epoch, position) of the device's data stream after the round
     num_samples: int           # local training examples
     loss_before: float
     loss_after: float
@@ -97,10 +154,16 @@ class FederationState:
     lora: dict                       # global LoRA {path: array}, rank R
     head: dict                       # global task head
     bandit: bandit.BanditState | None
-    last_p: np.ndarray               # (N,) each device's pruning ratio after its last round
+    devices: DeviceRecords           # per-device records (masks, importance, stream, ...)
     plan_p: np.ndarray | None = None   # (N,) this round's ratios, once planned
     plan_r: np.ndarray | None = None   # (N,) this round's ranks
     updates: tuple = ()              # accepted DeviceUpdates of this round, in arrival order
+    skipped: tuple = ()              # (device_id, stream) of devices that gave up this round
+
+    @property
+    def last_p(self) -> np.ndarray:
+        """(N,) each device's pruning ratio after its last accepted round, p^{t-1}."""
+        return self.devices.ratio
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +176,7 @@ class RoundReport:
     rewards: np.ndarray        # (n,) Eq. 3 rewards of the reporting devices (0 without bandit)
     times: np.ndarray          # (n,) completion times T_i
     waiting_time: float        # Eq. 1 over the reporting devices
+    weights: np.ndarray        # (n,) aggregation weight of each reporting device's update
 
 
 def _pairs(lora: dict) -> list[str]:
@@ -144,12 +208,16 @@ class Federation:
     # -- set-up ---------------------------------------------------------------------------
 
     def bandit_config(self) -> Config:
-        """The bandit sees target 0 when the strategy does not prune (the ablation w/o A_P)."""
+        """The config the bandit sees: the strategy's bandit settings (``fedspine_tuned``)
+        over the config's, and target 0 when the strategy does not prune (w/o A_P)."""
         from fedspine_jax.config import replace
 
+        cfg = self.cfg
+        if self.strategy.bandit:
+            cfg = replace(cfg, bandit=dict(self.strategy.bandit))
         if self.strategy.prunes:
-            return self.cfg
-        return replace(self.cfg, pruning={"target_ratio": 0.0})
+            return cfg
+        return replace(cfg, pruning={"target_ratio": 0.0})
 
     def init(self, lora: dict, head: dict) -> FederationState:
         """The state before round 1 from the initial global LoRA (rank R) and head."""
@@ -157,6 +225,8 @@ class Federation:
         if rank != {self.cfg.lora.rank}:
             raise ValueError(f"initial LoRA has rank {sorted(rank)}, config says "
                              f"{self.cfg.lora.rank}")
+        if None in self.mask_shapes:
+            raise ValueError("Federation(mask_shapes=((L, H), (L, F))) is needed to start a run")
         b_state = None
         if self.strategy.uses_bandit:
             key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.federation.seed), 0xB)
@@ -164,7 +234,7 @@ class Federation:
         return FederationState(
             round=1, lora={k: np.asarray(v, np.float32) for k, v in lora.items()},
             head={k: np.asarray(v, np.float32) for k, v in head.items()}, bandit=b_state,
-            last_p=np.zeros(self.num_devices, np.float32))
+            devices=initial_records(self.num_devices, self.mask_shapes, self.cfg.lora.rank))
 
     # -- plan -----------------------------------------------------------------------------
 
@@ -179,11 +249,17 @@ class Federation:
                 b_state, bp, br = bandit.select(state.bandit, key)
                 bp, br = np.asarray(bp), np.asarray(br)
             p, r = self.strategy.configure(self.cfg, state.round, bp, br, self.tiers)
-            p = np.maximum(p, state.last_p).astype(np.float32)  # pruning never goes back
+            # Pruning never goes back, and a device prunes with the importance it measured
+            # in its previous round (paper section 3, stage 3): before its first accepted
+            # round it has none, so it trains unpruned (decision: no calibration pass; the
+            # ratio planned by the bandit for it is the ratio it already has).
+            devs = state.devices
+            p = np.where(devs.scored, np.maximum(p, devs.ratio), devs.ratio).astype(np.float32)
             state = dataclasses.replace(state, bandit=b_state, plan_p=p, plan_r=r)
         shrunk = {int(r): self.shrink(state.lora, int(r)) for r in np.unique(state.plan_r)}
         tasks = [DeviceTask(i, state.round, float(state.plan_p[i]), int(state.plan_r[i]),
-                            shrunk[int(state.plan_r[i])], dict(state.head))
+                            shrunk[int(state.plan_r[i])], dict(state.head),
+                            state.devices.device(i))
                  for i in range(self.num_devices)]
         return state, tasks
 
@@ -243,20 +319,43 @@ class Federation:
         if u.ratio < float(state.last_p[u.device_id]) - 1e-6:
             raise UpdateRejected(f"pruning ratio {u.ratio} is below the {state.last_p[u.device_id]} "
                                  f"device {u.device_id} already reached (pruning never goes back)")
-        self._check_masks(state, u)
+        if u.device_id in {i for i, _ in state.skipped}:
+            raise UpdateRejected(f"device {u.device_id} gave up round {state.round}")
+        self._check_record(state, u)
         return dataclasses.replace(state, updates=state.updates + (u,))
 
-    def _check_masks(self, state: FederationState, u: DeviceUpdate) -> None:
-        layers = 1 + max(int(k.split("/")[1]) for k in state.lora if k.startswith("layers/"))
-        for name, m, want in (("head_masks", u.head_masks, self.mask_shapes[0]),
-                              ("channel_masks", u.channel_masks, self.mask_shapes[1])):
-            m = np.asarray(m)
-            if m.ndim != 2 or m.shape[0] != layers:
-                raise UpdateRejected(f"{name} has shape {m.shape}, expected ({layers}, ...)")
-            if want is not None and tuple(m.shape) != tuple(want):
-                raise UpdateRejected(f"{name} has shape {m.shape}, expected {tuple(want)}")
-            if not np.all((m == 0) | (m == 1)):
-                raise UpdateRejected(f"{name} must hold only 0 and 1 (no NaN)")
+    def _check_record(self, state: FederationState, u: DeviceUpdate) -> None:
+        """Masks and importance shaped like the device's record; masks 0/1 and only gaining
+        zeros (none may revive a group its record has pruned); importance finite, >= 0;
+        a stream position of two non-negative integers."""
+        rec = state.devices
+        i = u.device_id
+        for name in ("head_masks", "channel_masks", "head_importance", "channel_importance"):
+            m, want = np.asarray(getattr(u, name)), getattr(rec, name)[i]
+            if m.shape != want.shape:
+                raise UpdateRejected(f"{name} has shape {m.shape}, expected {want.shape}")
+            if name.endswith("masks"):
+                if not np.all((m == 0) | (m == 1)):
+                    raise UpdateRejected(f"{name} must hold only 0 and 1 (no NaN)")
+                if np.any(m > want):
+                    raise UpdateRejected(f"{name} revives groups pruned in an earlier round "
+                                         f"(masks only gain zeros)")
+            elif not np.all(np.isfinite(m)) or np.any(m < 0):
+                raise UpdateRejected(f"{name} must be finite and >= 0")
+        st = u.stream
+        if len(st) != 2 or any(isinstance(x, bool) or not isinstance(x, (int, np.integer))
+                               or x < 0 for x in st):
+            raise UpdateRejected(f"stream={st!r}: expected (epoch, position), integers >= 0")
+
+    def give_up(self, state: FederationState, device_id: int,
+                stream: tuple | None = None) -> FederationState:
+        """Record that a device sends no update this round (out of memory, failed). Its
+        record stays as it was, except the data-stream position ``stream`` when given (a
+        device that ran out of memory has drawn its batches)."""
+        if any(x.device_id == device_id for x in state.updates):
+            raise UpdateRejected(f"device {device_id} already sent its update for round "
+                                 f"{state.round}")
+        return dataclasses.replace(state, skipped=state.skipped + ((int(device_id), stream),))
 
     # -- close ----------------------------------------------------------------------------
 
@@ -280,8 +379,12 @@ class Federation:
         ids = np.array([u.device_id for u in ups], int)
         times = np.array([u.completion_time_s for u in ups], np.float64)
         rewards = np.zeros(len(ups), np.float32)
+        weights = np.zeros(len(ups), np.float32)
         lora, head, b_state, last_p = state.lora, state.head, state.bandit, state.last_p.copy()
         if ups:
+            weights = self.strategy.weights(
+                self.cfg, np.array([u.lora_importance for u in ups], np.float32),
+                np.array([u.num_samples for u in ups], np.float32))
             lora = self._aggregate_lora(state, ups)
             w = np.array([u.num_samples for u in ups], np.float64)
             head = {k: np.asarray(sum(wi * u.head[k] for wi, u in zip(w / w.sum(), ups)),
@@ -298,12 +401,30 @@ class Federation:
                 arrived[ids] = True
                 b_state = _select_agents(arrived, updated, b_state)
             last_p[ids] = [u.ratio for u in ups]
+        if b_state is not None:  # the arm space's lower bound is the ratio reached, p^{t-1}
+            b_state = b_state.replace(last_p=jnp.asarray(last_p, jnp.float32))
         waiting = float(np.mean(times.max() - times)) if len(times) else 0.0
         report = RoundReport(state.round, ids, state.plan_p, state.plan_r, rewards, times,
-                             waiting)
+                             waiting, np.asarray(weights, np.float32))
         new = FederationState(round=state.round + 1, lora=lora, head=head, bandit=b_state,
-                              last_p=last_p.astype(np.float32))
+                              devices=self._records_after(state, ups))
         return new, report
+
+    def _records_after(self, state: FederationState, ups: list[DeviceUpdate]
+                       ) -> DeviceRecords:
+        """The devices' records once the round closes: replaced from each accepted update;
+        a device that gave up keeps its record but its stream position (when it sent one)."""
+        rec = state.devices
+        for i, stream in state.skipped:
+            if stream is not None:
+                rec = rec.replace_device(i, stream=stream)
+        for u in ups:
+            rec = rec.replace_device(
+                u.device_id, head_masks=u.head_masks, channel_masks=u.channel_masks,
+                head_importance=u.head_importance, channel_importance=u.channel_importance,
+                scored=True, ratio=u.ratio, rank=int(state.plan_r[u.device_id]),
+                stream=u.stream)
+        return rec
 
     def _aggregate_lora(self, state: FederationState, ups: list[DeviceUpdate]) -> dict:
         alpha, big_r = self.cfg.lora.alpha, self.cfg.lora.rank

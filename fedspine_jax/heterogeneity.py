@@ -59,6 +59,32 @@ Decisions (the paper gives measurements, not a model; each choice is made once, 
   device of the round would have had with enough memory. A device killed for memory is
   silent, so the server waits for it until the round closes; the charge makes the failing
   device a straggler, so Eq. 1 and the scheduler's time signal both see the failure.
+* **Clock** (``devices.clock``). ``"flops"``: ``T_comp = flops / throughput``. The paper
+  fine-tunes RoBERTa-base (12 x 768, FFN 3072, SST-2 padded, batch 32, tau 20), where a
+  round's compute outweighs its LoRA transfer; a small model on packed SST-2 tokens
+  (MiniLM-L6, 6 x 384) does ~14x less compute per transmitted LoRA byte, so its rounds are
+  communication-bound and pruning barely shortens them. ``"paper_regime"`` multiplies every
+  device's compute time by one factor ``k`` (:func:`paper_regime_scale`, stored as
+  ``Fleet.compute_scale``) so that a round of the run's model has RoBERTa-base's
+  compute/communication time ratio. For one device that ratio is
+  ``(FLOPs / throughput) / (bytes / bandwidth)``, so ``k`` is the ratio of the two models'
+  FLOPs per LoRA byte and the same for every device type, mode and distance. Communication
+  times are untouched; throughputs (:func:`round_trace`) stay the devices' own.
+* **Spread** (``devices.spread``). ``"paper"``: the model above, whose slowest and fastest
+  devices differ ~100x in compute and 30x in bandwidth. ``"narrow"``, a sensitivity setting
+  after paper Fig. 2c (section 2.3: "the strongest device requires only 70 % of the time
+  taken by the weakest"): in every round the fleet's throughputs, and separately its
+  bandwidths, are compressed on a log scale towards the round's largest value until the
+  smallest is :data:`NARROW_SPREAD` (0.7) of it (:func:`compress_spread`; a spread already
+  narrower is kept). Modes, bandwidth draws and the devices' ranking are unchanged; the
+  round's strongest device keeps its speed, the others are lifted towards it. A device
+  ``x`` times slower than the strongest in both compute and communication ends
+  ``x ** g`` times slower, so for any workload the weakest device of a round needs at most
+  ``1 / 0.7`` of the strongest's time, exactly that when one device is the slowest in
+  both (or for a pure compute or pure transfer workload). In the High scenario a fixed
+  workload's per-round strongest / weakest completion time is 0.70-0.72. The compression
+  depends on the whole fleet's draws of the round, so it stays a pure function of
+  ``(seed, t)``.
 """
 
 from __future__ import annotations
@@ -101,6 +127,26 @@ SCENARIOS = {
     "high": ((AGX, 0, 3), (NX, 1, 3), (TX2, 2, 4)),
 }
 
+# Paper regime (section 5.2, :func:`paper_regime_scale`): RoBERTa-base on SST-2 with a batch
+# of 32 and tau = 20 local steps. The paper does not state its sequence length; we take the
+# usual GLUE fine-tuning setting (Hugging Face run_glue's default max_seq_length): every
+# example padded to 128 tokens, all of which the model computes on (no packing).
+PAPER_BATCH = 32
+PAPER_LOCAL_STEPS = 20
+PAPER_SEQ_LEN = 128
+# Our side of the paper regime: SST-2 as ``data`` batches it (MiniLM's WordPiece tokenizer,
+# max_len 64, buckets 32 / 64, real tokens packed by ``data.pack_index``). Measured on the
+# full train split (67,349 sentences, 13.3 tokens each on average with [CLS] / [SEP]; 2,104
+# random batches of 32): 83 % of batches pad to 64, 426 real tokens and 515 packed rows
+# (T) per batch on average. The modal batch, a 32 x 64 grid with T = 512 (16 rows per
+# example), is the one we charge; the mean step FLOPs over all batches is 0.9 % below it.
+SST2_SEQ_LEN = 64
+SST2_ROWS_PER_EXAMPLE = 16
+
+# Narrow spread (paper Fig. 2c): the weakest device runs at this fraction of the strongest's
+# speed, in compute and in communication.
+NARROW_SPREAD = 0.7
+
 # Tags that keep the mode and bandwidth draws of a round independent of each other and of
 # other modules seeding from the same master seed.
 _TAG_MODE = 0x6D6F6465
@@ -125,6 +171,9 @@ class Fleet:
       mode_redraw_every: power modes are re-drawn every this many rounds.
       bandwidth_noise: relative std of the per-round bandwidth factor.
       efficiency: fraction of ``peak * mode multiplier`` a local round achieves.
+      compute_scale: factor on every compute time (``devices.clock``: 1 for ``"flops"``,
+        :func:`paper_regime_scale` for ``"paper_regime"``).
+      spread: ``"paper"`` or ``"narrow"`` (``devices.spread``, :func:`compress_spread`).
     """
 
     device_type: np.ndarray
@@ -134,6 +183,8 @@ class Fleet:
     mode_redraw_every: int
     bandwidth_noise: float
     efficiency: float
+    compute_scale: float = 1.0
+    spread: str = "paper"
 
     def __post_init__(self):
         for name in ("device_type", "distance_group", "memory_bytes"):
@@ -141,6 +192,10 @@ class Fleet:
         n = self.device_type.shape
         if len(n) != 1 or self.distance_group.shape != n or self.memory_bytes.shape != n:
             raise ValueError("device_type, distance_group and memory_bytes must be (N,) arrays")
+        if not (np.isfinite(self.compute_scale) and self.compute_scale > 0):
+            raise ValueError(f"compute_scale={self.compute_scale!r}: must be finite and > 0")
+        if self.spread not in ("paper", "narrow"):
+            raise ValueError(f"spread={self.spread!r}: expected 'paper' or 'narrow'")
 
     @property
     def num_devices(self) -> int:
@@ -193,16 +248,157 @@ def _apportion(groups: tuple, n: int) -> list[int]:
     return out.tolist()
 
 
-def build_fleet(cfg: Config) -> Fleet:
+# ---------------------------------------------------------------- paper regime -------
+
+
+def lora_param_count(arch, rank: int) -> int:
+    """Parameters of a model's LoRA factors at ``rank`` (both factors, every layer).
+
+    Every linear named in ``arch.lora_targets`` carries ``a: (in, r)`` and ``b: (r, out)``:
+    ``r * (in + out)`` parameters. Encoders: q, k, v ``(D, H dh)`` / ``(D, KV dh)``, o
+    ``(H dh, D)``, fc1 ``(D, F)``, fc2 ``(F, D)``; decoders: gate, up ``(D, F)``, down
+    ``(F, D)`` instead of fc1 / fc2. What the simulator transmits is this times 4 bytes
+    (float32), once down and once up.
+    """
+    d, dh, total = arch.hidden_size, arch.head_dim, 0
+    for layer in range(arch.num_layers):
+        h, kv, f = arch.heads(layer), arch.kv_heads(layer), arch.channels(layer)
+        dims = {"q": (d, h * dh), "k": (d, kv * dh), "v": (d, kv * dh), "o": (h * dh, d)}
+        dims.update({"gate": (d, f), "up": (d, f), "down": (f, d)} if arch.is_decoder
+                    else {"fc1": (d, f), "fc2": (f, d)})
+        total += sum(i + o for name, (i, o) in dims.items() if name in arch.lora_targets)
+    return int(rank) * total
+
+
+def roberta_base_arch(rank: int, lora_targets: tuple = ("q", "k", "v", "o", "fc1", "fc2")):
+    """RoBERTa-base as the paper fine-tunes it on SST-2 (12 layers, D 768, 12 heads, F 3072,
+    a 2-class head), with LoRA of ``rank`` on ``lora_targets``."""
+    from fedspine_jax.models.arch import ArchConfig
+
+    return ArchConfig(arch="roberta", vocab_size=50265, hidden_size=768, num_layers=12,
+                      num_heads=12, num_kv_heads=12, head_dim=64, intermediate_size=3072,
+                      max_positions=514, type_vocab_size=1, pad_token_id=1, num_labels=2,
+                      lora_rank=int(rank), lora_targets=tuple(lora_targets))
+
+
+def _round_flops(arch, rank: int, batch: int, local_steps: int, seq: int,
+                 tokens: int | None) -> float:
+    """FLOPs of ``local_steps`` training steps of the full (unpruned) model, as the simulator
+    charges them (``train.step_flops``)."""
+    from fedspine_jax.train import step_flops
+
+    layers = arch.num_layers
+    heads = np.array([arch.heads(i) for i in range(layers)])
+    kv = np.array([arch.kv_heads(i) for i in range(layers)])
+    channels = np.array([arch.channels(i) for i in range(layers)])
+    return local_steps * step_flops(arch, heads, kv, channels, rank, batch, seq, tokens)
+
+
+def paper_regime_scale(arch, rank: int, batch: int, local_steps: int, *,
+                       seq: int = SST2_SEQ_LEN, tokens: int | None = None) -> float:
+    """The factor ``k`` of ``devices.clock: paper_regime`` (module note, Clock).
+
+    Derivation. A device of throughput ``theta`` (FLOP/s) and bandwidth ``beta`` (bytes/s)
+    spends on a round ``T_comp / T_comm = (F / theta) / (Q / beta) = (F / Q) (beta / theta)``,
+    with ``F`` the FLOPs of the round's tau training steps and ``Q`` the LoRA bytes it moves
+    (float32 factors at its rank, down + up: ``2 * 4 * lora_param_count``). Charging the run's
+    model ``k F`` instead of ``F`` gives it the paper's ratio on every device at once iff
+
+        k = (F_paper / Q_paper) / (F_run / Q_run),
+
+    the device terms ``beta / theta`` cancelling. Both sides are the full (unpruned) model at
+    the same LoRA ``rank`` on the same linears (``arch.lora_targets``), FLOPs by
+    ``train.step_flops``:
+
+    * paper: RoBERTa-base (:func:`roberta_base_arch`), ``PAPER_LOCAL_STEPS`` (20) steps of
+      ``PAPER_BATCH`` (32) x ``PAPER_SEQ_LEN`` (128, padded, every position computed);
+    * run: ``arch``, ``local_steps`` steps of ``batch`` x ``seq`` with ``tokens`` packed rows
+      (default ``SST2_ROWS_PER_EXAMPLE * batch``, capped at ``batch * seq``: the modal
+      SST-2 batch of ``data``, see the constants).
+
+    Figure: MiniLM-L6 (6 x 384, 12 heads, F 1536) at rank 32, batch 32, tau 20: a step is
+    2.552e10 FLOPs (32 x 64 grid, T = 512), RoBERTa-base's 1.471e12; the LoRA has
+    41,472 r vs 165,888 r parameters (4x), so ``k = (1.471e12 / 4) / 2.552e10 = 14.41``.
+    ``k`` grows about linearly with the paper's assumed padded length (7.1 at 64, 29.9 at
+    256) and a little with the rank (LoRA FLOPs weigh more in the smaller model).
+
+    Args:
+      arch: the run's model (``models.ArchConfig``, full size).
+      rank: the LoRA rank both sides are compared at (a run: ``lora.rank``).
+      batch, local_steps: the run's ``train.batch_size`` and ``train.local_steps``.
+      seq, tokens: the run's padded length and packed rows per step (see above).
+
+    Returns:
+      ``k`` > 0.
+    """
+    if rank < 1 or batch < 1 or local_steps < 1 or seq < 1:
+        raise ValueError(f"rank={rank}, batch={batch}, local_steps={local_steps}, seq={seq}: "
+                         f"each must be >= 1")
+    if tokens is None:
+        tokens = min(SST2_ROWS_PER_EXAMPLE, seq) * batch
+    paper = roberta_base_arch(rank, arch.lora_targets)
+    f_paper = _round_flops(paper, rank, PAPER_BATCH, PAPER_LOCAL_STEPS, PAPER_SEQ_LEN, None)
+    f_run = _round_flops(arch, rank, batch, local_steps, seq, tokens)
+    # bytes = 2 (down + up) * 4 (float32) * parameters on both sides: the constant cancels.
+    return float((f_paper / lora_param_count(paper, rank))
+                 / (f_run / lora_param_count(arch, rank)))
+
+
+def model_arch(cfg: Config):
+    """The full-size ``models.ArchConfig`` of ``cfg.model`` with ``cfg.lora``'s adapters,
+    without loading weights: a random-init model's shape from the config, a pretrained one's
+    from its ``config.json`` (classification head of 2 labels; only its FLOPs depend on it)."""
+    import json
+
+    from fedspine_jax.models.arch import ArchConfig
+    from fedspine_jax.models.loading import ModelLoadError, arch_from_hf, resolve
+
+    m, lora = cfg.model, cfg.lora
+    kw = {"num_labels": 2, "lora_rank": lora.rank, "lora_alpha": lora.alpha,
+          "lora_targets": tuple(lora.targets)}
+    if m.source == "random":
+        heads = m.num_heads
+        return ArchConfig(arch=m.arch, vocab_size=m.vocab_size, hidden_size=m.hidden_size,
+                          num_layers=m.num_layers, num_heads=heads,
+                          num_kv_heads=m.num_kv_heads if m.arch == "llama" else heads,
+                          head_dim=m.hidden_size // heads,
+                          intermediate_size=m.intermediate_size, **kw)
+    path = resolve(m.source)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"devices.clock=paper_regime needs the model's config.json; "
+                             f"{str(path)!r} has none")
+    return arch_from_hf(json.loads((path / "config.json").read_text()), **kw)
+
+
+def build_fleet(cfg: Config, arch=None) -> Fleet:
     """The fleet of ``cfg.federation.num_devices`` devices for ``cfg.devices.scenario``.
 
     Presets follow section 5.3, scaled by largest remainder when N != 10; ``custom`` uses
     the per-type counts with round-robin distance groups (see the module's design note).
+    ``devices.clock: paper_regime`` sets ``Fleet.compute_scale`` to
+    :func:`paper_regime_scale` of the run's model at ``lora.rank``, ``train.batch_size``
+    and ``train.local_steps``; ``devices.spread`` is carried as ``Fleet.spread``.
+
+    Args:
+      cfg: the run's config.
+      arch: the run's full-size ``models.ArchConfig``, for the paper-regime clock; default
+        :func:`model_arch` of ``cfg`` (reads a pretrained model's ``config.json``). Unused
+        with ``devices.clock: flops``.
 
     Raises:
-      ConfigError: ``custom`` counts that do not sum to ``federation.num_devices``.
+      ConfigError: ``custom`` counts that do not sum to ``federation.num_devices``;
+        ``paper_regime`` with a task other than SST-2 (its calibration's data).
     """
     dev, n = cfg.devices, cfg.federation.num_devices
+    scale = 1.0
+    if dev.clock == "paper_regime":
+        if cfg.data.task != "sst2":
+            raise ConfigError(f"devices.clock=paper_regime is calibrated on SST-2 (the "
+                              f"paper's RoBERTa-base setting and our packed SST-2 batches); "
+                              f"data.task={cfg.data.task} needs devices.clock=flops")
+        seq = min(SST2_SEQ_LEN, cfg.data.max_len)
+        scale = paper_regime_scale(model_arch(cfg) if arch is None else arch, cfg.lora.rank,
+                                   cfg.train.batch_size, cfg.train.local_steps, seq=seq)
     if dev.scenario == "custom":
         total = dev.num_tx2 + dev.num_nx + dev.num_agx
         if total != n:
@@ -221,7 +417,8 @@ def build_fleet(cfg: Config) -> Fleet:
     return Fleet(device_type=types, distance_group=groups.astype(np.int32),
                  memory_bytes=np.asarray(MEMORY_BYTES, np.int64)[types],
                  seed=cfg.federation.seed, mode_redraw_every=dev.mode_redraw_every,
-                 bandwidth_noise=dev.bandwidth_noise, efficiency=dev.efficiency)
+                 bandwidth_noise=dev.bandwidth_noise, efficiency=dev.efficiency,
+                 compute_scale=scale, spread=dev.spread)
 
 
 def _check_round(t: int) -> int:
@@ -241,28 +438,54 @@ def power_modes(fleet: Fleet, t: int) -> np.ndarray:
     return rng.integers(0, _NUM_MODES[fleet.device_type])
 
 
+def compress_spread(x: np.ndarray, ratio: float = NARROW_SPREAD) -> np.ndarray:
+    """Compress positive values on a log scale towards their maximum (``devices.spread``).
+
+    ``hi * (x / hi) ** g`` with ``hi = max(x)`` and ``g = log(ratio) / log(min(x) / hi)``, so
+    the minimum lands on ``ratio * hi``, the maximum stays, the order is kept and every ratio
+    ``x / hi`` becomes ``(x / hi) ** g``. Values already within ``ratio`` are returned as
+    they are (the spread is never widened).
+
+    Args:
+      x: ``(N,)`` positive values (a round's throughputs or bandwidths).
+      ratio: the smallest allowed ``min / max``, in (0, 1].
+    """
+    x = np.asarray(x, dtype=np.float64)
+    hi, lo = float(x.max()), float(x.min())
+    if lo >= ratio * hi:
+        return x
+    g = np.log(ratio) / np.log(lo / hi)
+    return hi * (x / hi) ** g
+
+
 def bandwidth_mbps(fleet: Fleet, t: int) -> np.ndarray:
     """``(N,)`` float bandwidth of every device in round ``t``, Mb/s, within [1, 30].
 
     ``clip(mean[group] * exp(s z - s**2 / 2), 1, 30)`` with ``z ~ N(0, 1)`` drawn from
     ``default_rng((seed, tag, t))`` and ``s**2 = log(1 + bandwidth_noise**2)``, so the
-    factor has mean 1 and relative std ``bandwidth_noise`` (before clipping).
+    factor has mean 1 and relative std ``bandwidth_noise`` (before clipping). With
+    ``spread == "narrow"`` the round's values then go through :func:`compress_spread`.
     """
     rng = np.random.default_rng((fleet.seed, _TAG_BANDWIDTH, _check_round(t)))
     s = np.sqrt(np.log1p(fleet.bandwidth_noise ** 2))
     z = rng.standard_normal(fleet.num_devices)
     mean = np.asarray(MEAN_BANDWIDTH_MBPS)[fleet.distance_group]
-    return np.clip(mean * np.exp(s * z - 0.5 * s * s), *BANDWIDTH_RANGE_MBPS)
+    bw = np.clip(mean * np.exp(s * z - 0.5 * s * s), *BANDWIDTH_RANGE_MBPS)
+    return compress_spread(bw) if fleet.spread == "narrow" else bw
 
 
 def round_trace(fleet: Fleet, t: int) -> DeviceTrace:
     """Every device's mode, effective throughput (FLOP/s) and bandwidth (bytes/s) in round t.
 
     A pure function of ``(fleet, t)``: the same for every caller and call order.
-    ``throughput = PEAK_FLOPS[type] * MODE_MULTIPLIERS[type][mode] * efficiency``.
+    ``throughput = PEAK_FLOPS[type] * MODE_MULTIPLIERS[type][mode] * efficiency``, through
+    :func:`compress_spread` when ``spread == "narrow"`` (the bandwidth too,
+    :func:`bandwidth_mbps`).
     """
     mode = power_modes(fleet, t)
     throughput = fleet.peak_flops * _MODE_TABLE[fleet.device_type, mode] * fleet.efficiency
+    if fleet.spread == "narrow":
+        throughput = compress_spread(throughput)
     return DeviceTrace(mode=mode, throughput=throughput,
                        bandwidth=bandwidth_mbps(fleet, t) * BYTES_PER_MBIT)
 
@@ -278,9 +501,11 @@ def completion_time(fleet: Fleet, t: int, flops, download_bytes, upload_bytes
                     ) -> RoundTimes:
     """Simulated completion time of every device in round ``t`` (section 4.1).
 
-    ``T_comp = flops / throughput`` and ``T_comm = (download + upload) / bandwidth`` with the
-    round's trace (:func:`round_trace`); ``T = T_comp + T_comm`` (the round is sequential:
-    download, local training, upload, as in section 3).
+    ``T_comp = compute_scale * flops / throughput`` and ``T_comm = (download + upload) /
+    bandwidth`` with the round's trace (:func:`round_trace`); ``T = T_comp + T_comm`` (the
+    round is sequential: download, local training, upload, as in section 3).
+    ``fleet.compute_scale`` is 1 for ``devices.clock: flops`` (times as before) and
+    :func:`paper_regime_scale` for ``paper_regime``.
 
     Args:
       fleet: the devices.
@@ -297,7 +522,7 @@ def completion_time(fleet: Fleet, t: int, flops, download_bytes, upload_bytes
     nbytes = (_per_device("download_bytes", download_bytes, n)
               + _per_device("upload_bytes", upload_bytes, n))
     trace = round_trace(fleet, t)
-    comp = flops / trace.throughput
+    comp = flops * fleet.compute_scale / trace.throughput
     comm = nbytes / trace.bandwidth
     return RoundTimes(comp=comp, comm=comm, total=comp + comm)
 

@@ -40,17 +40,19 @@ from fedspine_jax.errors import UserError
 # Methods in table / legend order: the reference first, then paper Table 5's order, then the
 # ablations. Directories with other names follow, alphabetically.
 METHOD_ORDER = ("hetlora", "fedlora_prune", "llmpruner_fedlora", "fedapt", "fedspine",
-                "fedspine_no_ap", "fedspine_no_at")
+                "fedspine_tuned", "fedspine_no_ap", "fedspine_no_at")
 REFERENCE_METHOD = "hetlora"
 METHOD_LABELS = {
     "hetlora": "HETLoRA", "fedlora_prune": "FedLoRA+Prune",
     "llmpruner_fedlora": "LLMPruner+FedLoRA", "fedapt": "FedAPT", "fedspine": "FedSpine",
+    "fedspine_tuned": "FedSpine (tuned S-UCB)",
     "fedspine_no_ap": "FedSpine w/o AP", "fedspine_no_at": "FedSpine w/o AT",
 }
 # Fixed colours so a device type / method looks the same in every figure.
 DEVICE_COLORS = {"agx": "#1f77b4", "nx": "#ff7f0e", "tx2": "#d62728"}
 METHOD_COLORS = {"hetlora": "#7f7f7f", "fedlora_prune": "#2ca02c",
                  "llmpruner_fedlora": "#9467bd", "fedapt": "#8c564b", "fedspine": "#d62728",
+                 "fedspine_tuned": "#e377c2",
                  "fedspine_no_ap": "#ff7f0e", "fedspine_no_at": "#17becf"}
 _SPARE_COLORS = ("#bcbd22", "#e377c2", "#1f77b4", "#aec7e8", "#ffbb78", "#98df8a")
 
@@ -83,6 +85,7 @@ class RunData:
       summary: ``summary.json``, or None while the run has not finished.
       task: ``data.task`` of ``config.yaml``, or None without one.
       target_accuracy: the target accuracy in (0, 1], or None when none was set.
+      cfg: the run's config (``config.yaml``), or None without one.
     """
     path: Path
     name: str
@@ -92,6 +95,7 @@ class RunData:
     summary: dict | None
     task: str | None
     target_accuracy: float | None
+    cfg: object = None
 
     @property
     def label(self) -> str:
@@ -141,7 +145,7 @@ def load_run(run_dir: str | Path) -> RunData:
         except json.JSONDecodeError as e:
             raise ReportError(f"{str(path / 'summary.json')!r} is not valid JSON ({e})"
                               ) from None
-    method, task, target = path.name, None, None
+    method, task, target, cfg = path.name, None, None, None
     if (path / "config.yaml").is_file():
         from fedspine_jax.config import load_config
 
@@ -152,7 +156,7 @@ def load_run(run_dir: str | Path) -> RunData:
         method = summary.get("method") or method
         if "target_accuracy" in summary:
             target = summary["target_accuracy"] or None
-    return RunData(path, path.name, method, devices, rounds, summary, task, target)
+    return RunData(path, path.name, method, devices, rounds, summary, task, target, cfg)
 
 
 def method_dirs(comparison_dir: str | Path) -> list[Path]:
@@ -210,45 +214,120 @@ def _ratio(value, ref) -> float | None:
     return float(value) / float(ref)
 
 
+def _mean(values) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return float(sum(vals) / len(vals)) if vals else None
+
+
+def _std(values) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    if len(vals) < 2:
+        return None
+    m = sum(vals) / len(vals)
+    return float(math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)))
+
+
+def _device_means(runs: list[RunData]) -> dict:
+    """Means over every device-round of the runs that sent an update: compute and
+    communication time (simulated clock) and, per round, the spread (max - min) of the
+    aggregation weights."""
+    rows = [r for run in runs for r in run.devices if r.get("ratio") is not None
+            and r.get("fits_memory", True)]
+    spreads = []
+    for run in runs:
+        by_round: dict = {}
+        for r in run.devices:
+            w = r.get("aggregation_weight")
+            if w is not None:
+                by_round.setdefault(r["round"], []).append(w)
+        spreads += [max(w) - min(w) for w in by_round.values() if len(w) > 1]
+    return {"compute_time_s": _mean(r.get("compute_time") for r in rows),
+            "communication_time_s": _mean(r.get("comm_time") for r in rows),
+            "aggregation_weight_spread": _mean(spreads)}
+
+
+def _seed(run: RunData):
+    if run.summary and run.summary.get("seed") is not None:
+        return run.summary["seed"]
+    return None if run.cfg is None else run.cfg.federation.seed
+
+
+def protocol(runs: list[RunData]) -> dict:
+    """The evaluation protocol of a comparison, from its first run's config and summary."""
+    run = runs[0]
+    cfg, s = run.cfg, run.summary or {}
+    if cfg is None:
+        return {}
+    return {"eval_samples": s.get("eval_samples"), "rounds": cfg.federation.rounds,
+            "eval_every": cfg.federation.eval_every, "local_steps": cfg.train.local_steps,
+            "batch_size": cfg.train.batch_size, "rank": cfg.lora.rank,
+            "rank_choices": list(cfg.lora.rank_choices),
+            "num_devices": cfg.federation.num_devices,
+            "target_accuracy": cfg.federation.target_accuracy or None,
+            "target_sparsity": cfg.pruning.target_ratio,
+            "seeds": sorted({x for x in (_seed(r) for r in runs) if x is not None})}
+
+
 def comparison_table(runs: list[RunData], skipped: list[str] = ()) -> dict:
-    """Table 5 from finished runs: absolute figures and figures relative to a reference.
+    """Table 5 from finished runs: one row per method, its seeds' mean (and spread), and
+    figures relative to a reference.
 
     Args:
-      runs: finished runs (``summary`` not None), in table order. The reference is the
-        first ``hetlora`` run, else the first run.
+      runs: finished runs (``summary`` not None), in table order; runs of one method with
+        different seeds (``fedspine compare --methods fedspine:3``) make one row. The
+        reference is the ``hetlora`` row, else the first.
       skipped: names of unfinished runs left out (listed under the table).
 
     Returns:
-      ``{"reference": method, "skipped": [...], "methods": [row, ...]}``; each row holds
-      ``method``, ``run`` (its directory name), ``label``, ``final_accuracy``, ``final_sparsity``, ``train_time_s``, ``time_basis`` ('target',
+      ``{"reference": method, "protocol": {...}, "skipped": [...], "methods": [row, ...]}``;
+      each row holds ``method``, ``run`` (its first run's directory name), ``runs``,
+      ``seeds``, ``label``, ``final_accuracy`` (mean over seeds) and
+      ``final_accuracy_std``, ``final_accuracy_per_seed``, ``final_sparsity``,
+      ``train_time_s``, ``time_basis`` ('target' when every seed reached the target,
       'no_target' or 'not_reached'), ``target_accuracy``, ``simulated_time_s``,
-      ``time_to_target_s``, ``mean_waiting_time_s``, ``training_peak_memory_bytes``,
+      ``time_to_target_s`` (mean; None unless every seed reached it),
+      ``time_to_target_s_per_seed``, ``mean_waiting_time_s``, ``compute_time_s`` and
+      ``communication_time_s`` (means per device-round), ``aggregation_weight_spread``
+      (mean over rounds of max - min of the weights), ``training_peak_memory_bytes``,
       ``inference_latency_s``, ``inference_memory_bytes``, ``rounds`` and ``relative``:
       ``{train_time, train_memory, inference_time, inference_memory}`` as fractions of the
       reference's (1.0 = 100%; None where either figure is missing).
     """
     if not runs:
         raise ReportError("no finished runs to compare")
-    rows = []
+    groups: dict[str, list[RunData]] = {}
     for run in runs:
-        s = run.summary
-        if s is None:
+        if run.summary is None:
             raise ReportError(f"{str(run.path)!r} has no summary.json (unfinished run)")
-        inf = s.get("inference") or {}
-        train_time, basis = _time_basis(s)
+        groups.setdefault(run.method, []).append(run)
+    rows = []
+    for method, group in groups.items():
+        ss = [g.summary for g in group]
+        infs = [s.get("inference") or {} for s in ss]
+        ttt = [s.get("time_to_target_s") for s in ss]
+        target = ss[0].get("target_accuracy")
+        reached_all = bool(target) and all(t is not None for t in ttt)
+        sim = _mean(s.get("simulated_time_s") for s in ss)
+        accs = [s.get("final_accuracy") for s in ss]
         rows.append({
-            "method": run.method, "run": run.name, "label": run.label,
-            "final_accuracy": s.get("final_accuracy"),
-            "final_sparsity": s.get("final_sparsity"),
-            "train_time_s": train_time, "time_basis": basis,
-            "target_accuracy": s.get("target_accuracy"),
-            "simulated_time_s": s.get("simulated_time_s"),
-            "time_to_target_s": s.get("time_to_target_s"),
-            "mean_waiting_time_s": s.get("mean_waiting_time_s"),
-            "training_peak_memory_bytes": s.get("training_peak_memory_bytes"),
-            "inference_latency_s": inf.get("latency_s"),
-            "inference_memory_bytes": inf.get("memory_bytes"),
-            "rounds": s.get("rounds", len(run.rounds)),
+            "method": method, "run": group[0].name, "runs": [g.name for g in group],
+            "seeds": [_seed(g) for g in group], "label": group[0].label,
+            "final_accuracy": _mean(accs), "final_accuracy_std": _std(accs),
+            "final_accuracy_per_seed": accs,
+            "final_sparsity": _mean(s.get("final_sparsity") for s in ss),
+            "train_time_s": _mean(ttt) if reached_all else sim,
+            "time_basis": "target" if reached_all else ("not_reached" if target
+                                                        else "no_target"),
+            "target_accuracy": target, "simulated_time_s": sim,
+            "time_to_target_s": _mean(ttt) if reached_all else None,
+            "time_to_target_s_per_seed": ttt,
+            "mean_waiting_time_s": _mean(s.get("mean_waiting_time_s") for s in ss),
+            **_device_means(group),
+            "training_peak_memory_bytes": _mean(s.get("training_peak_memory_bytes")
+                                                for s in ss),
+            "inference_latency_s": _mean(i.get("latency_s") for i in infs),
+            "inference_memory_bytes": _mean(i.get("memory_bytes") for i in infs),
+            "rounds": ss[0].get("rounds", len(group[0].rounds)),
         })
     names = [r["method"] for r in rows]
     ref = rows[names.index(REFERENCE_METHOD)] if REFERENCE_METHOD in names else rows[0]
@@ -261,7 +340,8 @@ def comparison_table(runs: list[RunData], skipped: list[str] = ()) -> dict:
             "inference_memory": _ratio(r["inference_memory_bytes"],
                                        ref["inference_memory_bytes"]),
         }
-    return {"reference": ref["method"], "skipped": list(skipped), "methods": rows}
+    return {"reference": ref["method"], "protocol": protocol(runs),
+            "skipped": list(skipped), "methods": rows}
 
 
 def _pct(x) -> str:
@@ -297,8 +377,11 @@ def table_markdown(table: dict) -> str:
     ]
     for r in table["methods"]:
         rel = r["relative"]
+        acc = _pct(r["final_accuracy"])
+        if r.get("final_accuracy_std") is not None:
+            acc += f" ± {_pct(r['final_accuracy_std'])}"
         lines.append(
-            f"| {r['label']} | {_pct(r['final_accuracy'])} | {_pct(r['final_sparsity'])} "
+            f"| {r['label']} | {acc} | {_pct(r['final_sparsity'])} "
             f"| {_rel(rel['train_time'])} | {_basis_text(r)} | {_rel(rel['train_memory'])} "
             f"| {_rel(rel['inference_time'])} | {_rel(rel['inference_memory'])} |")
     lines += [
@@ -306,16 +389,19 @@ def table_markdown(table: dict) -> str:
         "Train. Time is the simulated time to the target accuracy where the run reached it, "
         "else the whole run's simulated time (Time basis).",
         "",
-        "Absolute figures (simulated clock for times; inference measured on this machine):",
+        "Absolute figures (means over a method's seeds; simulated clock for times, compute "
+        "and communication per device-round; inference measured on this machine):",
         "",
-        "| Method | Rounds | Sim. time (s) | Time to target (s) | Mean wait (s) "
-        "| Train. Mem. (MiB) | Inf. Time (ms) | Inf. Mem. (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| Method | Seeds | Rounds | Sim. time (s) | Time to target (s) | Mean wait (s) "
+        "| Compute (s) | Comm. (s) | Train. Mem. (MiB) | Inf. Time (ms) | Inf. Mem. (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table["methods"]:
+        seeds = r.get("seeds") or []
         lines.append(
-            f"| {r['label']} | {r['rounds']} | {_num(r['simulated_time_s'])} "
+            f"| {r['label']} | {len(seeds)} | {r['rounds']} | {_num(r['simulated_time_s'])} "
             f"| {_num(r['time_to_target_s'])} | {_num(r['mean_waiting_time_s'])} "
+            f"| {_num(r.get('compute_time_s'))} | {_num(r.get('communication_time_s'))} "
             f"| {_num(r['training_peak_memory_bytes'], _MIB)} "
             f"| {_num(r['inference_latency_s'], 1e-3)} "
             f"| {_num(r['inference_memory_bytes'], _MIB)} |")
@@ -589,14 +675,20 @@ def render_comparison(comparison_dir: str | Path, round: int | None = None) -> d
 
     fig = _figure(6.8, 4.2)
     ax = fig.add_subplot()
-    drew = False
-    for run in runs:
-        drew |= _plot_accuracy(ax, run, method_colors[run.method], run.label, False)
+    drew, labelled = False, set()
+    for run in runs:   # a method's seeds share a colour and one legend entry
+        label = "_nolegend_" if run.method in labelled else run.label
+        labelled.add(run.method)
+        drew |= _plot_accuracy(ax, run, method_colors[run.method], label, False)
     targets = {run.target_accuracy for run in runs}
     _finish_accuracy_axes(ax, targets.pop() if len(targets) == 1 else None, drew)
     ax.set_title(f"Test accuracy vs simulated time{where}", fontsize=10)
     files["accuracy"] = _save(fig, root / ACCURACY_PNG)
 
+    firsts: dict = {}
+    for run in runs:   # the completion panels: each method's first seed
+        firsts.setdefault(run.method, run)
+    runs = list(firsts.values())
     ncols = min(3, len(runs))
     nrows = math.ceil(len(runs) / ncols)
     fig = _figure(3.6 * ncols + 1.6, 3.0 * nrows + 0.4)

@@ -34,13 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedspine_jax import checkpoint, data, heterogeneity
+from fedspine_jax import checkpoint, data, driver, heterogeneity
 from fedspine_jax.config import Config, load_config, replace
-from fedspine_jax.federation import DeviceUpdate, Federation
+from fedspine_jax.federation import Federation
 from fedspine_jax.models import ArchConfig, build_model, load_pretrained, load_tokenizer
 from fedspine_jax.models.compaction import compact
 from fedspine_jax.models.state import get_head, get_lora, set_head, set_lora, set_masks
-from fedspine_jax.train import RoundInput, evaluate, initial_masks, local_rounds
+from fedspine_jax.train import evaluate, local_rounds
 
 BYTES_PER_PARAM = 4  # LoRA factors travel as float32
 
@@ -100,32 +100,32 @@ def _device_examples(s: Setup, i: int) -> tuple[data.Examples, data.Examples]:
     return s.task.train.take(d.train_idx), s.task.train.take(d.holdout_idx)
 
 
-def load_device_model(s: Setup, state, head_masks: np.ndarray, channel_masks: np.ndarray,
-                      rank: int, shrunk: dict | None = None):
-    """Put a device's local model into ``s.model`` (in place) and return it.
+def load_device_model(s: Setup, state, device_id: int, shrunk: dict | None = None):
+    """Put device ``device_id``'s local model into ``s.model`` (in place) and return it.
 
-    The local model is the device's masks ``head_masks (L, H)``, ``channel_masks (L, F)``,
-    the global LoRA shrunk to the device's last rank and the global head. ``shrunk`` caches
-    the shrunk LoRA per rank across calls. Used by :func:`evaluate_devices` and by the
-    exporter (``fedspine export RUN_DIR --device-id I``).
+    The local model is the device's masks from its record, the global LoRA shrunk to the
+    rank of its last round and the global head. ``shrunk`` caches the shrunk LoRA per rank
+    across calls. Used by :func:`evaluate_devices` and by the exporter
+    (``fedspine export RUN_DIR --device-id I``).
     """
-    r = int(rank)
+    rec = state.devices
+    r = int(rec.rank[device_id])
     shrunk = {} if shrunk is None else shrunk
     if r not in shrunk:
         shrunk[r] = s.fed.shrink(state.lora, r)
     set_lora(s.model, shrunk[r])
     if state.head:
         set_head(s.model, state.head)
-    set_masks(s.model, head_masks, channel_masks)
+    set_masks(s.model, rec.head_masks[device_id], rec.channel_masks[device_id])
     return s.model
 
 
-def evaluate_devices(s: Setup, state, masks: list, ranks: np.ndarray) -> np.ndarray:
-    """Test accuracy of every device's local model on the task's evaluation split."""
+def evaluate_devices(s: Setup, state) -> np.ndarray:
+    """(N,) test accuracy of every device's local model on the task's evaluation split."""
     accs = []
     shrunk = {}
-    for i, (hm, cm) in enumerate(masks):
-        load_device_model(s, state, hm, cm, int(ranks[i]), shrunk)
+    for i in range(s.fed.num_devices):
+        load_device_model(s, state, i, shrunk)
         accs.append(evaluate(s.model, data.eval_batches(s.task.eval, 64)))
     return np.asarray(accs)
 
@@ -134,7 +134,7 @@ def _lora_bytes(lora: dict) -> int:
     return int(sum(v.size for v in lora.values())) * BYTES_PER_PARAM
 
 
-def inference_cost(s: Setup, masks: list, state, batch: int = 32, repeats: int = 5) -> dict:
+def inference_cost(s: Setup, state, batch: int = 32, repeats: int = 5) -> dict:
     """Latency (s) and weight + activation memory (bytes) of the final pruned models,
     physically compacted with the LoRA merged, at (batch, max_len); mean over devices."""
     seq = s.cfg.data.max_len
@@ -145,7 +145,7 @@ def inference_cost(s: Setup, masks: list, state, batch: int = 32, repeats: int =
     if state.head:
         set_head(s.model, state.head)
     seen = {}
-    for hm, cm in masks:
+    for hm, cm in zip(state.devices.head_masks, state.devices.channel_masks):
         key = (hm.tobytes(), cm.tobytes())
         if key not in seen:
             set_masks(s.model, hm, cm)
@@ -225,24 +225,13 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
     cfg, restore = checkpoint.prepare_run_dir(out, cfg, resume)
     s = setup(cfg)
     n, rounds = cfg.federation.num_devices, cfg.federation.rounds
-    arch = s.model.cfg
-    hm0, cm0 = initial_masks(arch)
     if restore:
         state, extra, _ = checkpoint.restore(ckdir, s.fed)
-        masks = [(np.asarray(extra["head_masks"][i]), np.asarray(extra["channel_masks"][i]))
-                 for i in range(n)]
-        streams = [dict(epoch=int(extra["stream"][i][0]), position=int(extra["stream"][i][1]))
-                   for i in range(n)]
-        clock = float(extra["clock"])
-        last_rank = np.asarray(extra["last_rank"], np.int32)
-        peak_mem = float(extra["peak_memory"])
-        _truncate_metrics(out / "metrics.jsonl", state.round - 1)
+        clock, peak_mem = float(extra["clock"]), float(extra["peak_memory"])
+        driver.truncate_metrics(out / "metrics.jsonl", state.round - 1)
     else:
         state = s.fed.init(get_lora(s.model), get_head(s.model))
-        masks = [(hm0.copy(), cm0.copy()) for _ in range(n)]
-        streams = [dict(epoch=0, position=0) for _ in range(n)]
         clock, peak_mem = 0.0, 0.0
-        last_rank = np.full(n, cfg.lora.rank, np.int32)
         (out / "metrics.jsonl").write_text("")
     examples = [_device_examples(s, i) for i in range(n)]
     bar = Progress(rounds, state.round - 1) if progress else None
@@ -251,44 +240,21 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
     while state.round <= rounds:
         t = state.round
         state, tasks = s.fed.plan(state)
-        flops, mem_need, inputs, streams_now = np.zeros(n), np.zeros(n), [], []
-        for i, task in enumerate(tasks):
-            train_ex, hold_ex = examples[i]
-            batches = data.Batches(train_ex, cfg.train.batch_size,
-                                   cfg.federation.seed * 1000 + i, **streams[i])
-            probe_src = hold_ex if len(hold_ex) else train_ex
-            probe = data.collate(probe_src, np.arange(min(len(probe_src),
-                                                          cfg.train.batch_size)),
-                                 cfg.train.batch_size)
-            inputs.append(RoundInput(task.lora, task.head, masks[i][0], masks[i][1],
-                                     task.ratio, batches, probe))
-            streams_now.append(batches)
+        inputs = [driver.device_input(cfg, task, *examples[i]) for i, task in enumerate(tasks)]
         results = local_rounds(s.model, inputs, cfg, criterion=criterion,
                                max_batch=device_batch)
-        pending = []
-        for i, (task, res) in enumerate(zip(tasks, results)):
-            streams[i] = streams_now[i].state()
-            flops[i], mem_need[i] = res.flops, res.peak_memory_bytes
-            pending.append((res, _lora_bytes(task.lora), len(examples[i][0])))
-        times = heterogeneity.completion_time(
-            s.fleet, t - 1, flops, np.array([p[1] for p in pending]),
-            np.array([p[1] for p in pending]))
+        flops = np.array([r.flops for r in results])
+        mem_need = np.array([r.peak_memory_bytes for r in results], np.float64)
+        lora_bytes = np.array([_lora_bytes(task.lora) for task in tasks])
+        times = heterogeneity.completion_time(s.fleet, t - 1, flops, lora_bytes, lora_bytes)
         fits = heterogeneity.fits_memory(s.fleet, mem_need)
         times = heterogeneity.apply_memory_policy(times, fits, cfg.federation.deadline_s)
-        for i, (res, _, n_train) in enumerate(pending):
-            if not fits[i]:
-                continue  # out of memory: no update (design note)
-            masks[i] = (res.head_masks, res.channel_masks)
-            last_rank[i] = tasks[i].rank
-            upd = DeviceUpdate(
-                device_id=i, round=t, lora=res.lora, head=res.head, head_masks=res.head_masks,
-                channel_masks=res.channel_masks, num_samples=n_train,
-                loss_before=res.loss_before, loss_after=res.loss_after,
-                lora_importance=res.lora_importance, ratio=res.ratio,
-                compute_time_s=float(times.comp[i]), comm_time_s=float(times.comm[i]),
-                flops=res.flops, peak_memory_bytes=res.peak_memory_bytes,
-                params_alive=res.params_alive)
-            state = s.fed.accept(state, upd)
+        for i, (task, inp, res) in enumerate(zip(tasks, inputs, results)):
+            if not fits[i]:  # out of memory: no update (design note); its batches are drawn
+                state = s.fed.give_up(state, i, driver.stream_after(inp))
+                continue
+            state = s.fed.accept(state, driver.device_update(
+                task, inp, res, len(examples[i][0]), times.comp[i], times.comm[i]))
         state, report = s.fed.close(state, force=True)
         round_time = float(np.max(times.total))
         clock += round_time
@@ -296,10 +262,11 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
         acc = None
         k = cfg.federation.eval_every
         if (k and t % k == 0) or t == rounds:
-            acc = evaluate_devices(s, state, masks, last_rank)
+            acc = evaluate_devices(s, state)
         rewards = dict(zip(report.device_ids.tolist(), report.rewards.tolist()))
+        weights = dict(zip(report.device_ids.tolist(), report.weights.tolist()))
         lines = []
-        for i, (res, _, _) in enumerate(pending):
+        for i, res in enumerate(results):
             lines.append({
                 "round": t, "device": i, "device_type": s.fleet.type_names[i],
                 "p": float(report.p[i]), "r": int(report.r[i]), "ratio": res.ratio,
@@ -308,6 +275,7 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
                 "waiting_time": round_time - float(times.total[i]),
                 "loss_before": res.loss_before, "loss_drop": res.loss_drop,
                 "lora_importance": res.lora_importance, "reward": rewards.get(i),
+                "aggregation_weight": _finite(weights.get(i)),
                 "flops": res.flops, "peak_memory_bytes": res.peak_memory_bytes,
                 "fits_memory": bool(fits[i]), "measured_compute_s": res.compute_time_s,
                 "accuracy": None if acc is None else float(acc[i])})
@@ -315,14 +283,8 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
                       "waiting_time": float(heterogeneity.waiting_time(times.total)),
                       "mean_sparsity": float(np.mean([ln["ratio"] for ln in lines])),
                       "accuracy": None if acc is None else float(acc.mean())})
-        with open(out / "metrics.jsonl", "a") as f:
-            for ln in lines:
-                f.write(json.dumps(ln) + "\n")
-        extra = {"head_masks": np.stack([m[0] for m in masks]),
-                 "channel_masks": np.stack([m[1] for m in masks]),
-                 "stream": np.array([[st["epoch"], st["position"]] for st in streams]),
-                 "clock": np.float64(clock), "last_rank": last_rank,
-                 "peak_memory": np.float64(peak_mem)}
+        driver.append_metrics(out / "metrics.jsonl", lines)
+        extra = {"clock": np.float64(clock), "peak_memory": np.float64(peak_mem)}
         checkpoint.save(ckdir, t, state, extra, keep=cfg.federation.keep_checkpoints)
         if bar is not None:
             bar.round_done(sim_time=f"{clock:.0f}s", acc="-" if acc is None else
@@ -330,24 +292,15 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
     if bar is not None:
         bar.close()
     summary = summarize(out, cfg)
-    summary["inference"] = inference_cost(s, masks, state)
+    summary["eval_samples"] = len(s.task.eval)
+    summary["inference"] = inference_cost(s, state)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _truncate_metrics(path: Path, last_round: int) -> None:
-    """Drop metric lines of rounds after the checkpoint (they will be written again)."""
-    if not path.exists():
-        return
-    keep = []
-    for ln in path.read_text().splitlines():
-        try:
-            row = json.loads(ln)
-        except json.JSONDecodeError:  # a line cut short by a killed process
-            continue
-        if row["round"] <= last_round:
-            keep.append(ln)
-    path.write_text("".join(x + "\n" for x in keep))
+def _finite(x):
+    """``x`` as a float, or None when missing or not finite (JSON has no NaN)."""
+    return None if x is None or not np.isfinite(x) else float(x)
 
 
 def summarize(out: Path, cfg: Config) -> dict:
@@ -359,7 +312,7 @@ def summarize(out: Path, cfg: Config) -> dict:
     hit = next((r for r in evals if target and r["accuracy"] >= target), None)
     devs = [r for r in rows if not r.get("summary")]
     return {
-        "method": cfg.federation.strategy, "rounds": len(rounds),
+        "method": cfg.federation.strategy, "seed": cfg.federation.seed, "rounds": len(rounds),
         "final_accuracy": evals[-1]["accuracy"] if evals else None,
         "final_sparsity": rounds[-1]["mean_sparsity"] if rounds else None,
         "simulated_time_s": rounds[-1]["clock"] if rounds else 0.0,
@@ -387,16 +340,14 @@ def run_cli(args) -> int:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
     t0 = time.perf_counter()
     if args.command == "compare":
-        methods = (args.methods or ",".join(COMPARE_METHODS)).split(",")
-        if "ablations" in methods:
-            methods = [m for m in methods if m != "ablations"] + list(ABLATIONS)
+        methods = method_specs(args.methods)
         compare_runs(cfg, methods, out, progress=not args.no_progress)
         res = report.render_comparison(out)
         print(res["markdown"], end="")
         print(f"\nwall time {_duration(time.perf_counter() - t0)}; wrote "
               f"{', '.join(str(f) for f in res['files'].values())}")
         print(f"next:\n  fedspine report {_q(out)}           # re-render these tables "
-              f"and plots\n  fedspine report {_q(out / methods[0])}  # one method's run")
+              f"and plots\n  fedspine report {_q(out / methods[0][0])}  # one method's run")
         return 0
     summary = run(cfg, out, resume=args.resume, progress=not args.no_progress)
     plots = report.render_run(out)
@@ -454,13 +405,57 @@ def end_of_run(cfg: Config, out: Path, summary: dict, wall_s: float, plots) -> s
     return "\n".join(lines)
 
 
-def compare_runs(cfg: Config, methods: list[str], out: str | Path, progress: bool = True
+def method_specs(spec: str | None) -> list[tuple[str, int]]:
+    """``--methods`` as ``[(method, seeds), ...]``: comma-separated names, each optionally
+    ``name:k`` for k seeds (default 1); ``ablations`` adds both ablations.
+
+    Raises:
+      ConfigError: an unknown method or a bad seed count (the message names it).
+    """
+    from fedspine_jax.config import ConfigError
+    from fedspine_jax.strategies import STRATEGIES
+
+    out = []
+    for item in (spec or ",".join(COMPARE_METHODS)).split(","):
+        name, _, k = item.strip().partition(":")
+        if name == "ablations":
+            out += [(m, 1) for m in ABLATIONS]
+            continue
+        if name not in STRATEGIES:
+            raise ConfigError(f"--methods: unknown method {name!r}; allowed: "
+                              f"{', '.join(STRATEGIES)}, ablations")
+        if k and (not k.isdigit() or int(k) < 1):
+            raise ConfigError(f"--methods: {item!r}: the seed count after ':' must be an "
+                              f"integer >= 1")
+        out.append((name, int(k) if k else 1))
+    return out
+
+
+def run_dir_name(method: str, seed_index: int, seed: int) -> str:
+    """A comparison's run directory: the method's name for its first seed, then
+    ``METHOD_seedS``."""
+    return method if seed_index == 0 else f"{method}_seed{seed}"
+
+
+def compare_runs(cfg: Config, methods: list, out: str | Path, progress: bool = True
                  ) -> dict:
-    """Run every method on the same config, seeds, partition and device traces."""
+    """Run every method on the same config, partition and device traces.
+
+    ``methods`` are names or ``(name, k)`` pairs: k seeds, ``federation.seed + j`` for
+    ``j < k`` (a seed draws the data split, the device traces, the bandit's and the LoRA's
+    randomness). Every method's first seed runs before any second seed, so a comparison
+    stopped early has one run of every method. A run already started in ``out`` resumes.
+    """
     out = Path(out)
+    specs = [(m, 1) if isinstance(m, str) else (m[0], int(m[1])) for m in methods]
     results = {}
-    for m in methods:
-        started = (out / m / "config.yaml").is_file()  # a method's run resumes
-        results[m] = run(replace(cfg, federation={"strategy": m}), out / m,
-                         resume=started, progress=progress)
+    for j in range(max(k for _, k in specs)):
+        for m, k in specs:
+            if j >= k:
+                continue
+            seed = cfg.federation.seed + j
+            d = out / run_dir_name(m, j, seed)
+            started = (d / "config.yaml").is_file()
+            results[d.name] = run(replace(cfg, federation={"strategy": m, "seed": seed}), d,
+                                  resume=started, progress=progress)
     return results

@@ -12,6 +12,7 @@ The round logic itself lives only in ``federation``; a strategy holds no state o
 | method              | p_i                     | r_i                       | device criterion | aggregation |
 |---------------------|-------------------------|---------------------------|------------------|-------------|
 | fedspine            | S-UCB                   | S-UCB                     | LoRA-guided      | Eq. 15-16   |
+| fedspine_tuned      | S-UCB, our tuned bandit | S-UCB, our tuned bandit   | LoRA-guided      | Eq. 15-16   |
 | fedspine_no_ap      | 0 (no pruning)          | S-UCB                     | -                | Eq. 15-16   |
 | fedspine_no_at      | S-UCB                   | global rank R (static)    | LoRA-guided      | Eq. 15-16   |
 | hetlora             | 0 (no pruning)          | by device capability      | -                | HETLoRA     |
@@ -33,7 +34,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from fedspine_jax import aggregation
+from fedspine_jax import aggregation, bandit
 from fedspine_jax.config import Config
 
 # HETLoRA's rank self-pruning threshold gamma (Cho et al.): rank components carrying less
@@ -48,6 +49,7 @@ class Strategy:
     r_policy: str        # "bandit", "global", "capability" or "growing"
     criterion: str       # device group-importance criterion (train.CRITERIA)
     aggregator: str      # "fedspine", "fedavg" or "hetlora"
+    bandit: tuple = ()   # (key, value) pairs that override the config's bandit section
 
     @property
     def uses_bandit(self) -> bool:
@@ -90,6 +92,19 @@ class Strategy:
             r = np.full(n, ladder[step], np.int32)
         return p, r.astype(np.int32)
 
+    def weights(self, cfg: Config, importances: np.ndarray, num_samples: np.ndarray
+                ) -> np.ndarray:
+        """(n,) the weight each reporting device's update gets in :meth:`aggregate`: Eq. 16's
+        c_i (FedSpine), the data share (FedAvg), or NaN where the weight differs per linear
+        (HETLoRA's sparsity weights)."""
+        if self.aggregator == "fedspine":
+            return np.asarray(aggregation.aggregation_weights(jnp.asarray(importances),
+                                                              cfg.aggregation.scaling))
+        if self.aggregator == "hetlora":
+            return np.full(len(importances), np.nan, np.float32)
+        n = np.asarray(num_samples, np.float64)
+        return (n / n.sum()).astype(np.float32)
+
     def aggregate(self, cfg: Config, a_list: list, b_list: list, importances: np.ndarray,
                   num_samples: np.ndarray, col_masks=None, row_masks=None) -> tuple:
         """Aggregate one linear's updates into global factors of rank ``cfg.lora.rank``.
@@ -105,8 +120,7 @@ class Strategy:
         """
         rank = cfg.lora.rank
         if self.aggregator == "fedspine":
-            w = aggregation.aggregation_weights(jnp.asarray(importances),
-                                                cfg.aggregation.scaling)
+            w = jnp.asarray(self.weights(cfg, importances, num_samples))
             if cfg.aggregation.mask_aware and (col_masks is not None or row_masks is not None):
                 return aggregation.aggregate_lora_masked(a_list, b_list, w, rank,
                                                          col_masks=col_masks,
@@ -117,13 +131,16 @@ class Strategy:
                       for a, b in zip(a_list, b_list)]
             return aggregation.hetlora_aggregate([x[0] for x in pruned], [x[1] for x in pruned],
                                                  rank)
-        w = jnp.asarray(num_samples, jnp.float32)
-        a, b = aggregation.fedavg_lora(a_list, b_list, w / jnp.sum(w))
+        w = jnp.asarray(self.weights(cfg, importances, num_samples))
+        a, b = aggregation.fedavg_lora(a_list, b_list, w)
         return aggregation.pad_lora(a, b, rank)  # FedAPT trains below R early on
 
 
 STRATEGIES = {
     "fedspine": Strategy("fedspine", "bandit", "bandit", "lora", "fedspine"),
+    # FedSpine with our tuned S-UCB (schedule floor, log reward, small padding; bandit.TUNED)
+    "fedspine_tuned": Strategy("fedspine_tuned", "bandit", "bandit", "lora", "fedspine",
+                               tuple(sorted(bandit.TUNED.items()))),
     "fedspine_no_ap": Strategy("fedspine_no_ap", "none", "bandit", "lora", "fedspine"),
     "fedspine_no_at": Strategy("fedspine_no_at", "bandit", "global", "lora", "fedspine"),
     "hetlora": Strategy("hetlora", "none", "capability", "lora", "hetlora"),

@@ -609,6 +609,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str |
         "format": FORMAT, "env": env_name, "rounds": rounds, "seeds": spec.seeds,
         "score_reward": spec.score, "search": spec.search,
         "target_ratio": cfg.pruning.target_ratio, "target_round": cfg.pruning.target_round,
+        "arm_space": cfg.bandit.arm_space,
         "regret_arms": {"u": list(arm_u), "ranks": list(arm_r)},
         "fleets": [{"name": f.name, "devices": fl.num_devices,
                     "types": {n: int(np.sum(fl.device_type == k))

@@ -1,38 +1,42 @@
-"""The device's local round (paper sections 4.2-4.3): fine-tune LoRA, score groups, prune.
+"""The device's local round (paper section 3 stages 3-4, sections 4.2-4.3): prune, then
+fine-tune LoRA while scoring the groups for the next round.
 
 Design note
 -----------
-A round takes the device's full frozen model with its current masks, the global LoRA
-already shrunk to the device's rank r_i, the task head, the assigned pruning ratio p_i and
-tau batches, and:
+A round takes the device's full frozen model, its record from earlier rounds (masks and the
+Eq. 12 importance it measured in its previous round), the global LoRA already shrunk to the
+device's rank r_i, the task head, the assigned pruning ratio p_i and tau batches, and:
 
-1. **Compacts** the model to the structure its masks keep (``models.compaction``), every
-   layer padded to one bucketed head count and channel count (the padding groups keep mask
-   0). Training then really runs on smaller matrices, so a step gets cheaper as p_i grows,
-   and a run compiles once per (head bucket, channel bucket, rank, sequence bucket), not
-   once per mask pattern.
-2. Runs tau jitted AdamW steps (optax; a fresh optimiser state each round) on the LoRA
-   factors and the task head, each step shape compiled ahead of time once per process (so
-   the compile stays out of the measured compute time and no step is spent warming up).
-   Each step also computes, from the LoRA gradients of that step, Eq. 10 for every frozen
-   kernel, Eq. 11 per head / channel, and folds them into the Eq. 12 moving average
-   (restarted every round).
-3. Writes the trained factors back into the full-shape LoRA (``expand_lora``) and prunes
-   the least important groups until p_i of the prunable parameters are gone
-   (``pruning.select_masks``: one global ranking by importance per parameter across layers;
-   at least ``pruning.min_heads_per_layer`` heads and ``min_channels_per_layer`` channels
-   stay in every layer). Pruning happens after fine-tuning, so the scores come from the
-   round's own gradients; masks only ever gain zeros.
+1. **Prunes** with the carried importance: the least important groups go until p_i of the
+   prunable parameters are gone (``pruning.select_masks``: one global ranking by importance
+   per parameter across layers; at least ``pruning.min_heads_per_layer`` heads and
+   ``min_channels_per_layer`` channels stay in every layer; masks only ever gain zeros). A
+   device that has no importance yet (before its first round) does not prune.
+2. **Compacts** the pruned model to the structure its masks keep (``models.compaction``),
+   every layer padded to one bucketed head count and channel count (the padding groups keep
+   mask 0). Training then really runs on smaller matrices, so a step gets cheaper as p_i
+   grows, and a run compiles once per (head bucket, channel bucket, rank, sequence bucket),
+   not once per mask pattern.
+3. **Fine-tunes** for tau jitted AdamW steps (optax; a fresh optimiser state each round) on
+   the LoRA factors and the task head, each step shape compiled ahead of time once per
+   process (so the compile stays out of the measured compute time). Each step also computes,
+   from the LoRA gradients of that step, Eq. 10 for every frozen kernel, Eq. 11 per head /
+   channel, and folds them into the Eq. 12 moving average (restarted every round): the
+   importance the next round prunes with.
+4. Writes the trained factors back into the full-shape LoRA (``expand_lora``).
+
+So what a device uploads, and what is evaluated, has always been fine-tuned after its last
+pruning, and the round's compute is that of the pruned sizes.
 
 Several devices sharing one frozen model (the simulator) go through
-:func:`local_rounds`: devices of one rank and size bucket run step 2 together as one vmapped
-step over their stacked states; steps 1 and 3 stay per device. :func:`local_round` (a device
-agent) is its one-device case.
+:func:`local_rounds`: devices of one rank and size bucket run step 3 together as one vmapped
+step over their stacked states; the other steps stay per device. :func:`local_round` (a
+device agent) is its one-device case.
 
-It reports the loss on a fixed probe batch before and after (Delta F of Eq. 3, measured
-after pruning, so it charges the pruning's damage), the wall-clock compute time, I(B_total)
-of Eq. 13-14, parameters alive, the FLOPs of the round (analytic, at the kept sizes) and
-an estimate of its peak training memory.
+It reports the loss on a fixed probe batch before the round (before pruning) and after it
+(pruned and fine-tuned), so Delta F of Eq. 3 charges the pruning's damage and credits the
+recovery; the wall-clock compute time, I(B_total) of Eq. 13-14, parameters alive, the FLOPs
+of the round (analytic, at the kept sizes) and an estimate of its peak training memory.
 """
 
 from __future__ import annotations
@@ -62,13 +66,15 @@ ATTN = ("q", "k", "v", "o")
 
 @dataclasses.dataclass(frozen=True)
 class LocalRoundResult:
-    """What a device reports after its local round (and keeps: the new masks)."""
+    """What a device reports after its local round (and keeps: masks, importance)."""
     lora: dict                 # {path: array} trained LoRA factors, full shapes, rank r_i
     head: dict                 # {path: array} trained task head
     head_masks: np.ndarray     # (L, H) 0/1 after this round's pruning
     channel_masks: np.ndarray  # (L, F) 0/1
-    loss_before: float         # probe-batch loss before training (F before)
-    loss_after: float          # probe-batch loss after training and pruning
+    head_importance: np.ndarray     # (L, H) Eq. 12 average of this round's steps (0 where
+    channel_importance: np.ndarray  # (L, F)  pruned): what the next round prunes with
+    loss_before: float         # probe-batch loss before pruning and training (F before)
+    loss_after: float          # probe-batch loss after pruning and training
     compute_time_s: float      # wall clock of the tau steps (jit compile excluded)
     lora_importance: float     # I(B_total), Eq. 13-14
     ratio: float               # achieved fraction of prunable parameters pruned
@@ -305,6 +311,8 @@ class RoundInput:
       ratio: assigned pruning ratio p_i (fraction of prunable parameters).
       batches: iterator of training batches (``cfg.train.local_steps`` are drawn).
       probe: a fixed batch on which the loss before / after is measured.
+      head_importance: (L, H) and channel_importance: (L, F) the Eq. 12 average the device
+        measured in its previous round; None before its first round (it does not prune).
     """
     lora: dict
     head: dict
@@ -313,6 +321,8 @@ class RoundInput:
     ratio: float
     batches: Iterator[dict]
     probe: dict
+    head_importance: np.ndarray | None = None
+    channel_importance: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -326,6 +336,7 @@ class _Job:
     rest: object
     data: list             # tau batches (dicts of jnp arrays)
     loss_before: float
+    pruned: tuple          # (head_masks (L, H), channel_masks (L, F), achieved ratio)
     compute_time: float = 0.0
 
     def key(self) -> tuple:
@@ -338,29 +349,62 @@ class _Job:
                 tuple((d["input_ids"].shape, "token_index" in d) for d in self.data))
 
 
-def _load(model, inp: RoundInput) -> None:
+def _load(model, inp: RoundInput, head_masks=None, channel_masks=None) -> None:
+    """Put the device's LoRA, head and masks (its record's, unless given) into ``model``."""
     set_lora(model, inp.lora)
     if inp.head:
         set_head(model, inp.head)
-    set_masks(model, inp.head_masks, inp.channel_masks)
+    set_masks(model, inp.head_masks if head_masks is None else head_masks,
+              inp.channel_masks if channel_masks is None else channel_masks)
+
+
+def _group_params(arch: ArchConfig) -> tuple[np.ndarray, float]:
+    """Frozen parameters per head (L, H) and per FFN channel (one figure)."""
+    heads = np.stack([
+        pruning.head_param_counts(arch.hidden_size, arch.head_dim, arch.num_kv_heads,
+                                  arch.kv_index(i), bias=not arch.is_decoder)
+        for i in range(arch.num_layers)])
+    return heads, pruning.channel_param_count(arch.hidden_size, gated=arch.is_decoder,
+                                              bias=not arch.is_decoder)
+
+
+def _prune(arch: ArchConfig, inp: RoundInput, cfg: Config) -> tuple:
+    """Stage 3: the masks after pruning to ``inp.ratio`` with the carried importance.
+
+    Returns ``(head_masks (L, H), channel_masks (L, F), achieved ratio)``; without carried
+    importance the masks stay as they are (the achieved ratio is theirs).
+    """
+    scored = inp.head_importance is not None
+    hm, cm = np.asarray(inp.head_masks, np.float32), np.asarray(inp.channel_masks, np.float32)
+    hs = np.asarray(inp.head_importance, np.float32) if scored else np.zeros_like(hm)
+    cs = np.asarray(inp.channel_importance, np.float32) if scored else np.zeros_like(cm)
+    head_params, channel_params = _group_params(arch)
+    new_h, new_c, achieved = pruning.select_masks(
+        jnp.asarray(hs), jnp.asarray(cs), jnp.asarray(hm), jnp.asarray(cm),
+        float(inp.ratio) if scored else 0.0,
+        head_params=jnp.asarray(head_params, jnp.float32), channel_params=channel_params,
+        min_heads=cfg.pruning.min_heads_per_layer,
+        min_channels=cfg.pruning.min_channels_per_layer)
+    return np.asarray(new_h), np.asarray(new_c), float(achieved)
 
 
 def _prepare(model, inp: RoundInput, cfg: Config, tx) -> _Job:
-    """Load the device's state into ``model``, compact it, draw its batches, F before."""
+    """F before, pruning (stage 3), compaction to the kept groups, the round's batches."""
     _load(model, inp)
-    small, index = compact(model, sizes=bucket_sizes(np.asarray(inp.head_masks),
-                                                     np.asarray(inp.channel_masks)))
+    # Loss before (and after) on the full masked model (equal to the compacted one's), so
+    # this evaluation compiles once per rank, not once per size bucket.
+    loss_before = float(eval_loss(*nnx.split(model), _to_jnp(inp.probe)))
+    new_h, new_c, achieved = _prune(model.cfg, inp, cfg)
+    set_masks(model, new_h, new_c)
+    small, index = compact(model, sizes=bucket_sizes(new_h, new_c))
     graphdef, trainable, masks, rest = nnx.split(small, TRAINABLE, Mask, nnx.Variable)
     n_layers = model.cfg.num_layers
     hc, fc = len(index.heads[0]), len(index.channels[0])
     ema = (jnp.zeros((n_layers, hc)), jnp.zeros((n_layers, fc)))
     gb_sum = jax.tree.map(jnp.zeros_like, nnx.state(small, nnx.LoRAParam))
-    # Loss before (and after) on the full masked model (equal to the compacted one's), so
-    # this evaluation compiles once per rank, not once per size bucket.
-    loss_before = float(eval_loss(*nnx.split(model), _to_jnp(inp.probe)))
     data = [_to_jnp(next(inp.batches)) for _ in range(cfg.train.local_steps)]
     return _Job(inp, graphdef, index, (trainable, tx.init(trainable), ema, gb_sum), masks,
-                rest, data, loss_before)
+                rest, data, loss_before, (new_h, new_c, achieved))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "tx", "eta", "criterion"),
@@ -441,52 +485,44 @@ def _run_group(jobs: list[_Job], tx, cfg: Config, criterion: str) -> None:
 
 
 def _finish(model, job: _Job, cfg: Config) -> LocalRoundResult:
-    """Eq. 13-14, the LoRA back to full shapes, pruning to the ratio, F after, statistics."""
+    """Eq. 13-14, the LoRA back to full shapes, the importance to carry, F after, statistics."""
     inp, arch, steps = job.inp, model.cfg, cfg.train.local_steps
     trainable, _, ema, gb_sum = job.carry
     small = nnx.merge(job.graphdef, trainable, job.masks, job.rest)
     # Eq. 13-14 with the round's mean lora_b gradient and the trained b.
-    b_list = [v[...] for p, v in nnx.to_flat_state(nnx.state(small, nnx.LoRAParam))
-              if p[-1] == "lora_b"]
-    gb_list = [v[...] / steps for p, v in nnx.to_flat_state(gb_sum) if p[-1] == "lora_b"]
-    importance = float(pruning.lora_importance_total(b_list, gb_list))
+    gb = dict(nnx.to_flat_state(gb_sum))
+    paths = [p for p, _ in nnx.to_flat_state(nnx.state(small, nnx.LoRAParam))
+             if p[-1] == "lora_b"]
+    lins = [_module(small, p[:-1]) for p in paths]
+    importance = float(pruning.lora_importance_total(
+        [lin.lora_b[...] for lin in lins], [gb[p][...] / steps for p in paths],
+        [lora_scale(lin.alpha, lin.rank) for lin in lins]))
 
-    # Back to full shapes; scores of groups outside the compacted model are irrelevant
-    # (those groups are already pruned and stay pruned).
-    _load(model, inp)
-    index, head_masks, channel_masks = job.index, inp.head_masks, inp.channel_masks
+    # Back to full shapes (the record's LoRA and head replaced by the trained ones).
+    head_masks, channel_masks, achieved = job.pruned
+    _load(model, inp, head_masks, channel_masks)
+    index = job.index
     expand_lora(model, small, index)
     if inp.head:
         set_head(model, get_head(small))
     n_layers = arch.num_layers
+    # The importance to carry: groups outside the compacted model are pruned and stay so.
     full_h = np.zeros(head_masks.shape, np.float32)
     full_c = np.zeros(channel_masks.shape, np.float32)
     ema_h, ema_c = np.asarray(ema[0]), np.asarray(ema[1])
     for layer in range(n_layers):
         full_h[layer, index.heads[layer]] = ema_h[layer]
         full_c[layer, index.channels[layer]] = ema_c[layer]
-    head_params = np.stack([
-        pruning.head_param_counts(arch.hidden_size, arch.head_dim, arch.num_kv_heads,
-                                  arch.kv_index(i), bias=not arch.is_decoder)
-        for i in range(n_layers)])
-    new_h, new_c, achieved = pruning.select_masks(
-        jnp.asarray(full_h), jnp.asarray(full_c), jnp.asarray(head_masks, jnp.float32),
-        jnp.asarray(channel_masks, jnp.float32), float(inp.ratio),
-        head_params=jnp.asarray(head_params, jnp.float32),
-        channel_params=pruning.channel_param_count(arch.hidden_size, gated=arch.is_decoder,
-                                                   bias=not arch.is_decoder),
-        min_heads=cfg.pruning.min_heads_per_layer,
-        min_channels=cfg.pruning.min_channels_per_layer)
-    new_h, new_c = np.asarray(new_h), np.asarray(new_c)
-    set_masks(model, new_h, new_c)
+    full_h *= head_masks
+    full_c *= channel_masks
 
-    # Loss after training and pruning, on the same probe batch (masked full model).
+    # Loss after pruning and training, on the same probe batch (masked full model).
     loss_after = float(eval_loss(*nnx.split(model), _to_jnp(inp.probe)))
 
-    kept_h = np.asarray(head_masks).sum(1).astype(int)
-    kept_c = np.asarray(channel_masks).sum(1).astype(int)
+    kept_h = head_masks.sum(1).astype(int)
+    kept_c = channel_masks.sum(1).astype(int)
     kv_kept = np.array([len(np.unique(np.asarray(arch.kv_index(i))[np.flatnonzero(
-        np.asarray(head_masks)[i])])) for i in range(n_layers)])
+        head_masks[i])])) for i in range(n_layers)])
     rank = next(iter(inp.lora.values())).shape[-1] if inp.lora else 0
     flops = sum(step_flops(arch, kept_h, kv_kept, kept_c, rank, *d["input_ids"].shape,
                            tokens=_tokens(d)) for d in job.data)
@@ -494,18 +530,25 @@ def _finish(model, job: _Job, cfg: Config) -> LocalRoundResult:
     tokens = max(_tokens(d) or b * s for d in job.data)
     frozen = sum(int(x.size) for x in jax.tree.leaves(
         nnx.state(model, nnx.All(nnx.Param, nnx.Not(TRAINABLE)))))
-    pruned_params = float(achieved) * float(
-        head_params.sum() + new_c.size * pruning.channel_param_count(
-            arch.hidden_size, gated=arch.is_decoder, bias=not arch.is_decoder))
+    head_params, channel_params = _group_params(arch)
+    pruned_params = achieved * float(head_params.sum() + channel_masks.size * channel_params)
     trainable_n = sum(int(x.size) for x in jax.tree.leaves(trainable))
     peak = estimate_peak_memory(arch, frozen, trainable_n, len(index.heads[0]),
                                 len(index.channels[0]), b, s, tokens)
     return LocalRoundResult(
-        lora=get_lora(model), head=get_head(model) if inp.head else {}, head_masks=new_h,
-        channel_masks=new_c, loss_before=job.loss_before, loss_after=loss_after,
-        compute_time_s=job.compute_time, lora_importance=importance, ratio=float(achieved),
+        lora=get_lora(model), head=get_head(model) if inp.head else {},
+        head_masks=head_masks, channel_masks=channel_masks, head_importance=full_h,
+        channel_importance=full_c, loss_before=job.loss_before, loss_after=loss_after,
+        compute_time_s=job.compute_time, lora_importance=importance, ratio=achieved,
         params_alive=int(round(frozen - pruned_params)), flops=flops,
         peak_memory_bytes=peak)
+
+
+def _module(model, path: tuple):
+    """The submodule of ``model`` at an nnx state path (attribute names, list indices)."""
+    for k in path:
+        model = model[k] if isinstance(k, int) else getattr(model, k)
+    return model
 
 
 def local_rounds(model, inputs: list[RoundInput], cfg: Config, criterion: str = "lora",
@@ -518,7 +561,7 @@ def local_rounds(model, inputs: list[RoundInput], cfg: Config, criterion: str = 
     step over stacked per-device states (frozen compacted weights included: memory grows
     with the group). A group runs as soon as it is full, the rest at the end, so
     ``max_batch=1`` runs the devices one after the other, holding one compacted copy at a
-    time. Preparation (compaction, F before) and finishing (Eq. 13-14, pruning, F after)
+    time. Preparation (F before, pruning, compaction) and finishing (Eq. 13-14, F after)
     stay per device.
 
     Args:
@@ -557,21 +600,24 @@ def local_rounds(model, inputs: list[RoundInput], cfg: Config, criterion: str = 
 
 def local_round(model, lora: dict, head: dict, head_masks: np.ndarray,
                 channel_masks: np.ndarray, ratio: float, batches: Iterator[dict],
-                probe: dict, cfg: Config, criterion: str = "lora") -> LocalRoundResult:
-    """One device round: tau steps of LoRA fine-tuning on the compacted model, Eq. 10-12
-    importance, then pruning to ``ratio``.
+                probe: dict, cfg: Config, criterion: str = "lora",
+                head_importance: np.ndarray | None = None,
+                channel_importance: np.ndarray | None = None) -> LocalRoundResult:
+    """One device round: pruning to ``ratio`` with the carried importance, then tau steps
+    of LoRA fine-tuning on the compacted model, scoring Eq. 10-12 for the next round.
 
     Args:
       model: the device's full model (frozen weights); its LoRA, head and masks are
         overwritten with the arguments and, on return, hold the round's result.
-      lora, head, head_masks, channel_masks, ratio, batches, probe: see
-        :class:`RoundInput`.
+      lora, head, head_masks, channel_masks, ratio, batches, probe, head_importance,
+        channel_importance: see :class:`RoundInput`.
       cfg: the run's config (train, pruning sections).
       criterion: group-importance criterion (see :func:`train_step`; baselines differ).
     Returns:
       :class:`LocalRoundResult`.
     """
-    inp = RoundInput(lora, head, head_masks, channel_masks, ratio, batches, probe)
+    inp = RoundInput(lora, head, head_masks, channel_masks, ratio, batches, probe,
+                     head_importance, channel_importance)
     return local_rounds(model, [inp], cfg, criterion)[0]
 
 

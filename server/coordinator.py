@@ -18,10 +18,11 @@ adds is what a network needs and a simulator does not:
   stragglers (an update they send later is refused as stale). With no update at the
   deadline the round keeps waiting: a round that learns nothing would still advance the
   schedule.
-* **Per-device records the simulator keeps in local variables**: each device's masks and
-  data-stream position after its last accepted round, its last rank, the run's clock.
-  They travel in every task, so a device agent is stateless: killed, restarted on another
-  machine, it continues exactly where the server's record says.
+* **Per-device records travel with the tasks.** Each device's record in the federation
+  state (masks, the importance it carries into its next round, data-stream position, rank;
+  ``federation.DeviceRecords``) is sent with every task and replaced from every accepted
+  update, so a device agent is stateless: killed, restarted on another machine, it
+  continues exactly where the server's record says.
 * **Durability.** After every closed round the state (planned for the next round) and the
   records are saved as an orbax checkpoint (``checkpoints/round_XXXXX``: XXXXX rounds
   closed, as the simulator names them). Every accepted update (and every out-of-memory /
@@ -34,8 +35,8 @@ adds is what a network needs and a simulator does not:
   Journal files of closed rounds are deleted after the checkpoint that contains them.
 
 Everything else -- metrics lines compatible with the simulator's (``fedspine report``
-reads both), evaluation of the devices' models every ``federation.eval_every`` rounds --
-reuses ``fedspine_jax.simulation``; the devices' final models are exported for
+reads both; written with ``fedspine_jax.driver``), evaluation of the devices' models every
+``federation.eval_every`` rounds -- reuses ``fedspine_jax.simulation``; the devices' final models are exported for
 ``FetchModel`` with ``fedspine_jax.export`` (``server.models``).
 """
 
@@ -53,13 +54,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fedspine_jax import checkpoint, simulation
+from fedspine_jax import checkpoint, driver, simulation
 from fedspine_jax.config import Config, round_dict
 from fedspine_jax.federation import DeviceUpdate, UpdateRejected
 from fedspine_jax.models.state import get_head, get_lora
 from fedspine_jax.server import wire
 from fedspine_jax.server.models import ModelStore
-from fedspine_jax.train import initial_masks
 
 log = logging.getLogger("fedspine.server")
 
@@ -93,6 +93,8 @@ def update_digest(u: DeviceUpdate) -> str:
                 h.update(np.ascontiguousarray(v[k], np.float32).tobytes())
         elif isinstance(v, np.ndarray):
             h.update(np.ascontiguousarray(v, np.float32).tobytes())
+        elif isinstance(v, tuple):
+            h.update(repr(tuple(int(x) for x in v)).encode())
         else:
             h.update(repr(v).encode())
     return h.hexdigest()
@@ -106,7 +108,7 @@ class Task:
     rank: int
     stream: tuple[int, int]
     deadline_in_s: float
-    chunks: list           # TensorChunk messages: LoRA, head, then the device's masks
+    chunks: list           # TensorChunk messages: LoRA, head, then the device's record
     num_tensors: int
 
 
@@ -147,16 +149,10 @@ class Coordinator:
         self._payload: dict[int, list] = {}      # rank -> TensorChunks of LoRA + head
         self.out.mkdir(parents=True, exist_ok=True)
         self.jdir.mkdir(exist_ok=True)
-        arch = self.s.model.cfg
         if restore:
             self._restore()
         else:
             (self.out / "metrics.jsonl").write_text("")
-            hm0, cm0 = initial_masks(arch)
-            self.head_masks = np.stack([hm0] * self.n)
-            self.channel_masks = np.stack([cm0] * self.n)
-            self.stream = np.zeros((self.n, 2), np.int64)
-            self.last_rank = np.full(self.n, cfg.lora.rank, np.int32)
             self.clock = self.wall_clock = self.peak_memory = 0.0
             self.state, _ = self.fed.plan(self.fed.init(get_lora(self.s.model),
                                                         get_head(self.s.model)))
@@ -164,17 +160,16 @@ class Coordinator:
         self._build_payload()
         # The largest honest update is the full-rank payload; twice that is refused
         # outright (smaller mistakes get the core's precise shape error).
+        rec = self.state.devices
         full = sum(v.nbytes for v in self.state.lora.values()) + sum(
-            v.nbytes for v in self.state.head.values()) + (
-            self.head_masks[0].nbytes + self.channel_masks[0].nbytes)
+            v.nbytes for v in self.state.head.values()) + 2 * (
+            rec.head_masks[0].nbytes + rec.channel_masks[0].nbytes)
         self.max_update_bytes = 2 * int(full) + (64 << 10)
 
     # -- persistence ----------------------------------------------------------------------
 
     def _extra(self) -> dict:
-        return {"head_masks": self.head_masks, "channel_masks": self.channel_masks,
-                "stream": self.stream, "last_rank": self.last_rank,
-                "clock": np.float64(self.clock), "wall_clock": np.float64(self.wall_clock),
+        return {"clock": np.float64(self.clock), "wall_clock": np.float64(self.wall_clock),
                 "peak_memory": np.float64(self.peak_memory)}
 
     def _save(self) -> None:
@@ -186,17 +181,13 @@ class Coordinator:
 
     def _restore(self) -> None:
         state, extra, step = checkpoint.restore(self.ckdir, self.fed)
-        self.head_masks = np.asarray(extra["head_masks"], np.float32)
-        self.channel_masks = np.asarray(extra["channel_masks"], np.float32)
-        self.stream = np.asarray(extra["stream"], np.int64)
-        self.last_rank = np.asarray(extra["last_rank"], np.int32)
         self.clock = float(extra["clock"])
         self.wall_clock = float(extra.get("wall_clock", 0.0))
         self.peak_memory = float(extra["peak_memory"])
         if state.round <= self.rounds:
             state, _ = self.fed.plan(state)
         self.state = state
-        _truncate_metrics(self.out / "metrics.jsonl", state.round - 1)
+        driver.truncate_metrics(self.out / "metrics.jsonl", state.round - 1)
         replayed = 0
         for path in self.jdir.glob("*.tmp"):
             path.unlink(missing_ok=True)  # a journal write that never completed
@@ -288,13 +279,13 @@ class Coordinator:
         dl = self.cfg.federation.deadline_s
         left = max(0.0, self._opened_at + dl - now) if dl > 0 else 0.0
         rank = int(st.plan_r[i])
-        masks = list(wire.dict_chunks({"head_masks": self.head_masks[i],
-                                       "channel_masks": self.channel_masks[i]}))
+        record = wire.record_tensors(st.devices.device(i))
         payload = self._payload[rank]
+        stream = st.devices.stream[i]
         return Task(round=st.round, ratio=float(st.plan_p[i]), rank=rank,
-                    stream=(int(self.stream[i, 0]), int(self.stream[i, 1])),
-                    deadline_in_s=left, chunks=payload + masks,
-                    num_tensors=len(st.lora) + len(st.head) + 2)
+                    stream=(int(stream[0]), int(stream[1])), deadline_in_s=left,
+                    chunks=payload + list(wire.dict_chunks(record)),
+                    num_tensors=len(st.lora) + len(st.head) + len(record))
 
     def _build_payload(self) -> None:
         """Pre-serialise the round's LoRA (one per planned rank) and head."""
@@ -307,8 +298,7 @@ class Coordinator:
                 self._payload[t.rank] = list(wire.dict_chunks(
                     wire.join_payload(t.lora, t.head)))
 
-    def submit(self, u: DeviceUpdate, stream: tuple[int, int], measured: tuple[float, float]
-               ) -> bool:
+    def submit(self, u: DeviceUpdate, measured: tuple[float, float]) -> bool:
         """Validate, journal and record one update; True if it was a duplicate (a retry).
 
         Raises :class:`StaleUpdate` (wrong round) or ``UpdateRejected`` (anything else),
@@ -332,9 +322,8 @@ class Coordinator:
                 if u.round != st.round:
                     raise StaleUpdate(str(e)) from None
                 raise
-            self._check_masks(u)
             meta = {"kind": "update", "device_id": int(u.device_id), "round": int(u.round),
-                    "stream": [int(stream[0]), int(stream[1])], "digest": digest,
+                    "stream": [int(u.stream[0]), int(u.stream[1])], "digest": digest,
                     "measured": [float(measured[0]), float(measured[1])],
                     **_scalars(u)}
             self._journal(_update_arrays(u), meta)
@@ -347,23 +336,9 @@ class Coordinator:
                  len(new.updates), self.n)
         return False
 
-    def _check_masks(self, u: DeviceUpdate) -> None:
-        """Masks only gain zeros: none may revive a group the server's record has pruned
-        (``Federation.accept`` has checked their shapes and 0/1 values)."""
-        i = u.device_id
-        for name, got, before in (("head_masks", u.head_masks, self.head_masks[i]),
-                                  ("channel_masks", u.channel_masks, self.channel_masks[i])):
-            if np.any(np.asarray(got) > before):
-                raise UpdateRejected(f"{name} revives groups pruned in an earlier round "
-                                     f"(masks only gain zeros)")
-
     def _commit_update(self, new_state, u: DeviceUpdate, meta: dict) -> None:
         i = u.device_id
         self.state = new_state
-        self.head_masks[i] = u.head_masks
-        self.channel_masks[i] = u.channel_masks
-        self.stream[i] = meta["stream"]
-        self.last_rank[i] = int(self.state.plan_r[i])
         self.peak_memory = max(self.peak_memory, float(u.peak_memory_bytes))
         self._digests[i] = meta["digest"]
         self._measured[i] = tuple(meta["measured"])
@@ -382,9 +357,10 @@ class Coordinator:
         log.info("round %d: device %d sends no update (%s)", round_t, device_id, reason)
 
     def _commit_gave_up(self, meta: dict) -> None:
-        self._gave_up[meta["device_id"]] = meta["reason"]
-        if meta["reason"] == "out_of_memory" and meta["stream"] is not None:
-            self.stream[meta["device_id"]] = meta["stream"]
+        i = meta["device_id"]
+        self._gave_up[i] = meta["reason"]
+        stream = meta["stream"] if meta["reason"] == "out_of_memory" else None
+        self.state = self.fed.give_up(self.state, i, None if stream is None else tuple(stream))
 
     # -- closing rounds ---------------------------------------------------------------------
 
@@ -451,7 +427,7 @@ class Coordinator:
             from fedspine_jax.export.run import tokenizer_name
 
             self._tokenizer = load_tokenizer(tokenizer_name(self.cfg))
-        dm = device_model(self.s, self.state, self._extra(), device_id, run=self.out.name,
+        dm = device_model(self.s, self.state, device_id, run=self.out.name,
                           step=self.rounds, tokenizer=self._tokenizer)
         return export_device(dm, out, self.cfg).files
 
@@ -472,10 +448,10 @@ class Coordinator:
         acc = None
         k = self.cfg.federation.eval_every
         if (k and t % k == 0) or t == self.rounds:
-            masks = list(zip(self.head_masks, self.channel_masks))
-            acc = simulation.evaluate_devices(self.s, new, masks, self.last_rank)
+            acc = simulation.evaluate_devices(self.s, new)
         t_eval = time.perf_counter() - t1
         rewards = dict(zip(report.device_ids.tolist(), report.rewards.tolist()))
+        weights = dict(zip(report.device_ids.tolist(), report.weights.tolist()))
         lines = []
         for u in ups:
             i = u.device_id
@@ -486,6 +462,7 @@ class Coordinator:
                 "comm_time": u.comm_time_s, "waiting_time": round_time - u.completion_time_s,
                 "loss_before": u.loss_before, "loss_drop": u.loss_drop,
                 "lora_importance": u.lora_importance, "reward": rewards.get(i),
+                "aggregation_weight": simulation._finite(weights.get(i)),
                 "flops": u.flops, "peak_memory_bytes": u.peak_memory_bytes,
                 "fits_memory": True, "measured_compute_s": self._measured[i][0],
                 "measured_comm_s": self._measured[i][1],
@@ -512,9 +489,7 @@ class Coordinator:
             "overhead_s": {"accept": self._accept_s, "close": t_close, "eval": t_eval,
                            "plan": t_plan}}
         lines.append(summary)
-        with open(self.out / "metrics.jsonl", "a") as f:
-            for ln in lines:
-                f.write(json.dumps(ln) + "\n")
+        driver.append_metrics(self.out / "metrics.jsonl", lines)
         t3 = time.perf_counter()
         self._save()
         t_ckpt = time.perf_counter() - t3
@@ -534,7 +509,8 @@ def _scalars(u: DeviceUpdate) -> dict:
     """An update's scalar fields as plain Python numbers (JSON round-trips them exactly)."""
     out = {}
     for f in dataclasses.fields(u):
-        if f.name in ("lora", "head", "head_masks", "channel_masks"):
+        if f.name in ("lora", "head", "head_masks", "channel_masks", "head_importance",
+                      "channel_importance", "stream"):
             continue
         v = getattr(u, f.name)
         out[f.name] = int(v) if isinstance(v, (int, np.integer)) else float(v)
@@ -544,8 +520,8 @@ def _scalars(u: DeviceUpdate) -> dict:
 def _update_arrays(u: DeviceUpdate) -> dict:
     out = {f"lora/{k}": np.asarray(v) for k, v in u.lora.items()}
     out.update({f"head/{k}": np.asarray(v) for k, v in u.head.items()})
-    out["head_masks"], out["channel_masks"] = np.asarray(u.head_masks), np.asarray(
-        u.channel_masks)
+    for name in ("head_masks", "channel_masks", "head_importance", "channel_importance"):
+        out[name] = np.asarray(getattr(u, name))
     return out
 
 
@@ -557,25 +533,9 @@ def _read_entry(path: Path) -> tuple[str, DeviceUpdate | None, dict]:
         return meta["kind"], None, meta
     lora, head, other = wire.split_payload(arrays)
     kw = {f.name: meta[f.name] for f in dataclasses.fields(DeviceUpdate)
-          if f.name in meta}
-    u = DeviceUpdate(lora=lora, head=head, head_masks=other["head_masks"],
-                     channel_masks=other["channel_masks"], **kw)
+          if f.name in meta and f.name != "stream"}
+    u = DeviceUpdate(lora=lora, head=head, stream=tuple(meta["stream"]), **other, **kw)
     return "update", u, meta
-
-
-def _truncate_metrics(path: Path, last_round: int) -> None:
-    """Drop metric lines of rounds after the checkpoint (they will be written again)."""
-    if not path.exists():
-        return
-    keep = []
-    for ln in path.read_text().splitlines():
-        try:
-            row = json.loads(ln)
-        except json.JSONDecodeError:  # a line cut short by a killed server
-            continue
-        if row["round"] <= last_round:
-            keep.append(ln)
-    path.write_text("".join(x + "\n" for x in keep))
 
 
 __all__ = ["Coordinator", "RunDone", "StaleUpdate", "Task", "config_digest", "update_digest",

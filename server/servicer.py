@@ -119,14 +119,14 @@ class FederationServicer(pb_grpc.FederationServicer):
                           f"malformed upload: header announces {head.num_tensors} tensors, "
                           f"{len(tensors)} arrived")
         lora, headp, other = wire.split_payload(tensors)
-        unknown = sorted(set(other) - {"head_masks", "channel_masks"})
-        missing = sorted({"head_masks", "channel_masks"} - set(other))
+        want = set(wire.MASKS + wire.IMPORTANCE)
+        unknown, missing = sorted(set(other) - want), sorted(want - set(other))
         if unknown or missing:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"malformed upload: unknown tensors {unknown[:3]}, missing {missing}")
         u = DeviceUpdate(
-            device_id=dev, round=int(head.round), lora=lora, head=headp,
-            head_masks=other["head_masks"], channel_masks=other["channel_masks"],
+            device_id=dev, round=int(head.round), lora=lora, head=headp, **other,
+            stream=(int(stats.stream_epoch), int(stats.stream_position)),
             num_samples=int(stats.num_samples), loss_before=float(stats.loss_before),
             loss_after=float(stats.loss_after), lora_importance=float(stats.lora_importance),
             ratio=float(stats.ratio), compute_time_s=float(stats.compute_time_s),
@@ -134,9 +134,8 @@ class FederationServicer(pb_grpc.FederationServicer):
             peak_memory_bytes=int(stats.peak_memory_bytes),
             params_alive=int(stats.params_alive))
         try:
-            dup = self.coord.submit(u, (int(stats.stream_epoch), int(stats.stream_position)),
-                                    (float(stats.measured_compute_s),
-                                     float(stats.measured_comm_s)))
+            dup = self.coord.submit(u, (float(stats.measured_compute_s),
+                                        float(stats.measured_comm_s)))
         except StaleUpdate as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"stale update: {e}")
         except UpdateRejected as e:

@@ -162,6 +162,34 @@ def join_payload(lora: dict, head: dict, **other: np.ndarray) -> dict[str, np.nd
     return out
 
 
+MASKS = ("head_masks", "channel_masks")
+IMPORTANCE = ("head_importance", "channel_importance")
+
+
+def record_tensors(record: dict) -> dict[str, np.ndarray]:
+    """The tensors of a device's record that travel with its task: its masks, and the
+    importance it carries when it has measured one (``record["scored"]``)."""
+    names = MASKS + (IMPORTANCE if bool(record["scored"]) else ())
+    return {k: np.asarray(record[k], np.float32) for k in names}
+
+
+def record_from_tensors(other: dict) -> dict:
+    """Inverse of :func:`record_tensors` (importance None when it was not sent).
+
+    Raises:
+      WireError: masks missing, importance half sent, or unknown tensors.
+    """
+    unknown = sorted(set(other) - set(MASKS) - set(IMPORTANCE))
+    missing = sorted(set(MASKS) - set(other))
+    sent = [k in other for k in IMPORTANCE]
+    if unknown or missing or any(sent) != all(sent):
+        raise WireError(f"a device record needs {list(MASKS)} and both or none of "
+                        f"{list(IMPORTANCE)}; got {sorted(other)}")
+    out = {k: other[k] for k in MASKS}
+    out.update({k: other.get(k) for k in IMPORTANCE})
+    return out
+
+
 def channel_options(max_message_bytes: int = MESSAGE_LIMIT_BYTES) -> list[tuple[str, int]]:
     """gRPC options setting the message size limits (both ends use them)."""
     return [("grpc.max_send_message_length", max_message_bytes),

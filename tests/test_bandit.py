@@ -62,27 +62,66 @@ def test_init_is_a_pytree_of_arrays():
     assert jax.tree.structure(st3) == treedef
 
 
-def test_schedule_ranks_and_monotone_p():
+@pytest.mark.parametrize("arm_space", ["paper", "floor"])
+def test_schedule_ranks_and_monotone_p(arm_space):
+    cfg = replace(CFG, bandit={"arm_space": arm_space})
     a, rounds = A, ROUNDS
-    state, (p, r) = rollout(bandit.init(CFG, a, jax.random.key(0)), jax.random.key(1))
+    state, (p, r) = rollout(bandit.init(cfg, a, jax.random.key(0)), jax.random.key(1))
     p, r = np.asarray(p), np.asarray(r)
     assert p.dtype == np.float32 and r.dtype == np.int32 and p.shape == r.shape == (rounds, a)
-    target, t_target = CFG.pruning.target_ratio, CFG.pruning.target_round
+    target, t_target = cfg.pruning.target_ratio, cfg.pruning.target_round
     assert np.all(np.diff(p, axis=0) >= 0), "p decreased"
-    t = np.arange(1, rounds + 1)[:, None]
-    assert np.all(p >= np.float32(target) * np.minimum(t / t_target, 1) - 1e-7), "behind schedule"
-    assert np.all(p <= np.float32(target))
-    assert np.all(p[t_target - 1:] == np.float32(target)), "target not reached by target_round"
-    assert np.all(np.isin(r, CFG.lora.rank_choices))
+    assert np.all((p >= 0) & (p <= np.float32(target)))
+    if arm_space == "floor":
+        t = np.arange(1, rounds + 1)[:, None]
+        assert np.all(p >= np.float32(target) * np.minimum(t / t_target, 1) - 1e-7), \
+            "behind schedule"
+        assert np.all(p[t_target - 1:] == np.float32(target)), \
+            "target not reached by target_round"
+    assert np.all(np.isin(r, cfg.lora.rank_choices))
     assert len(np.unique(r)) > 1 and len(np.unique(p[0])) == a  # it does explore
     assert np.array_equal(state.round, np.full(a, rounds))
     assert np.array_equal(state.last_p, p[-1])
 
 
-def test_p_bounds_hold_the_draws():
-    st = bandit.init(CFG, A, jax.random.key(0))
+def test_paper_arm_space_is_previous_p_to_target_without_a_schedule():
+    """Algorithm 1's arm space [p^{t-1}, p_target]: no schedule floor, no forced target."""
+    target, t_target = CFG.pruning.target_ratio, CFG.pruning.target_round
+    assert CFG.bandit.arm_space == "paper"  # the default
+    a = 256
+    st = bandit.init(CFG, a, jax.random.key(0))
+    lo, hi = map(np.asarray, bandit.p_bounds(st))
+    np.testing.assert_array_equal(lo, 0.0)  # p^0 = 0, not the floor target / target_round
+    np.testing.assert_array_equal(hi, np.float32(target))
+    floor_lo, _ = bandit.p_bounds(bandit.init(replace(CFG, bandit={"arm_space": "floor"}), a,
+                                              jax.random.key(0)))
+    np.testing.assert_allclose(floor_lo, target / t_target, rtol=1e-6)
+    # The lower bound is exactly the previous ratio, whatever the round.
+    moved = st.replace(round=jnp.full((a,), 3 * t_target, jnp.int32),
+                       last_p=jnp.linspace(0.0, 0.6, a, dtype=jnp.float32))
+    lo, hi = map(np.asarray, bandit.p_bounds(moved))
+    np.testing.assert_array_equal(lo, np.asarray(moved.last_p))
+    np.testing.assert_array_equal(hi, np.maximum(np.float32(target), lo))
+
+    _, (p, _) = rollout(st, jax.random.key(1))
+    p = np.asarray(p)
+    prev = np.vstack([np.zeros((1, a), np.float32), p[:-1]])
+    assert np.all((prev <= p) & (p <= np.float32(target))), "p outside [p^{t-1}, target]"
+    # Round 1 draws over all of [0, target]: some arms sit at (or within 1% of) the target,
+    # others below the floor target / target_round that the "floor" arm space imposes.
+    assert p[0].max() >= 0.99 * target
+    assert p[0].min() < target / t_target
+    # Nothing forces the target by target_round: some agents are still short of it.
+    assert np.any(p[t_target - 1:] < np.float32(target))
+
+
+@pytest.mark.parametrize("arm_space", ["paper", "floor"])
+def test_p_bounds_hold_the_draws(arm_space):
+    st = bandit.init(replace(CFG, bandit={"arm_space": arm_space}), A, jax.random.key(0))
     for t in range(8):
         lo, hi = bandit.p_bounds(st)
+        if arm_space == "paper":
+            np.testing.assert_array_equal(lo, st.last_p)
         st, p, r = bandit.select(st, jax.random.key(t))
         assert np.all((lo <= p) & (p <= hi))
         expect = np.clip(lo + st.last_u * (hi - lo), lo, hi)

@@ -16,13 +16,14 @@ R, ALPHA, N = 8, 16.0, 3
 PAIRS = ("layers/0/attn/q", "layers/1/mlp/fc1")
 SHAPES = {"layers/0/attn/q": (16, 12), "layers/1/mlp/fc1": (16, 24)}
 TIERS = np.array([0, 1, 2])
+MASK_SHAPES = ((2, 3), (2, 8))
 
 
 def make_fed(strategy: str = "fedspine") -> Federation:
     cfg = from_dict({"lora": {"rank": R, "alpha": ALPHA, "rank_choices": [2, 4, 8]},
                      "pruning": {"target_ratio": 0.5, "target_round": 3},
                      "federation": {"strategy": strategy, "num_devices": N, "rounds": 6}})
-    return Federation(cfg, N, TIERS)
+    return Federation(cfg, N, TIERS, MASK_SHAPES)
 
 
 def init_state(fed: Federation) -> FederationState:
@@ -48,8 +49,11 @@ def fake_update(task: DeviceTask) -> DeviceUpdate:
               for k, v in sorted(task.lora.items())},
         head={k: (v + 0.1 * rng.normal(size=v.shape)).astype(np.float32)
               for k, v in sorted(task.head.items())},
-        head_masks=(rng.random((2, 3)) > 0.3).astype(np.float32),
-        channel_masks=(rng.random((2, 8)) > 0.3).astype(np.float32),
+        head_masks=task.record["head_masks"] * (rng.random((2, 3)) > 0.3),
+        channel_masks=task.record["channel_masks"] * (rng.random((2, 8)) > 0.3),
+        head_importance=rng.random((2, 3)).astype(np.float32),
+        channel_importance=rng.random((2, 8)).astype(np.float32),
+        stream=(int(task.round), int(rng.integers(0, 40))),
         num_samples=int(rng.integers(5, 50)), loss_before=lb,
         loss_after=lb - 0.5 * float(rng.random()), lora_importance=float(rng.random()),
         ratio=float(min(1.0, task.ratio + 0.01 * rng.random())) if task.ratio > 0 else 0.0,
@@ -85,7 +89,9 @@ def assert_states_equal(s1: FederationState, s2: FederationState) -> None:
         assert d1.keys() == d2.keys(), name
         for k in d1:
             _equal(d1[k], d2[k], f"{name}[{k}]")
-    _equal(s1.last_p, s2.last_p, "last_p")
+    for f in dataclasses.fields(s1.devices):
+        _equal(getattr(s1.devices, f.name), getattr(s2.devices, f.name), f"devices.{f.name}")
+    assert s1.skipped == s2.skipped
     for name in ("plan_p", "plan_r"):
         v1, v2 = getattr(s1, name), getattr(s2, name)
         assert (v1 is None) == (v2 is None), name

@@ -8,6 +8,8 @@ layer keeps none of either.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 
@@ -297,15 +299,14 @@ def run_dir(tmp_path_factory, shared_data, tiny_config_path):
     lora = {k: (rng.normal(size=v.shape) * 0.05).astype(np.float32)
             for k, v in get_lora(s.model).items()}
     state = s.fed.init(lora, get_head(s.model))
-    n, arch = cfg.federation.num_devices, s.model.cfg
-    hm = np.ones((n, arch.num_layers, arch.num_heads), np.float32)
-    cm = np.ones((n, arch.num_layers, arch.intermediate_size), np.float32)
+    hm, cm = state.devices.head_masks.copy(), state.devices.channel_masks.copy()
     hm[1, 0, :3] = 0
     cm[1, 1, 5:] = 0
-    extra = {"head_masks": hm, "channel_masks": cm,
-             "last_rank": np.array([8, 4, 2], np.int32)}
-    checkpoint.save(run / "checkpoints", 3, state, extra)
-    return run, s, state, extra
+    devices = dataclasses.replace(state.devices, head_masks=hm, channel_masks=cm,
+                                  rank=np.array([8, 4, 2], np.int32))
+    state = dataclasses.replace(state, devices=devices)
+    checkpoint.save(run / "checkpoints", 3, state, {})
+    return run, s, state
 
 
 def test_run_directory_works_from_anywhere(run_dir, tmp_path, monkeypatch, capsys):
@@ -324,7 +325,7 @@ def test_run_directory_works_from_anywhere(run_dir, tmp_path, monkeypatch, capsy
 def test_export_from_run_directory(run_dir, tmp_path, capsys):
     from fedspine_jax import simulation
 
-    run, s, state, extra = run_dir
+    run, s, state = run_dir
     out = tmp_path / "dev1.onnx"
     assert main(["export", str(run), "--device-id", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -334,8 +335,7 @@ def test_export_from_run_directory(run_dir, tmp_path, capsys):
     assert (src["device_id"], src["rank"], src["round"]) == (1, 4, 3)
     # the exported model is the device's local model as the simulator evaluates it
     texts = TEXTS[:4]
-    model = simulation.load_device_model(s, state, extra["head_masks"][1],
-                                         extra["channel_masks"][1], 4)
+    model = simulation.load_device_model(s, state, 1)
     feeds = _enc_inputs(pred.tokenizer, texts, pred.meta.max_len)
     ref = np.asarray(model(*[jnp.asarray(feeds[k]) for k in
                              ("input_ids", "attention_mask", "token_type_ids")]))

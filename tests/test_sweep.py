@@ -90,6 +90,7 @@ def test_planted_best_configuration_ranks_first(sweep_runs):
     assert np.ptp(learner["curves"]["r_by_type"]["agx"]) > 0
     assert len(best["curves"]["cumulative_regret"]) == SPEC["federation"]["rounds"]
     assert doc["regret_arms"]["ranks"] == [2, 4, 8] and len(doc["regret_arms"]["u"]) == 5
+    assert doc["arm_space"] == "paper"  # SPEC sets none: the default, Algorithm 1's
     table = (out / "results.md").read_text()
     assert table.count("\n| ") == 4 and "| 1 | 0.99 | 0.1 | 0.01 | 8 | log |" in table
     for png in ("regret.png", "choices.png"):
@@ -134,9 +135,10 @@ def _mean_arm(env, hw, dtype, group, mode, p, r, t):
     return y[..., 0], np.maximum(y[..., 1], 0), time
 
 
-def test_hindsight_regret_matches_a_numpy_reference():
+@pytest.mark.parametrize("arm_space", ["paper", "floor"])
+def test_hindsight_regret_matches_a_numpy_reference(arm_space):
     cfg = from_dict({"pruning": {"target_ratio": 0.5, "target_round": 5},
-                     "bandit": {"exploration": 0.01, "reward": "log"},
+                     "bandit": {"exploration": 0.01, "reward": "log", "arm_space": arm_space},
                      "devices": {"mode_redraw_every": 3}})
     env, hw = sweep_env.default_params(), sweep_env.Hardware.from_config(cfg)
     dtype = np.array([het.AGX, het.NX, het.TX2, het.TX2], np.int32)
@@ -155,7 +157,9 @@ def test_hindsight_regret_matches_a_numpy_reference():
     target, t_target = cfg.pruning.target_ratio, cfg.pruning.target_round
 
     def arm_rewards(t, last_p, uu, rr, cols):
-        lo = np.maximum(last_p, target * min(t / t_target, 1.0))
+        lo = last_p
+        if arm_space == "floor":  # the schedule floor
+            lo = np.maximum(last_p, target * min(t / t_target, 1.0))
         p = lo + uu * (np.maximum(target, lo) - lo)
         loss, imp, t_arm = _mean_arm(env, hw, dtype[cols], group[cols], mode[t - 1][cols],
                                      p, rr, t)
@@ -359,3 +363,6 @@ def test_sweep_config_file_is_valid(tiny_config_path):
     for f in spec.fleets:
         assert f.build(cfg).num_devices == cfg.federation.num_devices
     assert {pt.config(cfg).bandit.reward for pt in points} == {"log", "paper"}
+    # The shipped sweep keeps our schedule floor (the default arm space is the paper's).
+    assert cfg.bandit.arm_space == "floor"
+    assert {pt.config(cfg).bandit.arm_space for pt in points} == {"floor"}

@@ -45,24 +45,93 @@ def test_tiny_local_round_statistics_and_monotone_masks(tiny_setup):
     batches = D.Batches(train, cfg.train.batch_size, 0)
     probe = D.collate(train, np.arange(cfg.train.batch_size), cfg.train.batch_size)
     lora, head = get_lora(model), get_head(model)
-    flops, alive = [], []
-    for ratio in (0.2, 0.5, 0.5):
-        res = local_round(model, lora, head, hm, cm, ratio, batches, probe, cfg)
+    flops, alive, ratios = [], [], []
+    hi = ci = None   # no importance before the first round: it does not prune
+    for ratio in (0.2, 0.2, 0.5, 0.5):
+        res = local_round(model, lora, head, hm, cm, ratio, batches, probe, cfg,
+                          head_importance=hi, channel_importance=ci)
         # pruning only adds zeros, and reaches the ratio from above within one group
         assert np.all(res.head_masks <= hm) and np.all(res.channel_masks <= cm)
-        assert ratio - 1e-6 <= res.ratio <= ratio + 0.05
+        if hi is None:
+            assert res.ratio == 0.0 and res.head_masks.all() and res.channel_masks.all()
+        else:
+            assert ratio - 1e-6 <= res.ratio <= ratio + 0.05
         # statistics are measurements, not constants
         assert np.isfinite(res.loss_before) and np.isfinite(res.loss_after)
         assert res.loss_before != res.loss_after
         assert res.compute_time_s > 0 and res.lora_importance > 0
         assert res.peak_memory_bytes > 0 and res.flops > 0
+        # the importance to carry: measured for every kept group, zero for pruned ones
+        assert res.head_importance.shape == hm.shape
+        assert res.channel_importance.shape == cm.shape
+        assert np.all(res.head_importance[res.head_masks == 0] == 0)
+        assert np.all(res.channel_importance[res.channel_masks == 0] == 0)
+        assert res.head_importance[res.head_masks == 1].max() > 0
         # the LoRA actually changed
         assert any(not np.allclose(res.lora[k], lora[k]) for k in lora)
         flops.append(res.flops)
         alive.append(res.params_alive)
+        ratios.append(res.ratio)
         lora, head, hm, cm = res.lora, res.head, res.head_masks, res.channel_masks
-    assert flops[1] < flops[0]  # the round after pruning costs fewer FLOPs
-    assert alive[0] > alive[1] == alive[2]  # 0.5 reached in round 2, nothing more in round 3
+        hi, ci = res.head_importance, res.channel_importance
+    # the round that prunes is charged at the pruned sizes, in that same round
+    assert flops[1] < flops[0] and flops[2] < flops[1]
+    assert alive[0] > alive[1] > alive[2] == alive[3]  # 0.5 reached in round 3
+
+
+def test_a_round_prunes_with_the_carried_importance_then_trains(tiny_setup):
+    """Stage 3 before stage 4: the masks are decided by the importance carried in (not by
+    this round's training), the FLOPs charged are those of the pruned sizes, and what the
+    round returns (and the loss after) is the pruned model fine-tuned after its pruning."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fedspine_jax import pruning
+    from fedspine_jax.train import _group_params, eval_loss
+
+    cfg, task, parts, arch = tiny_setup
+    model = build_model(arch, 0)
+    hm, cm = initial_masks(arch)
+    train = task.train.take(parts[1].train_idx)
+    bs = cfg.train.batch_size
+    batches = D.Batches(train, bs, 3)
+    probe = D.collate(train, np.arange(bs), bs)
+    first = local_round(model, get_lora(model), get_head(model), hm, cm, 0.4, batches, probe,
+                        cfg)
+    # what select_masks makes of the carried importance, computed independently
+    head_params, channel_params = _group_params(arch)
+    want_h, want_c, want_ratio = pruning.select_masks(
+        jnp.asarray(first.head_importance), jnp.asarray(first.channel_importance),
+        jnp.asarray(hm), jnp.asarray(cm), 0.4, head_params=jnp.asarray(head_params),
+        channel_params=channel_params, min_heads=cfg.pruning.min_heads_per_layer,
+        min_channels=cfg.pruning.min_channels_per_layer)
+    stream = batches.state()
+    res = local_round(model, first.lora, first.head, first.head_masks, first.channel_masks,
+                      0.4, batches, probe, cfg, head_importance=first.head_importance,
+                      channel_importance=first.channel_importance)
+    np.testing.assert_array_equal(res.head_masks, np.asarray(want_h))
+    np.testing.assert_array_equal(res.channel_masks, np.asarray(want_c))
+    assert res.ratio == pytest.approx(float(want_ratio)) and res.ratio >= 0.4 - 1e-6
+    # charged compute: the FLOPs of the tau steps at the kept (pruned) sizes
+    replay = D.Batches(train, bs, 3, **stream)
+    kept_h = res.head_masks.sum(1).astype(int)
+    kept_c = res.channel_masks.sum(1).astype(int)
+    want_flops = 0.0
+    for _ in range(cfg.train.local_steps):
+        b = replay.__next__()
+        tokens = b["token_index"].shape[0] if "token_index" in b else None
+        want_flops += step_flops(arch, kept_h, kept_h, kept_c, arch.lora_rank,
+                                 *b["input_ids"].shape, tokens=tokens)
+    assert res.flops == pytest.approx(want_flops)
+    # the model left behind is the pruned, then fine-tuned one, and F after is its loss
+    from fedspine_jax.models.state import get_masks
+
+    got_h, got_c = get_masks(model)
+    np.testing.assert_array_equal(np.asarray(got_h), res.head_masks)
+    np.testing.assert_array_equal(np.asarray(got_c), res.channel_masks)
+    assert float(eval_loss(*nnx.split(model), {k: jnp.asarray(v) for k, v in probe.items()})) \
+        == pytest.approx(res.loss_after, rel=1e-6)
+    assert any(not np.allclose(res.lora[k], first.lora[k]) for k in first.lora)
 
 
 def test_step_flops_fall_with_kept_sizes():
@@ -185,6 +254,8 @@ def test_vmapped_local_rounds_equal_sequential_ones(tiny_setup, monkeypatch):
             np.testing.assert_allclose(a.head[k], b.head[k], rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(a.head_masks, b.head_masks)
         np.testing.assert_array_equal(a.channel_masks, b.channel_masks)
+        np.testing.assert_allclose(a.head_importance, b.head_importance, rtol=1e-3,
+                                   atol=1e-8)
         assert a.loss_before == pytest.approx(b.loss_before, rel=1e-5)
         assert a.loss_after == pytest.approx(b.loss_after, rel=1e-4)
         assert a.lora_importance == pytest.approx(b.lora_importance, rel=1e-3)

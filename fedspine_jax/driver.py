@@ -1,0 +1,86 @@
+"""What both transports do around a device's local round: task in, update out, metrics.
+
+Design note
+-----------
+A device's task (``federation.DeviceTask``) carries its record (masks, carried importance,
+data-stream position); :func:`device_input` turns it into the local round's input exactly
+the same way in the simulator and in a device agent, and :func:`device_update` turns the
+round's result into the ``DeviceUpdate`` the federation accepts, which in turn carries the
+device's new record. ``metrics.jsonl`` is written and repaired on resume by the same
+functions for both transports (:func:`append_metrics`, :func:`truncate_metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fedspine_jax import data
+from fedspine_jax.config import Config
+from fedspine_jax.federation import DeviceTask, DeviceUpdate
+from fedspine_jax.train import LocalRoundResult, RoundInput
+
+
+def device_input(cfg: Config, task: DeviceTask, train: data.Examples,
+                 holdout: data.Examples) -> RoundInput:
+    """The local round's input for ``task``: its plan, the global LoRA and head, its record's
+    masks and carried importance (None before its first round), its data stream from the
+    recorded position and a fixed probe batch (from its held-out examples, or its training
+    examples when it holds none out)."""
+    rec, bs = task.record, cfg.train.batch_size
+    batches = data.Batches(train, bs, cfg.federation.seed * 1000 + task.device_id,
+                           epoch=int(rec["stream"][0]), position=int(rec["stream"][1]))
+    src = holdout if len(holdout) else train
+    probe = data.collate(src, np.arange(min(len(src), bs)), bs)
+    scored = bool(rec["scored"])
+    return RoundInput(task.lora, task.head, rec["head_masks"], rec["channel_masks"],
+                      task.ratio, batches, probe,
+                      rec["head_importance"] if scored else None,
+                      rec["channel_importance"] if scored else None)
+
+
+def stream_after(inp: RoundInput) -> tuple[int, int]:
+    """(epoch, position) of the input's data stream once the round has drawn its batches."""
+    st = inp.batches.state()
+    return int(st["epoch"]), int(st["position"])
+
+
+def device_update(task: DeviceTask, inp: RoundInput, res: LocalRoundResult,
+                  num_samples: int, compute_time_s: float, comm_time_s: float
+                  ) -> DeviceUpdate:
+    """The update a device sends after its round (times: the clock the run charges)."""
+    return DeviceUpdate(
+        device_id=task.device_id, round=task.round, lora=res.lora, head=res.head,
+        head_masks=res.head_masks, channel_masks=res.channel_masks,
+        head_importance=res.head_importance, channel_importance=res.channel_importance,
+        stream=stream_after(inp), num_samples=int(num_samples),
+        loss_before=res.loss_before, loss_after=res.loss_after,
+        lora_importance=res.lora_importance, ratio=res.ratio,
+        compute_time_s=float(compute_time_s), comm_time_s=float(comm_time_s),
+        flops=res.flops, peak_memory_bytes=int(res.peak_memory_bytes),
+        params_alive=int(res.params_alive))
+
+
+def append_metrics(path: Path, rows: list[dict]) -> None:
+    """Append rows (one JSON object per line) to a run's ``metrics.jsonl``."""
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def truncate_metrics(path: Path, last_round: int) -> None:
+    """Drop metric lines of rounds after the checkpoint (they will be written again) and a
+    line cut short by a killed process."""
+    if not path.exists():
+        return
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if row["round"] <= last_round:
+            keep.append(ln)
+    path.write_text("".join(x + "\n" for x in keep))
