@@ -121,12 +121,17 @@ def load_device_model(s: Setup, state, device_id: int, shrunk: dict | None = Non
 
 
 def evaluate_devices(s: Setup, state) -> np.ndarray:
-    """(N,) test accuracy of every device's local model on the task's evaluation split."""
+    """(N,) test accuracy of every device's local model on the task's evaluation split.
+
+    The split is batched shortest first (accuracy is a mean over examples, so the order is
+    free): most batches then fit the smaller length buckets and pack fewer tokens."""
+    ex = s.task.eval
+    batches = list(data.eval_batches(ex.take(np.argsort(ex.lengths, kind="stable")), 64))
     accs = []
     shrunk = {}
     for i in range(s.fed.num_devices):
         load_device_model(s, state, i, shrunk)
-        accs.append(evaluate(s.model, data.eval_batches(s.task.eval, 64)))
+        accs.append(evaluate(s.model, batches))
     return np.asarray(accs)
 
 
@@ -437,14 +442,15 @@ def run_dir_name(method: str, seed_index: int, seed: int) -> str:
     return method if seed_index == 0 else f"{method}_seed{seed}"
 
 
-def compare_runs(cfg: Config, methods: list, out: str | Path, progress: bool = True
-                 ) -> dict:
+def compare_runs(cfg: Config, methods: list, out: str | Path, progress: bool = True,
+                 after=None) -> dict:
     """Run every method on the same config, partition and device traces.
 
     ``methods`` are names or ``(name, k)`` pairs: k seeds, ``federation.seed + j`` for
     ``j < k`` (a seed draws the data split, the device traces, the bandit's and the LoRA's
     randomness). Every method's first seed runs before any second seed, so a comparison
     stopped early has one run of every method. A run already started in ``out`` resumes.
+    ``after(run_dir)``, when given, is called as each run finishes.
     """
     out = Path(out)
     specs = [(m, 1) if isinstance(m, str) else (m[0], int(m[1])) for m in methods]
@@ -458,4 +464,6 @@ def compare_runs(cfg: Config, methods: list, out: str | Path, progress: bool = T
             started = (d / "config.yaml").is_file()
             results[d.name] = run(replace(cfg, federation={"strategy": m, "seed": seed}), d,
                                   resume=started, progress=progress)
+            if after is not None:
+                after(d)
     return results
