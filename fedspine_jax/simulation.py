@@ -3,10 +3,12 @@
 Design note
 -----------
 The simulator drives the same :class:`~fedspine_jax.federation.Federation` round as the
-gRPC server and the same local round as a device agent (``train.local_rounds``, of which
-the agent's ``local_round`` is the one-device case). All devices share one frozen model
-object (their frozen weights are identical); a device's own state is its masks and the
-position of its data stream, and the LoRA and head it receives each round. On a GPU the
+gRPC server and the same local round as a device agent (``train.local_rounds``, with the
+task turned into its input and the result into an update by ``fedspine_jax.driver``). All
+devices share one frozen model object (their frozen weights are identical); a device's own
+state is its record in the federation state (masks, the importance it carries into its next
+round, the position of its data stream, its rank), and the LoRA and head it receives each
+round. On a GPU the
 devices of one rank and size bucket train together, vmapped (``federation.device_batch``);
 on a CPU one after the other.
 Time is the simulated clock of ``heterogeneity``: a device's completion time is the FLOPs
