@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from fedspine_jax.config import load_config
-    from fedspine_jax.server.coordinator import config_digest
+    from fedspine_jax.server.wire import config_digest
 
     # The server is configured one round longer than measured and stopped once the agents
     # have seen that round's task: the final round's evaluation of every device's model

@@ -52,7 +52,6 @@ from fedspine_jax.config import Config
 from fedspine_jax.server import auth, wire
 from fedspine_jax.server import fedspine_pb2 as pb
 from fedspine_jax.server import fedspine_pb2_grpc as pb_grpc
-from fedspine_jax.server.coordinator import config_digest
 from fedspine_jax.federation import DeviceTask
 from fedspine_jax.train import local_rounds
 
@@ -105,7 +104,7 @@ class DeviceAgent:
         self.cfg, self.i, self.target, self.token = cfg, int(device_id), target, token
         self.credentials, self.server_name = credentials, server_name
         self.backoff, self.wait_s = backoff, wait_s
-        self.digest = config_digest(cfg)
+        self.digest = wire.config_digest(cfg)
         self._rng = random.Random()
         self._channel = None
         self._stub = None

@@ -46,16 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "%(default)s)")
 
 
-def _is_loopback(target: str) -> bool:
-    from fedspine_jax.server.cli import _is_loopback as loopback
-
-    return loopback(target)
-
-
 def run_cli(args) -> int:
     from fedspine_jax.config import load_config
     from fedspine_jax.device_runtime.agent import AgentError, Backoff, DeviceAgent
     from fedspine_jax.server import auth
+    from fedspine_jax.server.wire import is_loopback
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout, force=True,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -64,7 +59,7 @@ def run_cli(args) -> int:
         print("fedspine device: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
     tls = bool(args.tls_ca or args.tls_cert)
-    if not tls and not _is_loopback(args.server):
+    if not tls and not is_loopback(args.server):
         logging.getLogger("fedspine.device").warning(
             "connecting to %s WITHOUT TLS: the token and updates travel in the clear; "
             "pass --tls-ca", args.server)

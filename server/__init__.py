@@ -18,7 +18,7 @@ import importlib
 # Re-exports, imported on first use: ``codegen`` must run without the generated modules,
 # and ``fedspine --help`` should not pay for gRPC.
 _EXPORTS = {"Coordinator": "coordinator", "StaleUpdate": "coordinator",
-            "config_digest": "coordinator", "FederationServicer": "servicer",
+            "config_digest": "wire", "FederationServicer": "servicer",
             "make_server": "servicer", "Tokens": "auth", "TokenInterceptor": "auth",
             "write_tokens": "auth"}
 

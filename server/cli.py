@@ -14,7 +14,6 @@ scheduler's clock and the server's own overhead. ``--resume`` continues the run 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import signal
@@ -42,17 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "devices, then exit")
 
 
-def _is_loopback(listen: str) -> bool:
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def run_cli(args) -> int:
+    from fedspine_jax.server.wire import is_loopback
     from fedspine_jax.config import load_config
     from fedspine_jax.server import auth
 
@@ -88,7 +78,7 @@ def run_cli(args) -> int:
     creds = None
     if args.tls_cert:
         creds = auth.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
-    elif not _is_loopback(args.listen):
+    elif not is_loopback(args.listen):
         log.warning("listening on %s WITHOUT TLS: bearer tokens and updates travel in the "
                     "clear; pass --tls-cert/--tls-key", args.listen)
 

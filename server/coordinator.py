@@ -52,10 +52,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from fedspine_jax import checkpoint, driver, simulation
-from fedspine_jax.config import Config, round_dict
+from fedspine_jax.config import Config
 from fedspine_jax.federation import DeviceUpdate, UpdateRejected
 from fedspine_jax.models.state import get_head, get_lora
 from fedspine_jax.server import wire
@@ -73,13 +72,6 @@ class StaleUpdate(UpdateRejected):
 
 class RunDone(Exception):
     """The run has finished all its rounds."""
-
-
-def config_digest(cfg: Config) -> str:
-    """sha256 of the config that devices and server must share: what the rounds compute
-    with (``config.round_dict``; the data's path, the number of rounds and what the server
-    records are each machine's own)."""
-    return hashlib.sha256(yaml.safe_dump(round_dict(cfg), sort_keys=True).encode()).hexdigest()
 
 
 def update_digest(u: DeviceUpdate) -> str:
@@ -116,7 +108,7 @@ class Coordinator:
     """Drive ``cfg.federation.rounds`` rounds of the core federation for remote devices.
 
     Args:
-      cfg: the run's config (devices must use the same one; see :func:`config_digest`).
+      cfg: the run's config (devices must use the same one; see ``wire.config_digest``).
       out: run directory (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``,
         ``journal/``, ``summary.json``).
       resume: continue the run in ``out`` (its newest checkpoint and journal).
@@ -128,7 +120,7 @@ class Coordinator:
         self.jdir = self.out / "journal"
         cfg, restore = checkpoint.prepare_run_dir(self.out, cfg, resume)
         self.cfg = cfg
-        self.digest = config_digest(cfg)
+        self.digest = wire.config_digest(cfg)
         self.s = simulation.setup(cfg)
         self.fed = self.s.fed
         self.n = cfg.federation.num_devices
@@ -538,5 +530,5 @@ def _read_entry(path: Path) -> tuple[str, DeviceUpdate | None, dict]:
     return "update", u, meta
 
 
-__all__ = ["Coordinator", "RunDone", "StaleUpdate", "Task", "config_digest", "update_digest",
+__all__ = ["Coordinator", "RunDone", "StaleUpdate", "Task", "update_digest",
            "MAX_WAIT_S"]

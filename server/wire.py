@@ -9,11 +9,16 @@ short, and anything that would push the total past ``max_bytes`` (checked agains
 header's declared size before any of the tensor's bytes are read).
 
 This module is shared by the server and the device agent (it is the protocol's contract,
-beside ``fedspine.proto``).
+beside ``fedspine.proto``), with the rest of what both sides must agree on: the config
+digest a device registers with (:func:`config_digest`), which tensors of a device's record
+travel with a task and an update (:func:`record_tensors`), and what counts as a loopback
+address (:func:`is_loopback`, where plaintext is allowed).
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import math
 from typing import Iterable, Iterator
 
@@ -188,6 +193,28 @@ def record_from_tensors(other: dict) -> dict:
     out = {k: other[k] for k in MASKS}
     out.update({k: other.get(k) for k in IMPORTANCE})
     return out
+
+
+def config_digest(cfg) -> str:
+    """sha256 of the config that devices and server must share: what the rounds compute
+    with (``config.round_dict``; the data's path, the number of rounds and what the server
+    records are each machine's own)."""
+    import yaml
+
+    from fedspine_jax.config import round_dict
+
+    return hashlib.sha256(yaml.safe_dump(round_dict(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``HOST:PORT`` (or ``[v6]:PORT``) names this machine's loopback interface."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def channel_options(max_message_bytes: int = MESSAGE_LIMIT_BYTES) -> list[tuple[str, int]]:

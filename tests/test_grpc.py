@@ -32,7 +32,7 @@ from fedspine_jax.federation import Federation
 from fedspine_jax.server import auth, wire
 from fedspine_jax.server import fedspine_pb2 as pb
 from fedspine_jax.server import fedspine_pb2_grpc as pb_grpc
-from fedspine_jax.server.coordinator import config_digest
+from fedspine_jax.server.wire import config_digest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
