@@ -12,14 +12,24 @@ Both the in-process simulator and the gRPC server drive exactly this code:
     restarted server or a device that asks twice gets the same task.
 ``accept(state, update) -> state``
     validates one device's update (device id, round id, no duplicate, LoRA keys, shapes at
-    the planned rank, float32 dtype, finite values, sane statistics) and records it; a bad
-    update raises :class:`UpdateRejected` naming the problem, and the state is unchanged.
+    the planned rank, float32 dtype, finite values, sane statistics, masks that only gain
+    zeros against the device's record, finite non-negative importance) and records it; a
+    bad update raises :class:`UpdateRejected` naming the problem, and the state is
+    unchanged. ``give_up`` records a device that sends no update this round.
 ``close(state) -> (state, report)``
     needs a quorum of the planned devices (``federation.quorum``; the transport decides
     when a deadline forces a close with fewer). It aggregates what arrived (Eq. 15-16 or the
     strategy's aggregator), computes the rewards of Eq. 3 from the reported loss drops,
     pruning steps, LoRA importances and completion times, updates the bandit agents of the
     devices that reported (the others keep their statistics) and advances the round.
+
+Per-device records (:class:`DeviceRecords`: masks, the Eq. 12 importance a device carries
+into its next round, data-stream position, rank, pruning ratio) are part of the state: a
+task carries its device's record, ``close`` replaces the records of the devices whose
+updates it took, so the state (one checkpoint) is all a resumed run or a restarted device
+agent needs. Planning reads them: a device prunes in round t with the importance of its
+round t-1, so one without importance yet (before its first accepted round) is planned no
+further pruning.
 
 States are immutable (frozen dataclasses of numpy arrays); every transition returns a new
 one. The global LoRA is held at rank R with the layers' scaling ``alpha / R``; updates

@@ -284,3 +284,18 @@ def test_cli_compare_ends_with_the_table_and_what_next(tmp_path, monkeypatch, ca
     assert "accuracy_vs_time.png" in printed and (out / "accuracy_vs_time.png").is_file()
     assert printed.rstrip().splitlines()[-3] == "next:"
     assert f"fedspine report {out}" in printed
+
+
+def test_method_specs_name_seeds_per_method():
+    from fedspine_jax.config import ConfigError
+    from fedspine_jax.simulation import COMPARE_METHODS, method_specs, run_dir_name
+
+    assert method_specs("fedspine:3,hetlora,ablations") == [
+        ("fedspine", 3), ("hetlora", 1), ("fedspine_no_ap", 1), ("fedspine_no_at", 1)]
+    assert method_specs(None) == [(m, 1) for m in COMPARE_METHODS]
+    assert run_dir_name("fedspine", 0, 5) == "fedspine"
+    assert run_dir_name("fedspine", 2, 7) == "fedspine_seed7"
+    for bad, word in (("fedspin", "unknown method"), ("fedspine:0", "seed count"),
+                      ("hetlora:x", "seed count")):
+        with pytest.raises(ConfigError, match=word):
+            method_specs(bad)
