@@ -5,7 +5,9 @@ below into a work directory (default ``runs/sst2_paper_regime``, git-ignored: it
 checkpoints), resuming whatever is already there, and after every finished run publishes the
 comparison so far into ``benchmarks/results/sst2_paper_regime/``: ``comparison.json`` /
 ``comparison.md``, the plots, and each run's ``config.yaml``, ``metrics.jsonl`` and
-``summary.json`` under ``runs/``. Stopped at any point, rerun the same command to continue.
+``summary.json`` under ``runs/``. Then the sensitivity run (paper Fig. 2c's narrower device
+spread, ``devices.spread=narrow``: FedSpine and HETLoRA, one seed each) into ``narrow/`` of
+both directories. Stopped at any point, rerun the same command to continue.
 
     python benchmarks/paper_regime.py [--work DIR] [--set SECTION.KEY=VALUE ...]
 
@@ -25,6 +27,7 @@ from fedspine_jax.config import load_config
 # FedSpine (paper settings and our tuned S-UCB) and HETLoRA with 3 seeds, the rest with 1.
 METHODS = ("fedspine:3,fedspine_tuned,hetlora:3,fedlora_prune,llmpruner_fedlora,fedapt,"
            "fedspine_no_ap,fedspine_no_at")
+SENSITIVITY = "fedspine,hetlora"
 RESULTS = Path(__file__).resolve().parent / "results" / "sst2_paper_regime"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
 
@@ -54,6 +57,10 @@ def main() -> None:
         cfg = load_config("sst2_paper_regime", args.overrides)
         simulation.compare_runs(cfg, simulation.method_specs(args.methods), work,
                                 progress=False, after=lambda _: publish(work))
+        narrow = load_config("sst2_paper_regime", [*args.overrides, "devices.spread=narrow"])
+        simulation.compare_runs(narrow, simulation.method_specs(SENSITIVITY), work / "narrow",
+                                progress=False,
+                                after=lambda _: publish(work / "narrow", RESULTS / "narrow"))
     print(json.dumps(publish(work), indent=2))
 
 

@@ -568,7 +568,10 @@ def test_bad_updates_refused_state_unchanged(tls_server, tokens_dir):
     h1, t1 = clients[1].fetch(1)
     pruned = t1["head_masks"].copy()
     pruned[0, 0] = 0.0  # device 1 prunes a head this round
-    assert not clients[1].upload(stand_in_update(1, h1, t1, head_masks=pruned)).duplicate
+    assert "head_importance" not in t1   # round 1: no importance measured yet
+    imp_h = np.random.default_rng(1).random(t1["head_masks"].shape).astype(np.float32)
+    assert not clients[1].upload(stand_in_update(1, h1, t1, head_masks=pruned,
+                                                 head_importance=imp_h)).duplicate
     h, t = c0.fetch(0, wait_s=60)
     assert h.status == pb.READY and h.round == 2
     for i, frames in ((2, stand_in_update(2, h2, t2)), (0, good)):
@@ -578,9 +581,13 @@ def test_bad_updates_refused_state_unchanged(tls_server, tokens_dir):
         assert "stale" in e.value.details() and "collecting round 2" in e.value.details()
     # the server's record of device 1's masks travels with its next task, and an update
     # that revives the pruned head is refused
+    # with the importance it measured: an agent keeps nothing between rounds, so a restarted
+    # one (this fetch is a new task) prunes its round 2 with its round-1 importance
     h1, t1 = clients[1].fetch(1)
     assert h1.round == 2 and t1["head_masks"][0, 0] == 0.0
     assert t1["head_masks"].sum() == t["head_masks"].sum() - 1
+    np.testing.assert_array_equal(t1["head_importance"], imp_h)
+    assert not t["head_importance"].any()   # device 0's stand-in update reported zeros
     with pytest.raises(grpc.RpcError) as e:
         clients[1].upload(stand_in_update(1, h1, t1, head_masks=np.ones_like(pruned)))
     assert e.value.code() == INVALID and "revives" in e.value.details()
