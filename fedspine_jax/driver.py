@@ -7,7 +7,8 @@ data-stream position); :func:`device_input` turns it into the local round's inpu
 the same way in the simulator and in a device agent, and :func:`device_update` turns the
 round's result into the ``DeviceUpdate`` the federation accepts, which in turn carries the
 device's new record. ``metrics.jsonl`` is written and repaired on resume by the same
-functions for both transports (:func:`append_metrics`, :func:`truncate_metrics`).
+functions for both transports (:func:`device_rows`, :func:`append_metrics`,
+:func:`truncate_metrics`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from fedspine_jax import data
 from fedspine_jax.config import Config
-from fedspine_jax.federation import DeviceTask, DeviceUpdate
+from fedspine_jax.federation import DeviceTask, DeviceUpdate, RoundReport
 from fedspine_jax.train import LocalRoundResult, RoundInput
 
 
@@ -61,6 +62,46 @@ def device_update(task: DeviceTask, inp: RoundInput, res: LocalRoundResult,
         compute_time_s=float(compute_time_s), comm_time_s=float(comm_time_s),
         flops=res.flops, peak_memory_bytes=int(res.peak_memory_bytes),
         params_alive=int(res.params_alive))
+
+
+def device_rows(updates: list[DeviceUpdate], report: RoundReport, device_types,
+                round_time: float, accuracy=None, fits_memory=None, measured=None
+                ) -> list[dict]:
+    """``metrics.jsonl``'s device lines of a closed round, one per update (both transports).
+
+    Args:
+      updates: the round's updates, in the order to write (the simulator passes those of
+        devices that ran out of memory too, with ``fits_memory`` False for them).
+      report: the round's :class:`~fedspine_jax.federation.RoundReport` (plan, rewards,
+        aggregation weights).
+      device_types: (N,) type names; round_time: the round's length (simulated clock).
+      accuracy: (N,) the devices' accuracies when the round was evaluated, else None.
+      fits_memory: (N,) bools, default all True.
+      measured: ``{device: {name: seconds}}`` wall-clock measurements to add to a line.
+    """
+    rewards = dict(zip(report.device_ids.tolist(), report.rewards.tolist()))
+    weights = dict(zip(report.device_ids.tolist(), report.weights.tolist()))
+    rows = []
+    for u in updates:
+        i = u.device_id
+        rows.append({
+            "round": report.round, "device": i, "device_type": device_types[i],
+            "p": float(report.p[i]), "r": int(report.r[i]), "ratio": u.ratio,
+            "completion_time": u.completion_time_s, "compute_time": u.compute_time_s,
+            "comm_time": u.comm_time_s, "waiting_time": round_time - u.completion_time_s,
+            "loss_before": u.loss_before, "loss_drop": u.loss_drop,
+            "lora_importance": u.lora_importance, "reward": rewards.get(i),
+            "aggregation_weight": _finite(weights.get(i)), "flops": u.flops,
+            "peak_memory_bytes": u.peak_memory_bytes,
+            "fits_memory": True if fits_memory is None else bool(fits_memory[i]),
+            **(measured or {}).get(i, {}),
+            "accuracy": None if accuracy is None else float(accuracy[i])})
+    return rows
+
+
+def _finite(x):
+    """``x`` as a float, or None when missing or not finite (JSON has no NaN)."""
+    return None if x is None or not np.isfinite(x) else float(x)
 
 
 def append_metrics(path: Path, rows: list[dict]) -> None:

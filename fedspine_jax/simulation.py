@@ -256,12 +256,14 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
         times = heterogeneity.completion_time(s.fleet, t - 1, flops, lora_bytes, lora_bytes)
         fits = heterogeneity.fits_memory(s.fleet, mem_need)
         times = heterogeneity.apply_memory_policy(times, fits, cfg.federation.deadline_s)
-        for i, (task, inp, res) in enumerate(zip(tasks, inputs, results)):
+        updates = [driver.device_update(task, inp, res, len(examples[i][0]), times.comp[i],
+                                        times.comm[i])
+                   for i, (task, inp, res) in enumerate(zip(tasks, inputs, results))]
+        for i, (inp, upd) in enumerate(zip(inputs, updates)):
             if not fits[i]:  # out of memory: no update (design note); its batches are drawn
                 state = s.fed.give_up(state, i, driver.stream_after(inp))
                 continue
-            state = s.fed.accept(state, driver.device_update(
-                task, inp, res, len(examples[i][0]), times.comp[i], times.comm[i]))
+            state = s.fed.accept(state, upd)
         state, report = s.fed.close(state, force=True)
         round_time = float(np.max(times.total))
         clock += round_time
@@ -270,22 +272,9 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
         k = cfg.federation.eval_every
         if (k and t % k == 0) or t == rounds:
             acc = evaluate_devices(s, state)
-        rewards = dict(zip(report.device_ids.tolist(), report.rewards.tolist()))
-        weights = dict(zip(report.device_ids.tolist(), report.weights.tolist()))
-        lines = []
-        for i, res in enumerate(results):
-            lines.append({
-                "round": t, "device": i, "device_type": s.fleet.type_names[i],
-                "p": float(report.p[i]), "r": int(report.r[i]), "ratio": res.ratio,
-                "completion_time": float(times.total[i]), "compute_time": float(times.comp[i]),
-                "comm_time": float(times.comm[i]),
-                "waiting_time": round_time - float(times.total[i]),
-                "loss_before": res.loss_before, "loss_drop": res.loss_drop,
-                "lora_importance": res.lora_importance, "reward": rewards.get(i),
-                "aggregation_weight": _finite(weights.get(i)),
-                "flops": res.flops, "peak_memory_bytes": res.peak_memory_bytes,
-                "fits_memory": bool(fits[i]), "measured_compute_s": res.compute_time_s,
-                "accuracy": None if acc is None else float(acc[i])})
+        lines = driver.device_rows(
+            updates, report, s.fleet.type_names, round_time, acc, fits,
+            {i: {"measured_compute_s": r.compute_time_s} for i, r in enumerate(results)})
         lines.append({"round": t, "summary": True, "clock": clock, "round_time": round_time,
                       "waiting_time": float(heterogeneity.waiting_time(times.total)),
                       "mean_sparsity": float(np.mean([ln["ratio"] for ln in lines])),
@@ -303,11 +292,6 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
     summary["inference"] = inference_cost(s, state)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _finite(x):
-    """``x`` as a float, or None when missing or not finite (JSON has no NaN)."""
-    return None if x is None or not np.isfinite(x) else float(x)
 
 
 def summarize(out: Path, cfg: Config) -> dict:

@@ -442,23 +442,10 @@ class Coordinator:
         if (k and t % k == 0) or t == self.rounds:
             acc = simulation.evaluate_devices(self.s, new)
         t_eval = time.perf_counter() - t1
-        rewards = dict(zip(report.device_ids.tolist(), report.rewards.tolist()))
-        weights = dict(zip(report.device_ids.tolist(), report.weights.tolist()))
-        lines = []
-        for u in ups:
-            i = u.device_id
-            lines.append({
-                "round": t, "device": i, "device_type": self.s.fleet.type_names[i],
-                "p": float(report.p[i]), "r": int(report.r[i]), "ratio": u.ratio,
-                "completion_time": u.completion_time_s, "compute_time": u.compute_time_s,
-                "comm_time": u.comm_time_s, "waiting_time": round_time - u.completion_time_s,
-                "loss_before": u.loss_before, "loss_drop": u.loss_drop,
-                "lora_importance": u.lora_importance, "reward": rewards.get(i),
-                "aggregation_weight": simulation._finite(weights.get(i)),
-                "flops": u.flops, "peak_memory_bytes": u.peak_memory_bytes,
-                "fits_memory": True, "measured_compute_s": self._measured[i][0],
-                "measured_comm_s": self._measured[i][1],
-                "accuracy": None if acc is None else float(acc[i])})
+        lines = driver.device_rows(
+            ups, report, self.s.fleet.type_names, round_time, acc,
+            measured={i: {"measured_compute_s": m[0], "measured_comm_s": m[1]}
+                      for i, m in self._measured.items()})
         for i, why_not in sorted(self._gave_up.items()):
             lines.append({"round": t, "device": i, "device_type": self.s.fleet.type_names[i],
                           "p": float(report.p[i]), "r": int(report.r[i]), "ratio": None,
