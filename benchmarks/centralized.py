@@ -6,7 +6,7 @@ and without the federation's non-IID split.
 
 What runs:
 
-* ``simulation.setup(cfg)`` builds everything exactly as ``fedspine simulate`` does: the
+* ``experiment.setup(cfg)`` builds everything exactly as ``fedspine simulate`` does: the
   model of ``cfg.model`` with LoRA adapters at the global rank ``cfg.lora.rank`` (alpha
   ``cfg.lora.alpha``, the same initialisation and task head), the tokenised task and the
   Dirichlet partition over ``cfg.federation.num_devices`` devices.
@@ -67,10 +67,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fedspine_jax import data, simulation, train
+from fedspine_jax import data, experiment, train
 from fedspine_jax.config import load_config
 
-EVAL_BATCH = 64  # as simulation.evaluate_devices
+EVAL_BATCH = 64  # as experiment.evaluate_devices
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "tx"),
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
                   if args.eval_every is None else args.eval_every)
     if steps < 1:
         ap.error(f"--steps={steps}: must be >= 1")
-    s = simulation.setup(cfg)
+    s = experiment.setup(cfg)
     train_idx = np.sort(np.concatenate([d.train_idx for d in s.devices]))
     train_ex = s.task.train.take(train_idx)
     eval_ex = s.task.eval

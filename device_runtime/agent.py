@@ -3,7 +3,7 @@
 Design note
 -----------
 The agent is the remote twin of one device of ``fedspine_jax.simulation``: it builds the
-run's model and its own data partition with ``simulation.setup`` (device ``i`` gets
+run's model and its own data partition with ``experiment.setup`` (device ``i`` gets
 partition ``i``), and every round calls the same ``train.local_round`` with the same
 inputs the simulator would use -- the task's LoRA (already shrunk to r_i by the server's
 ``Federation.plan``), head, pruning ratio, the device's masks and the position of its
@@ -47,7 +47,7 @@ from pathlib import Path
 
 import grpc
 
-from fedspine_jax import driver, heterogeneity, simulation
+from fedspine_jax import driver, experiment, heterogeneity
 from fedspine_jax.config import Config
 from fedspine_jax.server import auth, wire
 from fedspine_jax.server import fedspine_pb2 as pb
@@ -205,8 +205,8 @@ class DeviceAgent:
             pass
 
     def setup(self) -> None:
-        """Build the model, the fleet and this device's data (``simulation.setup``)."""
-        self.s = simulation.setup(self.cfg)
+        """Build the model, the fleet and this device's data (``experiment.setup``)."""
+        self.s = experiment.setup(self.cfg)
         d = self.s.devices[self.i]
         self.train_ex = self.s.task.train.take(d.train_idx)
         self.hold_ex = self.s.task.train.take(d.holdout_idx)
@@ -230,7 +230,7 @@ class DeviceAgent:
         stream = driver.stream_after(inp)
         sim = None
         if cfg.federation.simulated_clock:
-            nbytes = int(sum(v.size for v in lora.values())) * simulation.BYTES_PER_PARAM
+            nbytes = experiment.lora_bytes(lora)
             times = heterogeneity.completion_time(self.s.fleet, t - 1, res.flops, nbytes,
                                                   nbytes)
             if not heterogeneity.fits_memory(self.s.fleet, res.peak_memory_bytes)[i]:

@@ -1,10 +1,10 @@
 """A device's model from a run (simulation or gRPC server) and its export.
 
-A device's local model is what ``simulation.evaluate_devices`` evaluates: the run's
+A device's local model is what ``experiment.evaluate_devices`` evaluates: the run's
 frozen model with the device's masks, the global LoRA shrunk to the device's last rank and
 the global head. :func:`load_run` + :func:`device_model` rebuild it from a run directory with the
-simulator's own code (``simulation.setup`` for the model, tokenizer and data,
-``checkpoint.restore`` for the state, ``simulation.load_device_model`` for the device),
+simulator's own code (``experiment.setup`` for the model, tokenizer and data,
+``checkpoint.restore`` for the state, ``experiment.load_device_model`` for the device),
 so an exported model is exactly the model the run reported on. The verification inputs
 are the first examples of the task's evaluation split, tokenised as in training.
 """
@@ -15,7 +15,7 @@ import dataclasses
 from pathlib import Path
 
 
-from fedspine_jax import checkpoint, simulation
+from fedspine_jax import checkpoint, experiment
 from fedspine_jax.config import Config, load_config
 from fedspine_jax.export.onnx_export import ExportError, ExportResult, examples_sample, \
     export_model
@@ -41,11 +41,11 @@ class DeviceModel:
 
 
 def tokenizer_name(cfg: Config) -> str:
-    """The tokenizer a run uses (as ``simulation.setup`` picks it)."""
+    """The tokenizer a run uses (as ``experiment.setup`` picks it)."""
     return cfg.model.tokenizer if cfg.model.source == "random" else cfg.model.source
 
 
-def load_run(run_dir: str | Path, overrides=()) -> tuple[Config, simulation.Setup, object,
+def load_run(run_dir: str | Path, overrides=()) -> tuple[Config, experiment.Setup, object,
                                                          dict, int]:
     """(config, setup, state, extra, step) of a run directory's newest checkpoint.
 
@@ -59,12 +59,12 @@ def load_run(run_dir: str | Path, overrides=()) -> tuple[Config, simulation.Setu
     cfg = load_config(run / "config.yaml", list(overrides))
     if not checkpoint.steps(run / "checkpoints"):
         raise ExportError(f"run {str(run)!r} has no checkpoint yet (checkpoints/round_*)")
-    s = simulation.setup(cfg)
+    s = experiment.setup(cfg)
     state, extra, step = checkpoint.restore(run / "checkpoints", s.fed)
     return cfg, s, state, extra, step
 
 
-def device_model(s: simulation.Setup, state, device_id: int, *, run: str = "",
+def device_model(s: experiment.Setup, state, device_id: int, *, run: str = "",
                  step: int | None = None, tokenizer=None) -> DeviceModel:
     """Device ``device_id``'s local model from a setup and a federation state (its record's
     masks, the global LoRA shrunk to its last rank, the global head)."""
@@ -72,7 +72,7 @@ def device_model(s: simulation.Setup, state, device_id: int, *, run: str = "",
     if not 0 <= int(device_id) < n:
         raise ExportError(f"device id {device_id} outside 0..{n - 1} (the run has {n} devices)")
     i = int(device_id)
-    model = simulation.load_device_model(s, state, i)
+    model = experiment.load_device_model(s, state, i)
     if tokenizer is None:
         from fedspine_jax.models import load_tokenizer
 

@@ -125,3 +125,25 @@ def truncate_metrics(path: Path, last_round: int) -> None:
         if row["round"] <= last_round:
             keep.append(ln)
     path.write_text("".join(x + "\n" for x in keep))
+
+
+def summarize(out: Path, cfg: Config) -> dict:
+    """Summary figures of a run from its ``metrics.jsonl`` (both transports)."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    rounds = [r for r in rows if r.get("summary")]
+    evals = [r for r in rounds if r["accuracy"] is not None]
+    target = cfg.federation.target_accuracy
+    hit = next((r for r in evals if target and r["accuracy"] >= target), None)
+    devs = [r for r in rows if not r.get("summary")]
+    return {
+        "method": cfg.federation.strategy, "seed": cfg.federation.seed, "rounds": len(rounds),
+        "final_accuracy": evals[-1]["accuracy"] if evals else None,
+        "final_sparsity": rounds[-1]["mean_sparsity"] if rounds else None,
+        "simulated_time_s": rounds[-1]["clock"] if rounds else 0.0,
+        "target_accuracy": target or None,
+        "time_to_target_s": hit["clock"] if hit else None,
+        "mean_waiting_time_s": float(np.mean([r["waiting_time"] for r in rounds])) if rounds
+        else None,
+        "training_peak_memory_bytes": max((r["peak_memory_bytes"] for r in devs
+                                           if r["fits_memory"]), default=None),
+    }

@@ -27,7 +27,6 @@ checkpoint and ends in the same state as an uninterrupted run.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -36,110 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedspine_jax import checkpoint, data, driver, heterogeneity
+from fedspine_jax import checkpoint, driver, heterogeneity
 from fedspine_jax.config import Config, load_config, replace
-from fedspine_jax.federation import Federation
-from fedspine_jax.models import ArchConfig, build_model, load_pretrained, load_tokenizer
+from fedspine_jax.experiment import (Setup, device_examples, evaluate_devices, lora_bytes,
+                                     setup)
 from fedspine_jax.models.compaction import compact
 from fedspine_jax.models.state import get_head, get_lora, set_head, set_lora, set_masks
-from fedspine_jax.train import evaluate, local_rounds
-
-BYTES_PER_PARAM = 4  # LoRA factors travel as float32
-
-
-@dataclasses.dataclass
-class Setup:
-    """Everything a run needs that is derived from the config (not checkpointed)."""
-    cfg: Config
-    model: object
-    task: data.TaskData
-    devices: list
-    fleet: heterogeneity.Fleet
-    fed: Federation
-
-
-def build_model_for(cfg: Config, num_labels: int | None):
-    """The model of ``cfg.model`` with ``cfg.lora`` adapters at the global rank."""
-    m = cfg.model
-    targets = cfg.lora.targets
-    if m.source == "random":
-        heads = m.num_heads
-        arch = ArchConfig(
-            arch=m.arch, vocab_size=m.vocab_size, hidden_size=m.hidden_size,
-            num_layers=m.num_layers, num_heads=heads,
-            num_kv_heads=m.num_kv_heads if m.arch == "llama" else heads,
-            head_dim=m.hidden_size // heads, intermediate_size=m.intermediate_size,
-            max_positions=m.max_positions, type_vocab_size=1 if m.arch == "roberta" else 2,
-            rope_theta=m.rope_theta, pad_token_id=1 if m.arch == "roberta" else 0,
-            num_labels=num_labels or 0, lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
-            lora_targets=tuple(targets), lora_init_std=cfg.lora.init_std,
-            norm_eps=1e-6 if m.arch == "llama" else 1e-12)
-        return build_model(arch, m.seed)
-    model, _ = load_pretrained(m.source, num_labels=num_labels, lora_rank=cfg.lora.rank,
-                               lora_alpha=cfg.lora.alpha, lora_targets=tuple(targets),
-                               seed=m.seed, with_tokenizer=False)
-    return model
-
-
-def setup(cfg: Config) -> Setup:
-    """Load model, data, partition and fleet for a run (deterministic from the config)."""
-    tokenizer = load_tokenizer(cfg.model.tokenizer if cfg.model.source == "random"
-                               else cfg.model.source)
-    task = data.load_task(cfg.data, tokenizer, cfg.federation.seed)
-    model = build_model_for(cfg, task.num_labels)
-    n = cfg.federation.num_devices
-    devices = data.partition(task, n, cfg.data, cfg.federation.seed)
-    fleet = heterogeneity.build_fleet(cfg)
-    # capability tier: 0 = strongest type (AGX), used by HETLoRA's rank policy
-    tiers = (heterogeneity.AGX - np.asarray(fleet.device_type)).astype(int)
-    arch = model.cfg
-    shapes = ((arch.num_layers, arch.num_heads), (arch.num_layers, arch.intermediate_size))
-    return Setup(cfg, model, task, devices, fleet, Federation(cfg, n, tiers, shapes))
-
-
-def _device_examples(s: Setup, i: int) -> tuple[data.Examples, data.Examples]:
-    d = s.devices[i]
-    return s.task.train.take(d.train_idx), s.task.train.take(d.holdout_idx)
-
-
-def load_device_model(s: Setup, state, device_id: int, shrunk: dict | None = None):
-    """Put device ``device_id``'s local model into ``s.model`` (in place) and return it.
-
-    The local model is the device's masks from its record, the global LoRA shrunk to the
-    rank of its last round and the global head. ``shrunk`` caches the shrunk LoRA per rank
-    across calls. Used by :func:`evaluate_devices` and by the exporter
-    (``fedspine export RUN_DIR --device-id I``).
-    """
-    rec = state.devices
-    r = int(rec.rank[device_id])
-    shrunk = {} if shrunk is None else shrunk
-    if r not in shrunk:
-        shrunk[r] = s.fed.shrink(state.lora, r)
-    set_lora(s.model, shrunk[r])
-    if state.head:
-        set_head(s.model, state.head)
-    set_masks(s.model, rec.head_masks[device_id], rec.channel_masks[device_id])
-    return s.model
-
-
-def evaluate_devices(s: Setup, state) -> np.ndarray:
-    """(N,) test accuracy of every device's local model on the task's evaluation split.
-
-    The split is batched shortest first (accuracy is a mean over examples, so the order is
-    free): most batches then fit the smaller length buckets and pack fewer tokens."""
-    ex = s.task.eval
-    batches = list(data.eval_batches(ex.take(np.argsort(ex.lengths, kind="stable")), 64))
-    accs = []
-    shrunk = {}
-    for i in range(s.fed.num_devices):
-        load_device_model(s, state, i, shrunk)
-        accs.append(evaluate(s.model, batches))
-    return np.asarray(accs)
-
-
-def _lora_bytes(lora: dict) -> int:
-    return int(sum(v.size for v in lora.values())) * BYTES_PER_PARAM
-
+from fedspine_jax.train import local_rounds
 
 def inference_cost(s: Setup, state, batch: int = 32, repeats: int = 5) -> dict:
     """Latency (s) and weight + activation memory (bytes) of the final pruned models,
@@ -240,7 +142,7 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
         state = s.fed.init(get_lora(s.model), get_head(s.model))
         clock, peak_mem = 0.0, 0.0
         (out / "metrics.jsonl").write_text("")
-    examples = [_device_examples(s, i) for i in range(n)]
+    examples = [device_examples(s, i) for i in range(n)]
     bar = Progress(rounds, state.round - 1) if progress else None
     criterion = s.fed.strategy.criterion
     device_batch = devices_per_batch(cfg)
@@ -252,8 +154,8 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
                                max_batch=device_batch)
         flops = np.array([r.flops for r in results])
         mem_need = np.array([r.peak_memory_bytes for r in results], np.float64)
-        lora_bytes = np.array([_lora_bytes(task.lora) for task in tasks])
-        times = heterogeneity.completion_time(s.fleet, t - 1, flops, lora_bytes, lora_bytes)
+        payload = np.array([lora_bytes(task.lora) for task in tasks])
+        times = heterogeneity.completion_time(s.fleet, t - 1, flops, payload, payload)
         fits = heterogeneity.fits_memory(s.fleet, mem_need)
         times = heterogeneity.apply_memory_policy(times, fits, cfg.federation.deadline_s)
         updates = [driver.device_update(task, inp, res, len(examples[i][0]), times.comp[i],
@@ -287,33 +189,11 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
                            f"{acc.mean():.3f}", sparsity=f"{lines[-1]['mean_sparsity']:.2f}")
     if bar is not None:
         bar.close()
-    summary = summarize(out, cfg)
+    summary = driver.summarize(out, cfg)
     summary["eval_samples"] = len(s.task.eval)
     summary["inference"] = inference_cost(s, state)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def summarize(out: Path, cfg: Config) -> dict:
-    """Summary figures of a run from its metrics.jsonl."""
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
-    rounds = [r for r in rows if r.get("summary")]
-    evals = [r for r in rounds if r["accuracy"] is not None]
-    target = cfg.federation.target_accuracy
-    hit = next((r for r in evals if target and r["accuracy"] >= target), None)
-    devs = [r for r in rows if not r.get("summary")]
-    return {
-        "method": cfg.federation.strategy, "seed": cfg.federation.seed, "rounds": len(rounds),
-        "final_accuracy": evals[-1]["accuracy"] if evals else None,
-        "final_sparsity": rounds[-1]["mean_sparsity"] if rounds else None,
-        "simulated_time_s": rounds[-1]["clock"] if rounds else 0.0,
-        "target_accuracy": target or None,
-        "time_to_target_s": hit["clock"] if hit else None,
-        "mean_waiting_time_s": float(np.mean([r["waiting_time"] for r in rounds])) if rounds
-        else None,
-        "training_peak_memory_bytes": max((r["peak_memory_bytes"] for r in devs
-                                           if r["fits_memory"]), default=None),
-    }
 
 
 # ---------------------------------------------------------------------------------------

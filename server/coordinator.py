@@ -36,7 +36,7 @@ adds is what a network needs and a simulator does not:
 
 Everything else -- metrics lines compatible with the simulator's (``fedspine report``
 reads both; written with ``fedspine_jax.driver``), evaluation of the devices' models every
-``federation.eval_every`` rounds -- reuses ``fedspine_jax.simulation``; the devices' final models are exported for
+``federation.eval_every`` rounds -- reuses ``fedspine_jax.experiment``; the devices' final models are exported for
 ``FetchModel`` with ``fedspine_jax.export`` (``server.models``).
 """
 
@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedspine_jax import checkpoint, driver, simulation
+from fedspine_jax import checkpoint, driver, experiment
 from fedspine_jax.config import Config
 from fedspine_jax.federation import DeviceUpdate, UpdateRejected
 from fedspine_jax.models.state import get_head, get_lora
@@ -121,7 +121,7 @@ class Coordinator:
         cfg, restore = checkpoint.prepare_run_dir(self.out, cfg, resume)
         self.cfg = cfg
         self.digest = wire.config_digest(cfg)
-        self.s = simulation.setup(cfg)
+        self.s = experiment.setup(cfg)
         self.fed = self.s.fed
         self.n = cfg.federation.num_devices
         self.rounds = cfg.federation.rounds
@@ -406,7 +406,7 @@ class Coordinator:
                 self._cv.wait(min(left, 0.5))  # model fetches do not notify this condition
         if not self.done:
             return None
-        summary = simulation.summarize(self.out, self.cfg)
+        summary = driver.summarize(self.out, self.cfg)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
@@ -440,7 +440,7 @@ class Coordinator:
         acc = None
         k = self.cfg.federation.eval_every
         if (k and t % k == 0) or t == self.rounds:
-            acc = simulation.evaluate_devices(self.s, new)
+            acc = experiment.evaluate_devices(self.s, new)
         t_eval = time.perf_counter() - t1
         lines = driver.device_rows(
             ups, report, self.s.fleet.type_names, round_time, acc,

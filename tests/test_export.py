@@ -282,7 +282,7 @@ def test_tensorrt_engine_matches_onnxruntime(enc_export, dec_export, tmp_path):
 def run_dir(tmp_path_factory, shared_data, tiny_config_path):
     """A run directory as `fedspine simulate` leaves it (config + checkpoint), with device
     1 pruned and a trained-looking LoRA, written without running the rounds."""
-    from fedspine_jax import checkpoint, simulation
+    from fedspine_jax import checkpoint, experiment
     from fedspine_jax.config import dump_config, load_config
     from fedspine_jax.models.state import get_head, get_lora
 
@@ -294,7 +294,7 @@ def run_dir(tmp_path_factory, shared_data, tiny_config_path):
     finally:
         os.chdir(here)
     dump_config(cfg, run / "config.yaml")
-    s = simulation.setup(cfg)
+    s = experiment.setup(cfg)
     rng = np.random.default_rng(1)
     lora = {k: (rng.normal(size=v.shape) * 0.05).astype(np.float32)
             for k, v in get_lora(s.model).items()}
@@ -323,7 +323,7 @@ def test_run_directory_works_from_anywhere(run_dir, tmp_path, monkeypatch, capsy
 
 
 def test_export_from_run_directory(run_dir, tmp_path, capsys):
-    from fedspine_jax import simulation
+    from fedspine_jax import experiment
 
     run, s, state = run_dir
     out = tmp_path / "dev1.onnx"
@@ -335,7 +335,7 @@ def test_export_from_run_directory(run_dir, tmp_path, capsys):
     assert (src["device_id"], src["rank"], src["round"]) == (1, 4, 3)
     # the exported model is the device's local model as the simulator evaluates it
     texts = TEXTS[:4]
-    model = simulation.load_device_model(s, state, 1)
+    model = experiment.load_device_model(s, state, 1)
     feeds = _enc_inputs(pred.tokenizer, texts, pred.meta.max_len)
     ref = np.asarray(model(*[jnp.asarray(feeds[k]) for k in
                              ("input_ids", "attention_mask", "token_type_ids")]))
