@@ -171,6 +171,83 @@ def _resume_hint(command: str, argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in again)
 
 
+class _Interrupt:
+    """Ctrl-C that always reaches :func:`main`.
+
+    Python raises ``KeyboardInterrupt`` wherever the main thread is when the signal arrives;
+    raised inside a garbage-collector callback (JAX registers one) it is printed as
+    "Exception ignored" and lost, and the run goes on. So the handler, once a Ctrl-C has
+    come, raises it again every half second (``_thread.interrupt_main``) until ``main``
+    has caught it, and such lost copies are not printed.
+    """
+
+    def __init__(self):
+        import threading
+
+        self.pending = False   # a Ctrl-C has come and has not reached main yet
+        self.done = False      # main has it: later copies are ignored
+        self._lock = threading.Lock()
+        self._saved = None
+
+    def install(self) -> None:
+        """Take over SIGINT and the unraisable hook (main thread only) until :meth:`remove`."""
+        import signal
+
+        self._saved = None
+        if not threading_main():
+            return
+        self._saved = (signal.getsignal(signal.SIGINT), sys.unraisablehook)
+        signal.signal(signal.SIGINT, self._handle)
+        default = sys.unraisablehook
+
+        def hook(unraisable):
+            if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+                default(unraisable)
+
+        sys.unraisablehook = hook
+
+    def caught(self) -> None:
+        """``main`` has the interrupt: stop raising it."""
+        with self._lock:
+            self.pending, self.done = False, True
+
+    def remove(self) -> None:
+        import signal
+
+        self.caught()
+        if self._saved is not None:
+            signal.signal(signal.SIGINT, self._saved[0])
+            sys.unraisablehook = self._saved[1]
+            self._saved = None
+
+    def _handle(self, signum, frame):
+        if self.done:
+            return
+        if not self.pending:
+            import threading
+
+            self.pending = True
+            threading.Thread(target=self._repeat, daemon=True).start()
+        raise KeyboardInterrupt
+
+    def _repeat(self) -> None:
+        import _thread
+        import time
+
+        while self.pending:
+            time.sleep(0.5)
+            with self._lock:
+                if self.pending:
+                    _thread.interrupt_main()
+
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -180,9 +257,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not getattr(args, "no_compile_cache", True):
         enable_compile_cache()
+    cmd = args.command
+    interrupt = _Interrupt()
+    if cmd in RESUMABLE:
+        interrupt.install()
+    try:
+        return _run(cmd, args, argv, interrupt)
+    finally:
+        interrupt.remove()
+
+
+def _run(cmd: str, args, argv: list[str], interrupt: _Interrupt) -> int:
     from fedspine_jax.errors import UserError
 
-    cmd = args.command
     try:
         return int(_entry(cmd)[1](args) or 0)
     except (UserError, OSError) as e:
@@ -195,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedspine {cmd}: {_one_line(msg)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        interrupt.caught()
         if os.environ.get("FEDSPINE_TRACEBACK"):
             raise
         hint = (f"; continue with: {_resume_hint(cmd, argv)}" if cmd in RESUMABLE else "")
