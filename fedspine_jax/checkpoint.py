@@ -92,7 +92,16 @@ def state_to_tree(state: FederationState) -> dict:
 
 
 def state_from_tree(t: dict, fed: Federation) -> FederationState:
-    """Inverse of :func:`state_to_tree` (the bandit's static params come from the config)."""
+    """Inverse of :func:`state_to_tree` (the bandit's static params come from the config).
+
+    Raises:
+      RunDirError: a checkpoint written before the devices' records moved into the state
+        (it cannot be continued: its rounds trained before they pruned).
+    """
+    if "devices" not in t:
+        raise RunDirError("this checkpoint was written by an older fedspine-jax (no device "
+                          "records in its state; its rounds trained before they pruned) and "
+                          "cannot be resumed: start the run again in a new --out")
     b_state = None
     if "bandit" in t:
         params = bandit.BanditParams.from_config(fed.bandit_config())

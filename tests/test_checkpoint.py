@@ -259,3 +259,14 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, strategy, cut):
         state = play(fed2, state, 3)
     assert state.round == 7
     assert_states_equal(straight, state)
+
+
+def test_a_checkpoint_without_device_records_is_a_clear_error(tmp_path):
+    """A checkpoint of the older format (records outside the state) is refused by name."""
+    from fedspine_jax.errors import RunDirError
+
+    fed = make_fed()
+    tree = checkpoint.state_to_tree(play(fed, init_state(fed), 1))
+    del tree["devices"]
+    with pytest.raises(RunDirError, match="older fedspine-jax"):
+        checkpoint.state_from_tree(tree, fed)
