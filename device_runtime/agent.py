@@ -1,16 +1,17 @@
-"""The device agent: fetch a task, run the simulator's local round, upload, repeat.
+"""The device agent: fetch a task, run the local round, upload, repeat.
 
 Design note
 -----------
 The agent is the remote twin of one device of ``fedspine_jax.simulation``: it builds the
 run's model and its own data partition with ``experiment.setup`` (device ``i`` gets
-partition ``i``), and every round calls the same ``train.local_round`` with the same
-inputs the simulator would use -- the task's LoRA (already shrunk to r_i by the server's
-``Federation.plan``), head, pruning ratio, the device's masks and the position of its
-data stream. The masks and the stream position come *from the server* with every task
-(the server records them from each accepted update), so the agent keeps no state between
-rounds: killed and restarted, or moved to another machine, it continues exactly where the
-server's record says.
+partition ``i``), and every round runs the same ``train.local_rounds`` on the same input
+the simulator builds (``driver.device_input``) -- the task's LoRA (already shrunk to r_i by
+the server's ``Federation.plan``), head, pruning ratio and the device's record: its masks,
+the importance it measured in its previous round (which this round prunes with) and the
+position of its data stream. The record comes *from the server* with every task (the
+server keeps it in the federation state and replaces it from each accepted update), so the
+agent keeps no state between rounds: killed and restarted, or moved to another machine, it
+continues exactly where the server's record says.
 
 Times. The scheduler needs T_i = T_comp + T_comm. Measured: T_comp is the wall clock of
 the tau training steps (``LocalRoundResult.compute_time_s``: jit compilation, which
