@@ -358,8 +358,10 @@ def _load(model, inp: RoundInput, head_masks=None, channel_masks=None) -> None:
               inp.channel_masks if channel_masks is None else channel_masks)
 
 
+@functools.cache
 def _group_params(arch: ArchConfig) -> tuple[np.ndarray, float]:
-    """Frozen parameters per head (L, H) and per FFN channel (one figure)."""
+    """Frozen parameters per head (L, H) and per FFN channel (one figure); computed once per
+    architecture (pruning and the round's statistics both need it; read-only)."""
     heads = np.stack([
         pruning.head_param_counts(arch.hidden_size, arch.head_dim, arch.num_kv_heads,
                                   arch.kv_index(i), bias=not arch.is_decoder)
