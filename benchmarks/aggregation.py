@@ -254,6 +254,7 @@ def capture(out: Path, overrides: list[str]) -> None:
     from fedspine_jax.config import load_config
     from fedspine_jax.federation import Federation
     from fedspine_jax.models.lora import lora_scale
+    from fedspine_jax.models.state import flatten
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "sst2_minilm.yaml",
                       list(CAPTURE_OVERRIDES) + overrides)
@@ -261,13 +262,12 @@ def capture(out: Path, overrides: list[str]) -> None:
 
     def saving(self, state, ups):
         rec = {"importance": np.array([u.lora_importance for u in ups], np.float32)}
-        for key in state.lora:
-            if key.endswith("/lora_a"):
-                p = key[: -len("/lora_a")]
-                for j, u in enumerate(ups):
-                    a = u.lora[p + "/lora_a"]
+        for j, u in enumerate(ups):
+            for key, a in flatten(u.lora).items():
+                if key.endswith("/lora_a"):
+                    p = key[: -len("/lora_a")]
                     rec[f"{p}|a|{j}"] = a
-                    rec[f"{p}|b|{j}"] = u.lora[p + "/lora_b"] * lora_scale(
+                    rec[f"{p}|b|{j}"] = flatten(u.lora)[p + "/lora_b"] * lora_scale(
                         self.cfg.lora.alpha, a.shape[1])
         np.savez(out / f"round{state.round}.npz", **rec)
         return aggregate(self, state, ups)

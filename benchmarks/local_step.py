@@ -3,9 +3,9 @@
 What is timed (one optimiser step each: forward, backward, AdamW on LoRA + task head):
 
 * ``ours_full``: ``train.train_step`` exactly as ``train.local_round`` calls it (the model
-  compacted with ``compact(model, sizes=bucket_sizes(hm, cm))``, split into trainable /
-  masks / frozen; the batch's real tokens packed, ``data.pack_index``), i.e. the LoRA step
-  **plus** the Eq. 10-12 group-importance update;
+  compacted with ``compact(model, sizes=bucket_sizes(hm, cm))``, split by
+  ``train.split_for_training``; the batch's real tokens packed, ``data.pack_index``), i.e.
+  the LoRA step **plus** the Eq. 10-12 group-importance update;
 * ``ours_lora``: a plain LoRA AdamW step written below (``train.loss_fn`` + optax adamw over
   the same split, no importance), the like-for-like counterpart of the peer;
 * ``ours_full_padded``: ``ours_full`` on the same batches without ``token_index``, i.e. on
@@ -77,7 +77,7 @@ from flax import nnx
 from fedspine_jax import data as D
 from fedspine_jax import pruning, train
 from fedspine_jax.config import Config, DataConfig
-from fedspine_jax.models import ArchConfig, Mask, build_model, load_pretrained, load_tokenizer
+from fedspine_jax.models import ArchConfig, build_model, load_pretrained, load_tokenizer
 from fedspine_jax.models.compaction import compact
 from fedspine_jax.models.loading import resolve
 from fedspine_jax.models.state import get_head, set_masks
@@ -167,13 +167,13 @@ class Ours:
     def __init__(self, model, head_masks, channel_masks, cfg: Config):
         set_masks(model, head_masks, channel_masks)
         self.sizes = train.bucket_sizes(np.asarray(head_masks), np.asarray(channel_masks))
-        small, self.index = compact(model, sizes=self.sizes)
+        small, _ = compact(model, sizes=self.sizes)
         self.arch = small.cfg
-        self.graphdef, self.trainable, self.masks, self.rest = nnx.split(
-            small, train.TRAINABLE, Mask, nnx.Variable)
         self.tx = _adamw(cfg.train.learning_rate, cfg.train.weight_decay)
-        self.eta = cfg.pruning.eta
-        self.lora_state = nnx.state(small, nnx.LoRAParam)
+        self.spec, self.state, self.frozen = train.split_for_training(
+            small, self.tx, cfg.pruning.eta, "lora")
+        self.graphdef, self.trainable = self.spec.graphdef, self.state.trainable
+        self.masks, self.rest = self.frozen.masks, self.frozen.rest
 
     def _fresh(self):
         tr = jax.tree.map(jnp.copy, self.trainable)  # the steps donate their state
@@ -181,18 +181,11 @@ class Ours:
 
     def full_runner(self):
         """``train.train_step`` (LoRA step + Eq. 10-12), called as ``local_round`` calls it."""
-        tr, opt = self._fresh()
-        n_layers = self.arch.num_layers
-        hc, fc = len(self.index.heads[0]), len(self.index.channels[0])
-        st = {"tr": tr, "opt": opt, "ema": (jnp.zeros((n_layers, hc)), jnp.zeros((n_layers, fc))),
-              "gb": jax.tree.map(jnp.zeros_like, self.lora_state), "k": 0}
+        st = {"state": jax.tree.map(jnp.copy, self.state)}  # the steps donate their state
 
         def run(batch):
-            st["tr"], st["opt"], st["ema"], st["gb"], loss = train.train_step(
-                self.graphdef, self.tx, self.eta, "lora", st["tr"], st["opt"], self.masks,
-                self.rest, st["ema"], st["gb"], jnp.asarray(st["k"] == 0), batch)
-            st["k"] += 1
-            jax.block_until_ready((st["tr"], st["ema"], st["gb"], loss))
+            st["state"], metrics = train.train_step(self.spec, st["state"], self.frozen, batch)
+            jax.block_until_ready((st["state"], metrics))
         return run
 
     def lora_runner(self):
@@ -461,13 +454,7 @@ def profile(ours: Ours, batch: dict) -> dict:
     """XLA's cost analysis of our compiled steps (MiniLM, p = 0) and the most expensive XLA
     ops of the plain step (the forward / backward timings are in the main timing group)."""
     tr, opt = ours._fresh()
-    n_layers = ours.arch.num_layers
-    ema = (jnp.zeros((n_layers, len(ours.index.heads[0]))),
-           jnp.zeros((n_layers, len(ours.index.channels[0]))))
-    gb = jax.tree.map(jnp.zeros_like, ours.lora_state)
-    full_c = train.train_step.lower(ours.graphdef, ours.tx, ours.eta, "lora", tr, opt,
-                                    ours.masks, ours.rest, ema, gb, jnp.asarray(True),
-                                    batch).compile()
+    full_c = train.train_step.lower(ours.spec, ours.state, ours.frozen, batch).compile()
     lora_c = lora_step.lower(ours.graphdef, ours.tx, tr, opt, ours.masks, ours.rest,
                              batch).compile()
     fb_c = forward_backward.lower(ours.graphdef, tr, ours.masks, ours.rest, batch).compile()

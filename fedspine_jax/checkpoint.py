@@ -6,8 +6,9 @@ federation state includes every device's record (masks, carried importance, stre
 position, rank), so a run resumes exactly from it. Orbax
 writes to a temporary directory and renames it when complete, so a crash mid-save leaves
 the previous checkpoint intact and no half-written one is ever picked up.
-Module paths in LoRA keys (``layers/0/attn/q/lora_a``) are stored with ``/`` replaced by
-``|`` because orbax uses the tree path as a file path.
+The LoRA and head trees are stored flat under their paths (``layers|0|attn|q|lora_a``: ``|``
+for ``/`` because orbax uses the tree path as a file path; flat so that integer layer keys
+come back as they went in).
 """
 
 from __future__ import annotations
@@ -24,16 +25,18 @@ from fedspine_jax import bandit
 from fedspine_jax.config import Config, dump_config, for_resume, load_config
 from fedspine_jax.errors import RunDirError
 from fedspine_jax.federation import DeviceRecords, DeviceUpdate, Federation, FederationState
+from fedspine_jax.models.state import flatten, unflatten
 
 _STEP = re.compile(r"^round_(\d+)$")
 
 
-def _enc(d: dict) -> dict:
-    return {k.replace("/", "|"): np.asarray(v) for k, v in d.items()}
+def _enc(tree: dict) -> dict:
+    return {k.replace("/", "|"): np.asarray(v) for k, v in flatten(tree).items()}
 
 
 def _dec(d: dict) -> dict:
-    return {k.replace("|", "/"): np.asarray(v, np.float32) for k, v in (d or {}).items()}
+    return unflatten({k.replace("|", "/"): np.asarray(v, np.float32)
+                      for k, v in (d or {}).items()})
 
 
 _ARRAYS = ("head_masks", "channel_masks", "head_importance", "channel_importance")

@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from fedspine_jax import strategies
 from fedspine_jax.errors import UserError
 
 # Where the shipped configs live (package data; the repository's configs/ folder).
@@ -181,10 +182,8 @@ class AggregationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FederationConfig:
-    # Method: fedspine, its ablations, or a baseline.
-    strategy: str = _f("fedspine", choices=(
-        "fedspine", "fedspine_tuned", "fedspine_no_ap", "fedspine_no_at", "hetlora",
-        "fedlora_prune", "llmpruner_fedlora", "fedapt"))
+    # Method: fedspine, its ablations, or a baseline (the registry in strategies.py).
+    strategy: str = _f("fedspine", choices=strategies.NAMES)
     # Number of devices N.
     num_devices: int = _f(4, lo=1)
     # Number of federated rounds.

@@ -6,14 +6,15 @@ A device's task (``federation.DeviceTask``) carries its record (masks, carried i
 data-stream position); :func:`device_input` turns it into the local round's input exactly
 the same way in the simulator and in a device agent, and :func:`device_update` turns the
 round's result into the ``DeviceUpdate`` the federation accepts, which in turn carries the
-device's new record. ``metrics.jsonl`` is written and repaired on resume by the same
-functions for both transports (:func:`device_rows`, :func:`append_metrics`,
-:func:`truncate_metrics`).
+device's new record. ``metrics.jsonl`` is written, read and repaired on resume by the same
+functions for both transports: :func:`device_rows` builds the device lines of a round, and
+the rows' schema, writer and reader live in :mod:`fedspine_jax.metrics` (no JAX, so the
+report reads it too); the transports call its ``append_metrics`` and ``truncate_metrics``
+through this module.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ import numpy as np
 from fedspine_jax import data
 from fedspine_jax.config import Config
 from fedspine_jax.federation import DeviceTask, DeviceUpdate, RoundReport
+from fedspine_jax.metrics import (DeviceRow, RoundRow, append_metrics,  # noqa: F401
+                                  read_metrics, truncate_metrics)
 from fedspine_jax.train import LocalRoundResult, RoundInput
 
 
@@ -66,7 +69,7 @@ def device_update(task: DeviceTask, inp: RoundInput, res: LocalRoundResult,
 
 def device_rows(updates: list[DeviceUpdate], report: RoundReport, device_types,
                 round_time: float, accuracy=None, fits_memory=None, measured=None
-                ) -> list[dict]:
+                ) -> list[DeviceRow]:
     """``metrics.jsonl``'s device lines of a closed round, one per update (both transports).
 
     Args:
@@ -77,25 +80,26 @@ def device_rows(updates: list[DeviceUpdate], report: RoundReport, device_types,
       device_types: (N,) type names; round_time: the round's length (simulated clock).
       accuracy: (N,) the devices' accuracies when the round was evaluated, else None.
       fits_memory: (N,) bools, default all True.
-      measured: ``{device: {name: seconds}}`` wall-clock measurements to add to a line.
+      measured: ``{device: {field: seconds}}`` wall-clock measurements to add to a line
+        (``measured_compute_s``, ``measured_comm_s``).
     """
     rewards = dict(zip(report.device_ids.tolist(), report.rewards.tolist()))
     weights = dict(zip(report.device_ids.tolist(), report.weights.tolist()))
     rows = []
     for u in updates:
         i = u.device_id
-        rows.append({
-            "round": report.round, "device": i, "device_type": device_types[i],
-            "p": float(report.p[i]), "r": int(report.r[i]), "ratio": u.ratio,
-            "completion_time": u.completion_time_s, "compute_time": u.compute_time_s,
-            "comm_time": u.comm_time_s, "waiting_time": round_time - u.completion_time_s,
-            "loss_before": u.loss_before, "loss_drop": u.loss_drop,
-            "lora_importance": u.lora_importance, "reward": rewards.get(i),
-            "aggregation_weight": _finite(weights.get(i)), "flops": u.flops,
-            "peak_memory_bytes": u.peak_memory_bytes,
-            "fits_memory": True if fits_memory is None else bool(fits_memory[i]),
+        rows.append(DeviceRow(
+            round=report.round, device=i, device_type=device_types[i],
+            p=float(report.p[i]), r=int(report.r[i]), ratio=u.ratio,
+            completion_time=u.completion_time_s, compute_time=u.compute_time_s,
+            comm_time=u.comm_time_s, waiting_time=round_time - u.completion_time_s,
+            loss_before=u.loss_before, loss_drop=u.loss_drop,
+            lora_importance=u.lora_importance, reward=rewards.get(i),
+            aggregation_weight=_finite(weights.get(i)), flops=u.flops,
+            peak_memory_bytes=u.peak_memory_bytes,
+            fits_memory=True if fits_memory is None else bool(fits_memory[i]),
             **(measured or {}).get(i, {}),
-            "accuracy": None if accuracy is None else float(accuracy[i])})
+            accuracy=None if accuracy is None else float(accuracy[i])))
     return rows
 
 
@@ -104,46 +108,23 @@ def _finite(x):
     return None if x is None or not np.isfinite(x) else float(x)
 
 
-def append_metrics(path: Path, rows: list[dict]) -> None:
-    """Append rows (one JSON object per line) to a run's ``metrics.jsonl``."""
-    with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
-def truncate_metrics(path: Path, last_round: int) -> None:
-    """Drop metric lines of rounds after the checkpoint (they will be written again) and a
-    line cut short by a killed process."""
-    if not path.exists():
-        return
-    keep = []
-    for ln in path.read_text().splitlines():
-        try:
-            row = json.loads(ln)
-        except json.JSONDecodeError:
-            continue
-        if row["round"] <= last_round:
-            keep.append(ln)
-    path.write_text("".join(x + "\n" for x in keep))
-
-
 def summarize(out: Path, cfg: Config) -> dict:
     """Summary figures of a run from its ``metrics.jsonl`` (both transports)."""
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
-    rounds = [r for r in rows if r.get("summary")]
-    evals = [r for r in rounds if r["accuracy"] is not None]
+    rows = read_metrics(out / "metrics.jsonl")
+    rounds = [r for r in rows if isinstance(r, RoundRow)]
+    evals = [r for r in rounds if r.accuracy is not None]
     target = cfg.federation.target_accuracy
-    hit = next((r for r in evals if target and r["accuracy"] >= target), None)
-    devs = [r for r in rows if not r.get("summary")]
+    hit = next((r for r in evals if target and r.accuracy >= target), None)
+    devs = [r for r in rows if isinstance(r, DeviceRow)]
     return {
         "method": cfg.federation.strategy, "seed": cfg.federation.seed, "rounds": len(rounds),
-        "final_accuracy": evals[-1]["accuracy"] if evals else None,
-        "final_sparsity": rounds[-1]["mean_sparsity"] if rounds else None,
-        "simulated_time_s": rounds[-1]["clock"] if rounds else 0.0,
+        "final_accuracy": evals[-1].accuracy if evals else None,
+        "final_sparsity": rounds[-1].mean_sparsity if rounds else None,
+        "simulated_time_s": rounds[-1].clock if rounds else 0.0,
         "target_accuracy": target or None,
-        "time_to_target_s": hit["clock"] if hit else None,
-        "mean_waiting_time_s": float(np.mean([r["waiting_time"] for r in rounds])) if rounds
+        "time_to_target_s": hit.clock if hit else None,
+        "mean_waiting_time_s": float(np.mean([r.waiting_time for r in rounds])) if rounds
         else None,
-        "training_peak_memory_bytes": max((r["peak_memory_bytes"] for r in devs
-                                           if r["fits_memory"]), default=None),
+        "training_peak_memory_bytes": max((r.peak_memory_bytes for r in devs
+                                           if r.fits_memory), default=None),
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from fedspine_jax import data, heterogeneity
@@ -71,9 +72,7 @@ def setup(cfg: Config) -> Setup:
     fleet = heterogeneity.build_fleet(cfg)
     # capability tier: 0 = strongest type (AGX), used by HETLoRA's rank policy
     tiers = (heterogeneity.AGX - np.asarray(fleet.device_type)).astype(int)
-    arch = model.cfg
-    shapes = ((arch.num_layers, arch.num_heads), (arch.num_layers, arch.intermediate_size))
-    return Setup(cfg, model, task, devices, fleet, Federation(cfg, n, tiers, shapes))
+    return Setup(cfg, model, task, devices, fleet, Federation(cfg, n, tiers, model.cfg))
 
 
 def device_examples(s: Setup, i: int) -> tuple[data.Examples, data.Examples]:
@@ -118,4 +117,4 @@ def evaluate_devices(s: Setup, state) -> np.ndarray:
 
 def lora_bytes(lora: dict) -> int:
     """Bytes of a LoRA payload as it travels (float32 factors)."""
-    return int(sum(v.size for v in lora.values())) * BYTES_PER_PARAM
+    return int(sum(v.size for v in jax.tree.leaves(lora))) * BYTES_PER_PARAM

@@ -48,7 +48,10 @@ import numpy as np
 
 from fedspine_jax import aggregation, bandit
 from fedspine_jax.config import Config
+from fedspine_jax.models import groups
+from fedspine_jax.models.arch import ArchConfig
 from fedspine_jax.models.lora import lora_scale
+from fedspine_jax.models.state import flatten, lora_rank, map_pairs
 from fedspine_jax.strategies import Strategy, get
 
 
@@ -120,8 +123,8 @@ class DeviceTask:
     round: int
     ratio: float          # pruning ratio p_i to reach this round
     rank: int             # LoRA rank r_i
-    lora: dict            # {path: array} global LoRA shrunk to r_i
-    head: dict            # {path: array} task head
+    lora: dict            # LoRA tree (models.state) of the global LoRA shrunk to r_i
+    head: dict            # task head tree
     record: dict          # the device's DeviceRecords entries (masks, importance, stream...)
 
 
@@ -130,8 +133,8 @@ class DeviceUpdate:
     """What a device sends back after its local round."""
     device_id: int
     round: int
-    lora: dict                 # {path: array} trained factors at rank r_i (float32)
-    head: dict                 # {path: array} trained task head
+    lora: dict                 # LoRA tree of the trained factors at rank r_i (float32)
+    head: dict                 # task head tree
     head_masks: np.ndarray     # (L, H) masks after this round's pruning
     channel_masks: np.ndarray  # (L, F)
     head_importance: np.ndarray     # (L, H) Eq. 12 average of this round (next round prunes
@@ -161,7 +164,7 @@ class DeviceUpdate:
 @dataclasses.dataclass(frozen=True)
 class FederationState:
     round: int                       # the round being planned / collected (1-based)
-    lora: dict                       # global LoRA {path: array}, rank R
+    lora: dict                       # global LoRA tree (models.state), rank R
     head: dict                       # global task head
     bandit: bandit.BanditState | None
     devices: DeviceRecords           # per-device records (masks, importance, stream, ...)
@@ -189,11 +192,6 @@ class RoundReport:
     weights: np.ndarray        # (n,) aggregation weight of each reporting device's update
 
 
-def _pairs(lora: dict) -> list[str]:
-    """Prefixes of the LoRA pairs, e.g. ``layers/0/attn/q``."""
-    return sorted(k[: -len("/lora_a")] for k in lora if k.endswith("/lora_a"))
-
-
 class Federation:
     """The round logic for one run: static settings plus pure state transitions.
 
@@ -201,17 +199,18 @@ class Federation:
       cfg: the run's config.
       num_devices: N.
       tiers: (N,) device capability tiers, 0 = strongest (HETLoRA's rank policy); default 0.
-      mask_shapes: ((L, H), (L, F)) the devices' head / channel masks must have.
+      arch: the full model's architecture (the devices' masks are ``(L, H)`` and ``(L, F)``
+        of it; ``models.groups`` says which rows / columns each group owns); needed to start
+        a run, not to restore one.
     """
 
     def __init__(self, cfg: Config, num_devices: int, tiers: np.ndarray | None = None,
-                 mask_shapes: tuple | None = None):
+                 arch: ArchConfig | None = None):
         self.cfg = cfg
         self.num_devices = int(num_devices)
         self.strategy: Strategy = get(cfg.federation.strategy)
         self.tiers = np.zeros(num_devices, int) if tiers is None else np.asarray(tiers, int)
-        # expected ((L, H), (L, F)) of the devices' masks; None checks only the layer count
-        self.mask_shapes = mask_shapes or (None, None)
+        self.arch = arch
         if len(self.tiers) != num_devices:
             raise ValueError(f"tiers has {len(self.tiers)} entries for {num_devices} devices")
 
@@ -231,20 +230,23 @@ class Federation:
 
     def init(self, lora: dict, head: dict) -> FederationState:
         """The state before round 1 from the initial global LoRA (rank R) and head."""
-        rank = {v.shape[1] for k, v in lora.items() if k.endswith("lora_a")}
-        if rank != {self.cfg.lora.rank}:
-            raise ValueError(f"initial LoRA has rank {sorted(rank)}, config says "
+        if lora_rank(lora) != self.cfg.lora.rank:
+            raise ValueError(f"initial LoRA has rank {lora_rank(lora)}, config says "
                              f"{self.cfg.lora.rank}")
-        if None in self.mask_shapes:
-            raise ValueError("Federation(mask_shapes=((L, H), (L, F))) is needed to start a run")
+        if self.arch is None:
+            raise ValueError("Federation(arch=...) is needed to start a run")
         b_state = None
         if self.strategy.uses_bandit:
             key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.federation.seed), 0xB)
             b_state = bandit.init(self.bandit_config(), self.num_devices, key)
         return FederationState(
-            round=1, lora={k: np.asarray(v, np.float32) for k, v in lora.items()},
-            head={k: np.asarray(v, np.float32) for k, v in head.items()}, bandit=b_state,
-            devices=initial_records(self.num_devices, self.mask_shapes, self.cfg.lora.rank))
+            round=1, lora=_f32(lora), head=_f32(head), bandit=b_state,
+            devices=initial_records(self.num_devices, self.mask_shapes(), self.cfg.lora.rank))
+
+    def mask_shapes(self) -> tuple:
+        """``((L, H), (L, F))``: the shapes of a device's head and channel masks."""
+        a = self.arch
+        return (a.num_layers, a.num_heads), (a.num_layers, a.intermediate_size)
 
     # -- plan -----------------------------------------------------------------------------
 
@@ -282,16 +284,16 @@ class Federation:
         at the device's scaling ``alpha / rank``.
         """
         if rank == self.cfg.lora.rank:
-            return dict(lora)
+            return lora
         s_glob = lora_scale(self.cfg.lora.alpha, self.cfg.lora.rank)
         s_dev = lora_scale(self.cfg.lora.alpha, rank)
-        out = {}
-        for p in _pairs(lora):
-            a, b = aggregation.shrink_lora(jnp.asarray(lora[p + "/lora_a"]),
-                                           jnp.asarray(lora[p + "/lora_b"]) * s_glob, rank)
-            out[p + "/lora_a"] = np.asarray(a, np.float32)
-            out[p + "/lora_b"] = np.asarray(b, np.float32) / (s_dev if s_dev > 0 else 1.0)
-        return out
+
+        def one(_, pair):
+            a, b = aggregation.shrink_lora(jnp.asarray(pair["lora_a"]),
+                                           jnp.asarray(pair["lora_b"]) * s_glob, rank)
+            return {"lora_a": np.asarray(a, np.float32),
+                    "lora_b": np.asarray(b, np.float32) / (s_dev if s_dev > 0 else 1.0)}
+        return map_pairs(one, lora)
 
     # -- accept ---------------------------------------------------------------------------
 
@@ -312,8 +314,8 @@ class Federation:
         rank = int(state.plan_r[u.device_id])
         _check_tensors("lora", u.lora, {
             k: (v.shape[0], rank) if k.endswith("lora_a") else (rank, v.shape[1])
-            for k, v in state.lora.items()})
-        _check_tensors("head", u.head, {k: v.shape for k, v in state.head.items()})
+            for k, v in flatten(state.lora).items()})
+        _check_tensors("head", u.head, {k: v.shape for k, v in flatten(state.head).items()})
         for name in ("loss_before", "loss_after", "lora_importance", "ratio",
                      "compute_time_s", "comm_time_s"):
             val = getattr(u, name)
@@ -327,7 +329,8 @@ class Federation:
                 or u.num_samples < 1:
             raise UpdateRejected(f"num_samples={u.num_samples!r}: must be an integer >= 1")
         if u.ratio < float(state.last_p[u.device_id]) - 1e-6:
-            raise UpdateRejected(f"pruning ratio {u.ratio} is below the {state.last_p[u.device_id]} "
+            raise UpdateRejected(f"pruning ratio {u.ratio} is below the "
+                                 f"{state.last_p[u.device_id]} "
                                  f"device {u.device_id} already reached (pruning never goes back)")
         if u.device_id in {i for i, _ in state.skipped}:
             raise UpdateRejected(f"device {u.device_id} gave up round {state.round}")
@@ -397,8 +400,9 @@ class Federation:
                 np.array([u.num_samples for u in ups], np.float32))
             lora = self._aggregate_lora(state, ups)
             w = np.array([u.num_samples for u in ups], np.float64)
-            head = {k: np.asarray(sum(wi * u.head[k] for wi, u in zip(w / w.sum(), ups)),
-                                  np.float32) for k in state.head}
+            head = jax.tree.map(
+                lambda *xs: np.asarray(sum(wi * x for wi, x in zip(w / w.sum(), xs)),
+                                       np.float32), *[u.head for u in ups])
             if b_state is not None:
                 rewards = np.asarray(bandit.reward(
                     np.array([u.loss_drop for u in ups]),
@@ -440,46 +444,24 @@ class Federation:
         alpha, big_r = self.cfg.lora.alpha, self.cfg.lora.rank
         imp = np.array([u.lora_importance for u in ups], np.float32)
         n = np.array([u.num_samples for u in ups], np.float32)
-        out = {}
-        for p in _pairs(state.lora):
-            a_list = [jnp.asarray(u.lora[p + "/lora_a"]) for u in ups]
-            b_list = [jnp.asarray(u.lora[p + "/lora_b"]) * lora_scale(alpha, u.lora[
-                p + "/lora_a"].shape[1]) for u in ups]
+
+        def one(path, glob, *pairs):
+            a_list = [jnp.asarray(pr["lora_a"]) for pr in pairs]
+            b_list = [jnp.asarray(pr["lora_b"]) * lora_scale(alpha, pr["lora_a"].shape[1])
+                      for pr in pairs]
             cols = rows = None
             if self.cfg.aggregation.mask_aware:
-                masks = [_kept(p, state.lora, u.head_masks, u.channel_masks) for u in ups]
+                layer, name = int(path[1]), path[-1]
+                masks = [groups.kept_mask(self.arch, layer, name, u.head_masks[layer],
+                                          u.channel_masks[layer]) for u in ups]
                 if masks[0][0] is not None:
                     cols = jnp.asarray(np.stack([m[0] for m in masks]))
                 if masks[0][1] is not None:
                     rows = jnp.asarray(np.stack([m[1] for m in masks]))
             a, b = self.strategy.aggregate(self.cfg, a_list, b_list, imp, n, cols, rows)
-            out[p + "/lora_a"] = np.asarray(a, np.float32)
-            out[p + "/lora_b"] = np.asarray(b, np.float32) / lora_scale(alpha, big_r)
-        return out
-
-
-def _kept(pair: str, lora: dict, head_masks: np.ndarray, channel_masks: np.ndarray):
-    """(column mask (k,) or None, row mask (d,) or None) of the frozen weights a device
-    still keeps in LoRA pair ``pair`` (e.g. ``layers/3/attn/q``), from its group masks:
-    q columns / o rows by query head, k / v columns by kv head (kept while any of its
-    query heads is), fc1 / gate / up columns and fc2 / down rows by channel."""
-    parts = pair.split("/")
-    layer, name = int(parts[1]), parts[-1]
-    hm, cm = np.asarray(head_masks[layer]), np.asarray(channel_masks[layer])
-    d_in, d_out = lora[pair + "/lora_a"].shape[0], lora[pair + "/lora_b"].shape[1]
-    if name in ("q", "o"):
-        dh = (d_out if name == "q" else d_in) // len(hm)
-        m = np.repeat(hm, dh)
-        return (m, None) if name == "q" else (None, m)
-    if name in ("k", "v"):
-        q_cols = lora[f"layers/{layer}/attn/q/lora_b"].shape[1]
-        dh = q_cols // len(hm)
-        n_kv = d_out // dh
-        kv = hm.reshape(n_kv, -1).max(axis=1)  # query heads are grouped contiguously
-        return np.repeat(kv, dh), None
-    if name in ("fc1", "gate", "up"):
-        return cm, None
-    return None, cm  # fc2 / down
+            return {"lora_a": np.asarray(a, np.float32),
+                    "lora_b": np.asarray(b, np.float32) / lora_scale(alpha, big_r)}
+        return map_pairs(one, state.lora, *[u.lora for u in ups])
 
 
 def _select_agents(mask: np.ndarray, new: bandit.BanditState, old: bandit.BanditState):
@@ -490,7 +472,16 @@ def _select_agents(mask: np.ndarray, new: bandit.BanditState, old: bandit.Bandit
     return jax.tree.map(pick, new, old)
 
 
+def _f32(tree: dict) -> dict:
+    return jax.tree.map(lambda v: np.asarray(v, np.float32), tree)
+
+
 def _check_tensors(what: str, got: dict, want: dict) -> None:
+    """``got`` (a tree) has exactly the paths of ``want`` (``{path: shape}``), float32,
+    finite, at those shapes."""
+    if not isinstance(got, dict):
+        raise UpdateRejected(f"{what} is not a tree of arrays")
+    got = flatten(got)
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or extra:
         raise UpdateRejected(f"{what} keys differ: missing {missing[:3]}, unexpected "

@@ -23,11 +23,11 @@ The flow on a device:
 3. the report carries :func:`lora_importance_total` (Eq. 13-14, normalised; the raw
    printed form is :func:`lora_importance_raw`).
 
-Groups (Eq. 11): an attention *head* is its ``dh`` output columns of ``q``, the ``dh`` input
-rows of ``o`` (the paper's "columns of o" in its ``(out, in)`` orientation) and its share of
-``k`` and ``v``; an FFN *channel* is its column of every input-side kernel (``fc1``, or
-``gate`` and ``up``) and its row of the output-side kernel (``fc2`` / ``down``). Output biases
-(``o``, ``fc2``) are shared by all groups and never pruned.
+Groups (Eq. 11): which slices of which linears a query head, a kv head and an FFN channel
+own is declared once, in :mod:`fedspine_jax.models.groups`: a *head* is its ``dh`` output
+columns of ``q``, its ``dh`` input rows of ``o`` and its share of ``k`` and ``v``; an FFN
+*channel* is its column of ``fc1`` (or ``gate`` and ``up``) and its row of ``fc2`` / ``down``.
+Output biases (``o``, ``fc2``) are shared by all groups and never pruned.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fedspine_jax.models import groups
+from fedspine_jax.models.groups import channel_param_count, head_param_counts
 
 __all__ = [
     "channel_importance",
@@ -154,44 +157,53 @@ def head_importance(iq: jax.Array, ik: jax.Array, iv: jax.Array, io: jax.Array,
         return jnp.zeros((0,), jnp.float32)
     idx, sizes = _kv_layout(num_heads, num_kv_heads, kv_index)
     dh = iq.shape[1] // num_heads
-    per_q = _f32(iq).reshape(-1, num_heads, dh).sum(axis=(0, 2))
-    per_q = per_q + _f32(io).reshape(num_heads, dh, -1).sum(axis=(1, 2))
-    per_kv = (_f32(ik).reshape(-1, num_kv_heads, dh).sum(axis=(0, 2))
-              + _f32(iv).reshape(-1, num_kv_heads, dh).sum(axis=(0, 2)))
-    if iq_bias is not None:
-        per_q = per_q + _f32(iq_bias).reshape(num_heads, dh).sum(axis=1)
-    for bias in (ik_bias, iv_bias):
-        if bias is not None:
-            per_kv = per_kv + _f32(bias).reshape(num_kv_heads, dh).sum(axis=1)
+    kernels = {"q": iq, "k": ik, "v": iv, "o": io}
+    biases = {"q": iq_bias, "k": ik_bias, "v": iv_bias}
+    per_q = _group_sums(groups.ATTENTION[groups.HEAD], kernels, biases, num_heads, dh)
+    per_kv = _group_sums(groups.ATTENTION[groups.KV_HEAD], kernels, biases, num_kv_heads, dh)
     share = per_kv / jnp.maximum(jnp.asarray(sizes, per_kv.dtype), 1.0)
     return per_q + share[idx]
 
 
-def channel_importance(i_in_list: Sequence[jax.Array], i_out: jax.Array,
-                       b_in_list: Sequence[jax.Array] | None = None) -> jax.Array:
+def channel_importance(kernel_importance: Mapping[str, jax.Array], *,
+                       bias_importance: Mapping[str, jax.Array] | None = None) -> jax.Array:
     """Importance of every FFN channel of one layer (Eq. 11, group Phi).
 
     Channel ``f`` owns column ``f`` of every input-side kernel and row ``f`` of the
-    output-side kernel (orientation ``(in, out)``).
+    output-side kernel (orientation ``(in, out)``; ``groups.FFN``).
 
     Args:
-      i_in_list: per-weight importances of the input-side kernels, each (D, F): ``[fc1]``
-        for encoders, ``[gate, up]`` for LLaMA.
-      i_out: (F, D) of the output-side kernel (``fc2`` / ``down``).
-      b_in_list: optional per-entry importances (F,) of the input-side biases (``fc1``).
+      kernel_importance: name -> per-weight importance: ``fc1`` (D, F) and ``fc2`` (F, D)
+        for encoders, ``gate``, ``up`` (D, F) and ``down`` (F, D) for LLaMA.
+      bias_importance: optional name -> per-entry importance (F,) of ``fc1``'s bias.
     Returns:
       (F,) channel scores.
     """
-    score = _f32(i_out).sum(axis=1)
-    for i_in in i_in_list:
-        score = score + _f32(i_in).sum(axis=0)
-    for bias in b_in_list or ():
-        score = score + _f32(bias)
+    linears = groups.FFN["gate" in kernel_importance]
+    name, axis = linears[0]
+    n = kernel_importance[name].shape[axis]
+    return _group_sums(linears, kernel_importance, bias_importance or {}, n, 1)
+
+
+def _group_sums(linears, kernels: Mapping[str, jax.Array],
+                biases: Mapping[str, jax.Array | None], n: int, width: int) -> jax.Array:
+    """Eq. 11 sums of ``n`` groups of ``width`` slices each: over their slices of every kernel
+    of ``linears`` (``(name, axis)`` pairs, added in that order), then over their entries of
+    the biases of the linears they own along ``out`` (those given in ``biases``).
+
+    Returns:
+      (n,) float32 or wider.
+    """
+    score = None
+    for name, axis in linears:
+        x = _f32(kernels[name])
+        s = (x.reshape(x.shape[0], n, width).sum(axis=(0, 2)) if axis == groups.OUT
+             else x.reshape(n, width, x.shape[1]).sum(axis=(1, 2)))
+        score = s if score is None else score + s
+    for name, axis in linears:
+        if axis == groups.OUT and biases.get(name) is not None:
+            score = score + _f32(biases[name]).reshape(n, width).sum(axis=1)
     return score
-
-
-_ATTN = ("q", "k", "v", "o")
-_FFN = {False: ("fc1",), True: ("gate", "up")}
 
 
 def group_importance(kernel_importance: Mapping[str, jax.Array], num_heads: int,
@@ -213,47 +225,17 @@ def group_importance(kernel_importance: Mapping[str, jax.Array], num_heads: int,
     Returns:
       head scores (Hq,), channel scores (F,).
     """
-    missing = [n for n in _ATTN if n not in kernel_importance]
-    gated = "gate" in kernel_importance
-    ffn_in, ffn_out = _FFN[gated], ("down" if gated else "fc2")
-    missing += [n for n in (*ffn_in, ffn_out) if n not in kernel_importance]
+    owned = groups.owned("gate" in kernel_importance)
+    missing = [n for linears in owned.values() for n, _ in linears
+               if n not in kernel_importance]
     if missing:
         raise KeyError(f"group_importance: missing kernel importances {missing}")
     bias = bias_importance or {}
-    heads = head_importance(*(kernel_importance[n] for n in _ATTN), num_heads, num_kv_heads,
-                            kv_index, iq_bias=bias.get("q"), ik_bias=bias.get("k"),
-                            iv_bias=bias.get("v"))
-    channels = channel_importance([kernel_importance[n] for n in ffn_in],
-                                  kernel_importance[ffn_out],
-                                  [bias[n] for n in ffn_in if n in bias])
+    heads = head_importance(*(kernel_importance[n] for n in ("q", "k", "v", "o")), num_heads,
+                            num_kv_heads, kv_index, iq_bias=bias.get("q"),
+                            ik_bias=bias.get("k"), iv_bias=bias.get("v"))
+    channels = channel_importance(kernel_importance, bias_importance=bias)
     return heads, channels
-
-
-def head_param_counts(hidden_size: int, head_dim: int, num_kv_heads: int,
-                      kv_index: Sequence[int], *, bias: bool) -> np.ndarray:
-    """Frozen parameters one query head carries, counted as :func:`head_importance` does.
-
-    ``q`` columns and ``o`` rows: ``2 * D * dh``; ``k`` and ``v``: ``2 * D * dh / g`` for a kv
-    head shared by ``g`` query heads; with biases (encoders) ``dh`` of q plus ``2 * dh / g``
-    of k and v (the ``o`` bias is shared by all heads and not counted).
-
-    Args:
-      hidden_size: D; head_dim: dh; num_kv_heads: Hkv.
-      kv_index: (Hq,) kv head of every query head.
-      bias: whether q, k, v carry biases.
-    Returns:
-      (Hq,) float64 parameter counts (may be fractional under GQA).
-    """
-    idx, sizes = _kv_layout(len(kv_index), num_kv_heads, kv_index)
-    per_param = hidden_size + (1 if bias else 0)
-    share = 2.0 * per_param * head_dim / np.maximum(sizes, 1)
-    return 2.0 * hidden_size * head_dim + (head_dim if bias else 0) + share[idx]
-
-
-def channel_param_count(hidden_size: int, *, gated: bool, bias: bool) -> int:
-    """Frozen parameters one FFN channel carries: ``2 D`` (fc1/fc2) or ``3 D`` (gate/up/down),
-    plus its ``fc1`` bias entry when ``bias`` (the output bias is shared, not counted)."""
-    return (3 if gated else 2) * hidden_size + (1 if bias else 0)
 
 
 # --------------------------------------------------------------------------------------

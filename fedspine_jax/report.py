@@ -3,8 +3,9 @@
 Design note
 -----------
 A run directory (``fedspine simulate --out DIR``) holds ``config.yaml``, ``metrics.jsonl``
-(one line per device and round, plus one ``"summary": true`` line per round) and, once the
-run has finished, ``summary.json``. A comparison directory (``fedspine compare --out DIR``)
+(one line per device and round, plus one ``"summary": true`` line per round; read through
+the typed rows of :mod:`fedspine_jax.metrics`) and, once the run has finished,
+``summary.json``. A comparison directory (``fedspine compare --out DIR``)
 holds one run directory per method, named after the method.
 
 :func:`render_run` draws a run's plots into its directory; :func:`render_comparison` writes
@@ -17,10 +18,14 @@ Agg canvas) rather than ``pyplot``: Agg renders headless, there is no global fig
 to leak into (so nothing to close), and the process-wide backend of a caller (say a notebook)
 is left alone, which ``matplotlib.use("Agg")`` would switch.
 
+Methods' labels, colours and table order come from the registry in
+:mod:`fedspine_jax.strategies`; directories of other names follow, alphabetically.
+
 Table 5 conventions (decided here, once):
 
-- Relative columns are ``value / reference value`` with the reference method at 100%: HETLoRA
-  when a ``hetlora`` run is present (as in the paper), else the first method in table order.
+- Relative columns are ``value / reference value`` with the reference method at 100%: the
+  registry's first method in table order (HETLoRA, as in the paper) when its run is present,
+  else the first method in table order.
 - "Train. time" is the simulated time to the target accuracy (paper section 5.2, Training
   Metrics) where the run set a target and reached it, else the whole run's simulated time;
   the "Time basis" column says which, because such rows measure different things.
@@ -35,25 +40,14 @@ import json
 import math
 import sys
 from pathlib import Path
-from fedspine_jax.errors import UserError
 
-# Methods in table / legend order: the reference first, then paper Table 5's order, then the
-# ablations. Directories with other names follow, alphabetically.
-METHOD_ORDER = ("hetlora", "fedlora_prune", "llmpruner_fedlora", "fedapt", "fedspine",
-                "fedspine_tuned", "fedspine_no_ap", "fedspine_no_at")
-REFERENCE_METHOD = "hetlora"
-METHOD_LABELS = {
-    "hetlora": "HETLoRA", "fedlora_prune": "FedLoRA+Prune",
-    "llmpruner_fedlora": "LLMPruner+FedLoRA", "fedapt": "FedAPT", "fedspine": "FedSpine",
-    "fedspine_tuned": "FedSpine (tuned S-UCB)",
-    "fedspine_no_ap": "FedSpine w/o AP", "fedspine_no_at": "FedSpine w/o AT",
-}
+from fedspine_jax.errors import UserError
+from fedspine_jax.metrics import DeviceRow, MetricsError, RoundRow, read_metrics
+from fedspine_jax.strategies import STRATEGIES, TABLE_ORDER
+
 # Fixed colours so a device type / method looks the same in every figure.
 DEVICE_COLORS = {"agx": "#1f77b4", "nx": "#ff7f0e", "tx2": "#d62728"}
-METHOD_COLORS = {"hetlora": "#7f7f7f", "fedlora_prune": "#2ca02c",
-                 "llmpruner_fedlora": "#9467bd", "fedapt": "#8c564b", "fedspine": "#d62728",
-                 "fedspine_tuned": "#e377c2",
-                 "fedspine_no_ap": "#ff7f0e", "fedspine_no_at": "#17becf"}
+METHOD_COLORS = {m: s.color for m, s in STRATEGIES.items()}
 _SPARE_COLORS = ("#bcbd22", "#e377c2", "#1f77b4", "#aec7e8", "#ffbb78", "#98df8a")
 
 # File names written by render_run / render_comparison.
@@ -90,8 +84,8 @@ class RunData:
     path: Path
     name: str
     method: str
-    devices: list
-    rounds: list
+    devices: list[DeviceRow]
+    rounds: list[RoundRow]
     summary: dict | None
     task: str | None
     target_accuracy: float | None
@@ -100,23 +94,12 @@ class RunData:
     @property
     def label(self) -> str:
         """Display name of the method (paper spelling where known)."""
-        return METHOD_LABELS.get(self.method, self.method)
+        s = STRATEGIES.get(self.method)
+        return self.method if s is None else s.label
 
 
 # ---------------------------------------------------------------------------------------
 # Reading
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for k, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{str(path)!r} line {k} is not valid JSON ({e})") from None
-    return rows
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -133,9 +116,12 @@ def load_run(run_dir: str | Path) -> RunData:
         raise ReportError(f"{str(path)!r} holds no run: metrics.jsonl is missing (expected "
                           f"the --out of 'fedspine simulate', or of 'fedspine compare' with "
                           f"one subdirectory per method)")
-    rows = _read_jsonl(metrics)
-    rounds = [r for r in rows if r.get("summary")]
-    devices = [r for r in rows if not r.get("summary")]
+    try:
+        rows = read_metrics(metrics)
+    except MetricsError as e:
+        raise ReportError(str(e)) from None
+    rounds = [r for r in rows if isinstance(r, RoundRow)]
+    devices = [r for r in rows if isinstance(r, DeviceRow)]
     if not rounds:
         raise ReportError(f"{str(metrics)!r} records no finished round")
     summary = None
@@ -161,7 +147,7 @@ def load_run(run_dir: str | Path) -> RunData:
 
 def method_dirs(comparison_dir: str | Path) -> list[Path]:
     """Subdirectories of a comparison directory that hold a finished run (summary.json),
-    sorted by name in table order (:data:`METHOD_ORDER`, then other names alphabetically)."""
+    sorted by name in table order (the registry's, then other names alphabetically)."""
     root = Path(comparison_dir)
     if not root.is_dir():
         return []
@@ -170,7 +156,7 @@ def method_dirs(comparison_dir: str | Path) -> list[Path]:
 
 
 def _order_key(name: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER), name)
+    return (TABLE_ORDER.index(name) if name in TABLE_ORDER else len(TABLE_ORDER), name)
 
 
 def ranked_completion(run: RunData, round: int | None = None) -> tuple[int, list[dict]]:
@@ -181,17 +167,18 @@ def ranked_completion(run: RunData, round: int | None = None) -> tuple[int, list
       round: the round (1-based); None picks the last round recorded.
 
     Returns:
-      ``(round, rows)`` with rows sorted by ``completion_time`` ascending (ties by device id).
+      ``(round, rows)``: the lines of the devices that sent an update, sorted by
+      ``completion_time`` ascending (ties by device id).
     """
-    recorded = sorted({r["round"] for r in run.devices})
+    recorded = sorted({r.round for r in run.devices})
     if not recorded:
         raise ReportError(f"{str(run.path)!r}: metrics.jsonl has no device lines")
     t = recorded[-1] if round is None else round
     if t not in recorded:
         raise ReportError(f"{str(run.path)!r}: round {t} not recorded (rounds "
                           f"{recorded[0]}..{recorded[-1]})")
-    rows = [r for r in run.devices if r["round"] == t]
-    return t, sorted(rows, key=lambda r: (r["completion_time"], r["device"]))
+    rows = [r for r in run.devices if r.round == t and r.completion_time is not None]
+    return t, sorted(rows, key=lambda r: (r.completion_time, r.device))
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,18 +218,17 @@ def _device_means(runs: list[RunData]) -> dict:
     """Means over every device-round of the runs that sent an update: compute and
     communication time (simulated clock) and, per round, the spread (max - min) of the
     aggregation weights."""
-    rows = [r for run in runs for r in run.devices if r.get("ratio") is not None
-            and r.get("fits_memory", True)]
+    rows = [r for run in runs for r in run.devices if r.ratio is not None
+            and r.fits_memory is not False]
     spreads = []
     for run in runs:
         by_round: dict = {}
         for r in run.devices:
-            w = r.get("aggregation_weight")
-            if w is not None:
-                by_round.setdefault(r["round"], []).append(w)
+            if r.aggregation_weight is not None:
+                by_round.setdefault(r.round, []).append(r.aggregation_weight)
         spreads += [max(w) - min(w) for w in by_round.values() if len(w) > 1]
-    return {"compute_time_s": _mean(r.get("compute_time") for r in rows),
-            "communication_time_s": _mean(r.get("comm_time") for r in rows),
+    return {"compute_time_s": _mean(r.compute_time for r in rows),
+            "communication_time_s": _mean(r.comm_time for r in rows),
             "aggregation_weight_spread": _mean(spreads)}
 
 
@@ -275,7 +261,8 @@ def comparison_table(runs: list[RunData], skipped: list[str] = ()) -> dict:
     Args:
       runs: finished runs (``summary`` not None), in table order; runs of one method with
         different seeds (``fedspine compare --methods fedspine:3``) make one row. The
-        reference is the ``hetlora`` row, else the first.
+        reference is the row of the registry's first method in table order (``hetlora``),
+        else the first.
       skipped: names of unfinished runs left out (listed under the table).
 
     Returns:
@@ -330,7 +317,7 @@ def comparison_table(runs: list[RunData], skipped: list[str] = ()) -> dict:
             "rounds": ss[0].get("rounds", len(group[0].rounds)),
         })
     names = [r["method"] for r in rows]
-    ref = rows[names.index(REFERENCE_METHOD)] if REFERENCE_METHOD in names else rows[0]
+    ref = rows[names.index(TABLE_ORDER[0])] if TABLE_ORDER[0] in names else rows[0]
     for r in rows:
         r["relative"] = {
             "train_time": _ratio(r["train_time_s"], ref["train_time_s"]),
@@ -414,11 +401,11 @@ def run_markdown(run: RunData) -> str:
     """A short Markdown summary of one run (from summary.json, else from metrics.jsonl)."""
     s = run.summary
     last = run.rounds[-1]
-    evals = [r for r in run.rounds if r.get("accuracy") is not None]
+    evals = [r for r in run.rounds if r.accuracy is not None]
     if s is None:  # unfinished run: what metrics.jsonl says so far
         s = {"method": run.method, "rounds": len(run.rounds),
-             "final_accuracy": evals[-1]["accuracy"] if evals else None,
-             "final_sparsity": last.get("mean_sparsity"), "simulated_time_s": last["clock"]}
+             "final_accuracy": evals[-1].accuracy if evals else None,
+             "final_sparsity": last.mean_sparsity, "simulated_time_s": last.clock}
     inf = s.get("inference") or {}
     target = run.target_accuracy
     if not target:
@@ -473,18 +460,18 @@ def _colors(names: list[str], fixed: dict) -> dict:
 
 def _plot_accuracy(ax, run: RunData, color: str, label: str, band: bool) -> bool:
     """Mean device accuracy (%) against the simulated clock; True if anything was drawn."""
-    evals = [r for r in run.rounds if r.get("accuracy") is not None]
+    evals = [r for r in run.rounds if r.accuracy is not None]
     if not evals:
         return False
-    clock = {r["round"]: r["clock"] for r in run.rounds}
-    xs = [r["clock"] for r in evals]
-    ax.plot(xs, [100 * r["accuracy"] for r in evals], marker="o", ms=3.5, lw=1.6,
+    clock = {r.round: r.clock for r in run.rounds}
+    xs = [r.clock for r in evals]
+    ax.plot(xs, [100 * r.accuracy for r in evals], marker="o", ms=3.5, lw=1.6,
             color=color, label=label)
     if band:  # spread of the devices' local models in evaluated rounds
         per_round: dict[int, list[float]] = {}
         for r in run.devices:
-            if r.get("accuracy") is not None:
-                per_round.setdefault(r["round"], []).append(100 * r["accuracy"])
+            if r.accuracy is not None:
+                per_round.setdefault(r.round, []).append(100 * r.accuracy)
         ts = sorted(t for t in per_round if t in clock)
         if ts:
             ax.fill_between([clock[t] for t in ts], [min(per_round[t]) for t in ts],
@@ -514,25 +501,25 @@ def _plot_completion(ax, run: RunData, round: int | None, type_colors: dict) -> 
 
     t, rows = ranked_completion(run, round)
     x = list(range(1, len(rows) + 1))
-    colors = [type_colors[r["device_type"]] for r in rows]
-    comp = [r["compute_time"] for r in rows]
-    comm = [r["comm_time"] for r in rows]
+    colors = [type_colors[r.device_type] for r in rows]
+    comp = [r.compute_time for r in rows]
+    comm = [r.comm_time for r in rows]
     ax.bar(x, comp, color=colors, edgecolor="black", lw=0.4)
     ax.bar(x, comm, bottom=comp, color=colors, alpha=0.45, hatch="//", edgecolor="black",
            lw=0.4)
-    slowest = max(r["completion_time"] for r in rows)
+    slowest = max(r.completion_time for r in rows)
     ax.axhline(slowest, color="black", ls="--", lw=1)
-    oom = [(xi, r["completion_time"]) for xi, r in zip(x, rows) if not r["fits_memory"]]
+    oom = [(xi, r.completion_time) for xi, r in zip(x, rows) if not r.fits_memory]
     if oom:
         ax.plot([o[0] for o in oom], [o[1] for o in oom], "kx", ms=7, mew=1.5)
     if len(rows) <= 40:
-        ax.set_xticks(x, [str(r["device"]) for r in rows], fontsize=7)
+        ax.set_xticks(x, [str(r.device) for r in rows], fontsize=7)
     ax.set_xlabel("device id, ranked by completion time")
     ax.set_ylabel("completion time (s)")
-    wait = sum(slowest - r["completion_time"] for r in rows) / len(rows)
+    wait = sum(slowest - r.completion_time for r in rows) / len(rows)
     ax.set_title(f"{run.label}, round {t} (mean wait {wait:.3g} s)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    present = {r["device_type"] for r in rows}
+    present = {r.device_type for r in rows}
     handles = [Patch(color=c, label=n.upper()) for n, c in type_colors.items() if n in present]
     handles += [Patch(facecolor="white", edgecolor="black", label="compute"),
                 Patch(facecolor="white", edgecolor="black", hatch="//", label="communication")]
@@ -553,21 +540,21 @@ def _plot_pr(fig, run: RunData, type_colors: dict, title: str) -> None:
     from matplotlib.ticker import MaxNLocator, NullLocator
 
     ax_p, ax_r = fig.subplots(2, 1, sharex=True)
-    by_device: dict[int, list[dict]] = {}
+    by_device: dict[int, list[DeviceRow]] = {}
     for r in run.devices:
-        by_device.setdefault(r["device"], []).append(r)
+        by_device.setdefault(r.device, []).append(r)
     many = len(run.rounds) > 40
     n = len(by_device)
     for j, d in enumerate(sorted(by_device)):
-        rows = sorted(by_device[d], key=lambda r: r["round"])
-        c = type_colors[rows[0]["device_type"]]
-        ts = [r["round"] for r in rows]
-        ax_p.plot(ts, [r["p"] for r in rows], color=c, lw=1.2, alpha=0.75,
+        rows = sorted(by_device[d], key=lambda r: r.round)
+        c = type_colors[rows[0].device_type]
+        ts = [r.round for r in rows]
+        ax_p.plot(ts, [r.p for r in rows], color=c, lw=1.2, alpha=0.75,
                   marker=None if many else "o", ms=3)
         shift = 2.0 ** (0.25 * ((j + 0.5) / n - 0.5)) if n > 1 else 1.0
-        ax_r.plot(ts, [r["r"] * shift for r in rows], color=c, lw=1.2, alpha=0.75,
+        ax_r.plot(ts, [r.r * shift for r in rows], color=c, lw=1.2, alpha=0.75,
                   drawstyle="steps-mid", marker=None if many else "o", ms=3)
-    ranks = sorted({r["r"] for r in run.devices})
+    ranks = sorted({r.r for r in run.devices})
     ax_r.set_yscale("log", base=2)
     ax_r.set_yticks(ranks, [str(k) for k in ranks])
     ax_r.yaxis.set_minor_locator(NullLocator())
@@ -578,7 +565,7 @@ def _plot_pr(fig, run: RunData, type_colors: dict, title: str) -> None:
     ax_r.set_xlabel("round")
     for ax in (ax_p, ax_r):
         ax.grid(alpha=0.3)
-    present = {r["device_type"] for r in run.devices}
+    present = {r.device_type for r in run.devices}
     ax_p.legend(handles=[Line2D([], [], color=c, label=n.upper())
                          for n, c in type_colors.items() if n in present],
                 fontsize=8, title="device type (one line per device)", title_fontsize=8)
@@ -587,7 +574,7 @@ def _plot_pr(fig, run: RunData, type_colors: dict, title: str) -> None:
 
 def _type_colors(runs: list[RunData]) -> dict:
     """Colour of every device type present, strongest known type first (legend order)."""
-    seen = dict.fromkeys(r["device_type"] for run in runs for r in run.devices)
+    seen = dict.fromkeys(r.device_type for run in runs for r in run.devices)
     return _colors([t for t in DEVICE_COLORS if t in seen] + [t for t in seen
                                                              if t not in DEVICE_COLORS],
                    DEVICE_COLORS)

@@ -177,16 +177,17 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
         lines = driver.device_rows(
             updates, report, s.fleet.type_names, round_time, acc, fits,
             {i: {"measured_compute_s": r.compute_time_s} for i, r in enumerate(results)})
-        lines.append({"round": t, "summary": True, "clock": clock, "round_time": round_time,
-                      "waiting_time": float(heterogeneity.waiting_time(times.total)),
-                      "mean_sparsity": float(np.mean([ln["ratio"] for ln in lines])),
-                      "accuracy": None if acc is None else float(acc.mean())})
+        lines.append(driver.RoundRow(
+            round=t, clock=clock, round_time=round_time,
+            waiting_time=float(heterogeneity.waiting_time(times.total)),
+            mean_sparsity=float(np.mean([ln.ratio for ln in lines])),
+            accuracy=None if acc is None else float(acc.mean())))
         driver.append_metrics(out / "metrics.jsonl", lines)
         extra = {"clock": np.float64(clock), "peak_memory": np.float64(peak_mem)}
         checkpoint.save(ckdir, t, state, extra, keep=cfg.federation.keep_checkpoints)
         if bar is not None:
             bar.round_done(sim_time=f"{clock:.0f}s", acc="-" if acc is None else
-                           f"{acc.mean():.3f}", sparsity=f"{lines[-1]['mean_sparsity']:.2f}")
+                           f"{acc.mean():.3f}", sparsity=f"{lines[-1].mean_sparsity:.2f}")
     if bar is not None:
         bar.close()
     summary = driver.summarize(out, cfg)
@@ -227,8 +228,6 @@ def run_cli(args) -> int:
 
 
 DEFAULT_CONFIG = "sst2_minilm"  # a shipped config (fedspine_jax.config.config_path)
-COMPARE_METHODS = ("fedspine", "hetlora", "fedlora_prune", "llmpruner_fedlora", "fedapt")
-ABLATIONS = ("fedspine_no_ap", "fedspine_no_at")
 # what the end-of-run summary suggests to try the exported model on, per task
 EXAMPLE_INPUT = {"sst2": '--text "a gripping film"',
                  "mnli": '--text "A man plays a guitar." --text-pair "Someone makes music."',
@@ -278,16 +277,17 @@ def end_of_run(cfg: Config, out: Path, summary: dict, wall_s: float, plots) -> s
 
 def method_specs(spec: str | None) -> list[tuple[str, int]]:
     """``--methods`` as ``[(method, seeds), ...]``: comma-separated names, each optionally
-    ``name:k`` for k seeds (default 1); ``ablations`` adds both ablations.
+    ``name:k`` for k seeds (default 1); ``ablations`` adds FedSpine's ablations. Without a
+    spec: the registry's default set (``strategies.COMPARE``).
 
     Raises:
       ConfigError: an unknown method or a bad seed count (the message names it).
     """
     from fedspine_jax.config import ConfigError
-    from fedspine_jax.strategies import STRATEGIES
+    from fedspine_jax.strategies import ABLATIONS, COMPARE, STRATEGIES
 
     out = []
-    for item in (spec or ",".join(COMPARE_METHODS)).split(","):
+    for item in (spec or ",".join(COMPARE)).split(","):
         name, _, k = item.strip().partition(":")
         if name == "ablations":
             out += [(m, 1) for m in ABLATIONS]

@@ -22,7 +22,11 @@ device's rank r_i, the task head, the assigned pruning ratio p_i and tau batches
    process (so the compile stays out of the measured compute time). Each step also computes,
    from the LoRA gradients of that step, Eq. 10 for every frozen kernel, Eq. 11 per head /
    channel, and folds them into the Eq. 12 moving average (restarted every round): the
-   importance the next round prunes with.
+   importance the next round prunes with. The step is
+   ``train_step(spec, state, frozen, batch) -> (state, metrics)``: a static
+   :class:`StepSpec` (graph, optimiser, eta, criterion), the round's :class:`StepState`
+   (trainable, optimiser state, Eq. 12 average, LoRA gradient sum for Eq. 13, step count;
+   donated) and the :class:`Frozen` masks and weights.
 4. Writes the trained factors back into the full-shape LoRA (``expand_lora``).
 
 So what a device uploads, and what is evaluated, has always been fine-tuned after its last
@@ -50,25 +54,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+from flax import nnx, struct
 
 from fedspine_jax import pruning
 from fedspine_jax.config import Config
 from fedspine_jax.data import pack_index
+from fedspine_jax.models import groups
 from fedspine_jax.models.arch import ArchConfig
 from fedspine_jax.models.compaction import compact, expand_lora
 from fedspine_jax.models.lora import HeadParam, Mask, lora_scale
-from fedspine_jax.models.state import get_head, get_lora, set_head, set_lora, set_masks
+from fedspine_jax.models.state import get_head, get_lora, lora_rank, set_head, set_lora, \
+    set_masks
 
 TRAINABLE = nnx.Any(nnx.LoRAParam, HeadParam)
-ATTN = ("q", "k", "v", "o")
 
 
 @dataclasses.dataclass(frozen=True)
 class LocalRoundResult:
     """What a device reports after its local round (and keeps: masks, importance)."""
-    lora: dict                 # {path: array} trained LoRA factors, full shapes, rank r_i
-    head: dict                 # {path: array} trained task head
+    lora: dict                 # LoRA tree (models.state), full shapes, rank r_i
+    head: dict                 # trained task head tree
     head_masks: np.ndarray     # (L, H) 0/1 after this round's pruning
     channel_masks: np.ndarray  # (L, F) 0/1
     head_importance: np.ndarray     # (L, H) Eq. 12 average of this round's steps (0 where
@@ -81,11 +86,6 @@ class LocalRoundResult:
     params_alive: int          # frozen parameters still in the model
     flops: float               # FLOPs of the round's training steps (kept sizes)
     peak_memory_bytes: int     # estimated training peak memory
-
-    @property
-    def loss_drop(self) -> float:
-        """Delta F of Eq. 3."""
-        return self.loss_before - self.loss_after
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,11 +112,10 @@ def loss_fn(model, batch: dict) -> jax.Array:
 # Eq. 10-11 inside the step
 
 
-def _linears(layer):
-    mlp = layer.mlp
-    ffn = (("gate", mlp.gate), ("up", mlp.up), ("down", mlp.down)) if mlp.gated else (
-        ("fc1", mlp.fc1), ("fc2", mlp.fc2))
-    return tuple((n, getattr(layer.attn, n)) for n in ATTN) + ffn
+def _linears(layer) -> tuple:
+    """``((name, LoRALinear), ...)`` of every linear a prunable group owns (``groups``)."""
+    return tuple((name, groups.linear(layer, name))
+                 for owned in groups.owned(layer.mlp.gated).values() for name, _ in owned)
 
 
 def group_scores(model, grads_model) -> tuple[jax.Array, jax.Array]:
@@ -172,13 +171,79 @@ def _mask_scores(mask_grads_model) -> tuple[jax.Array, jax.Array]:
             jnp.stack([lay.mlp.channel_mask[...] for lay in mask_grads_model.layers]))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "eta", "criterion"),
-                   donate_argnames=("trainable", "opt_state"))
-def train_step(graphdef, tx, eta, criterion, trainable, opt_state, masks, rest, ema, gb_sum,
-               first, batch):
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What the step is compiled for (a static, hashable jit argument).
+
+    Attributes:
+      graphdef: static graph of the compacted model (rank r_i, H_c heads, F_c channels).
+      tx: the optax transformation (:func:`_optimizer`).
+      eta: the Eq. 12 moving-average factor.
+      criterion: per-step group scores, one of :data:`CRITERIA` (see :func:`train_step`).
+    """
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    eta: float
+    criterion: str
+
+
+@struct.dataclass
+class StepState:
+    """What the tau steps of a round update (a pytree; fresh every round).
+
+    Attributes:
+      trainable: LoRA factors (``lora_a (in, r)``, ``lora_b (r, out)``) and task head.
+      opt_state: the optimiser state of ``trainable``.
+      importance_ema: ``(heads (L, H_c), channels (L, F_c))``, the Eq. 12 moving average
+        of the group scores.
+      lora_grad_sum: the sum over the steps of the LoRA gradients (same tree as the LoRA
+        factors); its ``lora_b`` part divided by the step count is the mean gradient of
+        Eq. 13.
+      step: int32 scalar, steps taken (the Eq. 12 average starts at step 0).
+    """
+    trainable: nnx.State
+    opt_state: optax.OptState
+    importance_ema: tuple[jax.Array, jax.Array]
+    lora_grad_sum: nnx.State
+    step: jax.Array
+
+
+@struct.dataclass
+class Frozen:
+    """The variables a step reads but does not train (a pytree).
+
+    Attributes:
+      masks: the head (H_c,) and channel (F_c,) masks of every layer.
+      rest: the frozen weights.
+    """
+    masks: nnx.State
+    rest: nnx.State
+
+
+def split_for_training(small, tx: optax.GradientTransformation, eta: float,
+                       criterion: str) -> tuple[StepSpec, StepState, Frozen]:
+    """A compacted model split for :func:`train_step`: its spec, the round's fresh state
+    (new optimiser state, zero Eq. 12 average and gradient sum, step 0) and its frozen
+    variables. The state holds the model's own LoRA and head arrays, which the steps
+    donate."""
+    graphdef, trainable, masks, rest = nnx.split(small, TRAINABLE, Mask, nnx.Variable)
+    n_layers = len(small.layers)
+    hc = small.layers[0].attn.head_mask.shape[0]
+    fc = small.layers[0].mlp.channel_mask.shape[0]
+    state = StepState(
+        trainable=trainable, opt_state=tx.init(trainable),
+        importance_ema=(jnp.zeros((n_layers, hc)), jnp.zeros((n_layers, fc))),
+        lora_grad_sum=jax.tree.map(jnp.zeros_like, nnx.state(small, nnx.LoRAParam)),
+        step=jnp.zeros((), jnp.int32))
+    return StepSpec(graphdef, tx, eta, criterion), state, Frozen(masks, rest)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
+def train_step(spec: StepSpec, state: StepState, frozen: Frozen, batch: dict
+               ) -> tuple[StepState, dict]:
     """One AdamW step on LoRA + head, with the group-importance update (Eq. 12 average).
 
-    Per-step group scores by ``criterion``:
+    Per-step group scores by ``spec.criterion``:
 
     * ``"lora"`` (FedSpine): Eq. 10 from the LoRA gradients, summed per group (Eq. 11);
     * ``"fisher"`` (FedLoRA + Prune, after Kwon et al.'s mask tuning): the squared gradient
@@ -188,30 +253,42 @@ def train_step(graphdef, tx, eta, criterion, trainable, opt_state, masks, rest, 
       APT's activation-times-gradient salience summed over the group's outputs.
 
     Args:
-      graphdef: static graph of the compacted model; tx: optax transformation; eta: Eq. 12.
-      trainable: LoRA + head state (donated); opt_state: optimiser state (donated).
-      masks: the mask state; rest: frozen weights.
-      ema: (heads (L, H_c), channels (L, F_c)) Eq. 12 state.
-      gb_sum: running sum of the ``lora_b`` gradients (for Eq. 13); first: bool scalar.
+      spec: graph, optimiser, eta, criterion (static).
+      state: the round's state so far (donated).
+      frozen: masks and frozen weights.
       batch: dict of (B, S) int32 arrays (see ``data.collate``).
     Returns:
-      trainable, opt_state, ema, gb_sum, loss (before this step's update).
+      the state after the step, and ``{"loss": scalar}`` (the loss before the update).
     """
+    graphdef, masks, rest = spec.graphdef, frozen.masks, frozen.rest
+
     def f(tr, mk):
         return loss_fn(nnx.merge(graphdef, tr, mk, rest), batch)
 
-    loss, (grads, mask_grads) = jax.value_and_grad(f, argnums=(0, 1))(trainable, masks)
+    loss, (grads, mask_grads) = jax.value_and_grad(f, argnums=(0, 1))(state.trainable, masks)
     grads_model = nnx.merge(graphdef, grads, masks, rest)
-    if criterion == "lora":
-        scores = group_scores(nnx.merge(graphdef, trainable, masks, rest), grads_model)
+    if spec.criterion == "lora":
+        scores = group_scores(nnx.merge(graphdef, state.trainable, masks, rest), grads_model)
     else:
-        g = _mask_scores(nnx.merge(graphdef, trainable, mask_grads, rest))
-        scores = jax.tree.map(jnp.square if criterion == "fisher" else jnp.abs, g)
-    ema = pruning.update_importance_ema(ema, scores, eta, first)
-    gb_sum = jax.tree.map(jnp.add, gb_sum, nnx.state(grads_model, nnx.LoRAParam))
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    return trainable, opt_state, ema, gb_sum, loss
+        g = _mask_scores(nnx.merge(graphdef, state.trainable, mask_grads, rest))
+        scores = jax.tree.map(jnp.square if spec.criterion == "fisher" else jnp.abs, g)
+    ema = pruning.update_importance_ema(state.importance_ema, scores, spec.eta,
+                                       state.step == 0)
+    grad_sum = jax.tree.map(jnp.add, state.lora_grad_sum,
+                            nnx.state(grads_model, nnx.LoRAParam))
+    updates, opt_state = spec.tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    return StepState(trainable=trainable, opt_state=opt_state, importance_ema=ema,
+                     lora_grad_sum=grad_sum, step=state.step + 1), {"loss": loss}
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
+def train_step_vmapped(spec: StepSpec, state: StepState, frozen: Frozen, batch: dict
+                       ) -> tuple[StepState, dict]:
+    """:func:`train_step` of G devices at once: ``state``, ``frozen``, ``batch`` and the
+    results carry a leading device axis G (devices of one graph: same rank and compacted
+    sizes)."""
+    return jax.vmap(functools.partial(train_step, spec))(state, frozen, batch)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -305,8 +382,9 @@ class RoundInput:
     """One device's share of a round (the arguments of :func:`local_round` but the model).
 
     Attributes:
-      lora: ``{path: array}`` global LoRA shrunk to the device's rank r_i (full shapes).
-      head: ``{path: array}`` task head (empty for a decoder).
+      lora: LoRA tree (``models.state``) of the global LoRA shrunk to the device's rank r_i
+        (full shapes).
+      head: task head tree (empty for a decoder).
       head_masks: (L, H) and channel_masks: (L, F) 0/1 masks from earlier rounds.
       ratio: assigned pruning ratio p_i (fraction of prunable parameters).
       batches: iterator of training batches (``cfg.train.local_steps`` are drawn).
@@ -329,14 +407,15 @@ class RoundInput:
 class _Job:
     """A device's round between preparation and finishing (see :func:`local_rounds`)."""
     inp: RoundInput
-    graphdef: object
-    index: object
-    carry: tuple           # (trainable, opt_state, ema, gb_sum), what the steps update
-    masks: object
-    rest: object
-    data: list             # tau batches (dicts of jnp arrays)
+    spec: StepSpec
+    index: object              # compaction.CompactIndex: the full-model groups kept
+    state: StepState           # what the steps update
+    frozen: Frozen
+    data: list                 # tau batches (dicts of jnp arrays)
     loss_before: float
-    pruned: tuple          # (head_masks (L, H), channel_masks (L, F), achieved ratio)
+    head_masks: np.ndarray     # (L, H) after this round's pruning
+    channel_masks: np.ndarray  # (L, F)
+    ratio: float               # achieved fraction of prunable parameters pruned
     compute_time: float = 0.0
 
     def key(self) -> tuple:
@@ -344,8 +423,8 @@ class _Job:
         rank is one of them), same batch shapes (packed batches of different T are padded
         to one, see :func:`_one_packing`)."""
         shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(
-            (self.carry[0], self.masks, self.rest)))
-        return (self.graphdef, shapes,
+            (self.state.trainable, self.frozen)))
+        return (self.spec, shapes,
                 tuple((d["input_ids"].shape, "token_index" in d) for d in self.data))
 
 
@@ -362,12 +441,7 @@ def _load(model, inp: RoundInput, head_masks=None, channel_masks=None) -> None:
 def _group_params(arch: ArchConfig) -> tuple[np.ndarray, float]:
     """Frozen parameters per head (L, H) and per FFN channel (one figure); computed once per
     architecture (pruning and the round's statistics both need it; read-only)."""
-    heads = np.stack([
-        pruning.head_param_counts(arch.hidden_size, arch.head_dim, arch.num_kv_heads,
-                                  arch.kv_index(i), bias=not arch.is_decoder)
-        for i in range(arch.num_layers)])
-    return heads, pruning.channel_param_count(arch.hidden_size, gated=arch.is_decoder,
-                                              bias=not arch.is_decoder)
+    return groups.param_counts(arch)
 
 
 def _prune(arch: ArchConfig, inp: RoundInput, cfg: Config) -> tuple:
@@ -390,7 +464,7 @@ def _prune(arch: ArchConfig, inp: RoundInput, cfg: Config) -> tuple:
     return np.asarray(new_h), np.asarray(new_c), float(achieved)
 
 
-def _prepare(model, inp: RoundInput, cfg: Config, tx) -> _Job:
+def _prepare(model, inp: RoundInput, cfg: Config, tx, criterion: str) -> _Job:
     """F before, pruning (stage 3), compaction to the kept groups, the round's batches."""
     _load(model, inp)
     # Loss before (and after) on the full masked model (equal to the compacted one's), so
@@ -399,43 +473,28 @@ def _prepare(model, inp: RoundInput, cfg: Config, tx) -> _Job:
     new_h, new_c, achieved = _prune(model.cfg, inp, cfg)
     set_masks(model, new_h, new_c)
     small, index = compact(model, sizes=bucket_sizes(new_h, new_c))
-    graphdef, trainable, masks, rest = nnx.split(small, TRAINABLE, Mask, nnx.Variable)
-    n_layers = model.cfg.num_layers
-    hc, fc = len(index.heads[0]), len(index.channels[0])
-    ema = (jnp.zeros((n_layers, hc)), jnp.zeros((n_layers, fc)))
-    gb_sum = jax.tree.map(jnp.zeros_like, nnx.state(small, nnx.LoRAParam))
+    spec, state, frozen = split_for_training(small, tx, cfg.pruning.eta, criterion)
     data = [_to_jnp(next(inp.batches)) for _ in range(cfg.train.local_steps)]
-    return _Job(inp, graphdef, index, (trainable, tx.init(trainable), ema, gb_sum), masks,
-                rest, data, loss_before, (new_h, new_c, achieved))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "eta", "criterion"),
-                   donate_argnames=("trainable", "opt_state"))
-def train_step_vmapped(graphdef, tx, eta, criterion, trainable, opt_state, masks, rest, ema,
-                       gb_sum, first, batch):
-    """:func:`train_step` of G devices at once: every argument but ``first`` carries a
-    leading device axis G (devices of one graph: same rank and compacted sizes)."""
-    def one(tr, op, mk, rs, em, gb, bt):
-        return train_step(graphdef, tx, eta, criterion, tr, op, mk, rs, em, gb, first, bt)
-
-    return jax.vmap(one)(trainable, opt_state, masks, rest, ema, gb_sum, batch)
+    return _Job(inp=inp, spec=spec, index=index, state=state, frozen=frozen, data=data,
+                loss_before=loss_before, head_masks=new_h, channel_masks=new_c,
+                ratio=achieved)
 
 
 _EXECUTABLES: dict = {}
 
 
-def _executable(step, static: tuple, args: tuple):
-    """``step`` (a jitted step) compiled ahead of time for its static arguments ``static``
-    and the shapes and dtypes of ``args`` (the rest, in order), cached for the process.
+def _executable(step, spec: StepSpec, args: tuple):
+    """``step`` (a jitted step) compiled ahead of time for ``spec`` and the shapes and
+    dtypes of ``args`` (the rest, in order), cached for the process.
 
     Compiling ahead of time keeps the compile out of a round's timed steps without running
     (and throwing away) a warm-up step: every round after a shape's first one trains its
     tau steps and no more. Call the result with ``args``.
     """
     leaves, tree = jax.tree.flatten(args)
-    key = (step, static, tree, tuple(jax.typeof(x) for x in leaves))
+    key = (step, spec, tree, tuple(jax.typeof(x) for x in leaves))
     if key not in _EXECUTABLES:
-        _EXECUTABLES[key] = step.lower(*static, *args).compile()
+        _EXECUTABLES[key] = step.lower(spec, *args).compile()
     return _EXECUTABLES[key]
 
 
@@ -453,46 +512,40 @@ def _one_packing(batches: list[dict]) -> list[dict]:
                                                        size=t))) for b in batches]
 
 
-def _run_group(jobs: list[_Job], tx, cfg: Config, criterion: str) -> None:
+def _run_group(jobs: list[_Job]) -> None:
     """The tau steps of ``jobs`` (equal :meth:`_Job.key`): one device with
     :func:`train_step`, several vmapped with :func:`train_step_vmapped`. Updates each
-    job's ``carry`` and ``compute_time`` (the group's wall clock, shared out evenly)."""
-    g0, eta = jobs[0].graphdef, cfg.pruning.eta
+    job's ``state`` and ``compute_time`` (the group's wall clock, shared out evenly)."""
+    spec = jobs[0].spec
     if len(jobs) == 1:
-        step, j = train_step, jobs[0]
-        carry, masks, rest, data = j.carry, j.masks, j.rest, j.data
+        step, (j,) = train_step, jobs
+        state, frozen, data = j.state, j.frozen, j.data
     else:
         step = train_step_vmapped
-        carry = _stack([j.carry for j in jobs])
-        masks, rest = _stack([j.masks for j in jobs]), _stack([j.rest for j in jobs])
+        state = _stack([j.state for j in jobs])
+        frozen = _stack([j.frozen for j in jobs])
         data = [_stack(_one_packing([j.data[k] for j in jobs]))
                 for k in range(len(jobs[0].data))]
 
-    static = (g0, tx, eta, criterion)
-
-    def args(carry, k, batch):
-        tr, op, em, gb = carry
-        return tr, op, masks, rest, em, gb, jnp.asarray(k == 0), batch
-
     # Every step's executable before the timed loop (compiled once per process and shape).
-    exes = [_executable(step, static, args(carry, k, batch)) for k, batch in enumerate(data)]
+    exes = [_executable(step, spec, (state, frozen, batch)) for batch in data]
     t0 = time.perf_counter()
-    for k, batch in enumerate(data):
-        carry = exes[k](*args(carry, k, batch))[:4]
-    jax.block_until_ready(carry)
+    for exe, batch in zip(exes, data):
+        state, _ = exe(state, frozen, batch)
+    jax.block_until_ready(state)
     elapsed = time.perf_counter() - t0
     for i, j in enumerate(jobs):
-        j.carry = carry if len(jobs) == 1 else jax.tree.map(lambda x: x[i], carry)
+        j.state = state if len(jobs) == 1 else jax.tree.map(lambda x: x[i], state)
         j.compute_time = elapsed / len(jobs)
 
 
 def _finish(model, job: _Job, cfg: Config) -> LocalRoundResult:
     """Eq. 13-14, the LoRA back to full shapes, the importance to carry, F after, statistics."""
     inp, arch, steps = job.inp, model.cfg, cfg.train.local_steps
-    trainable, _, ema, gb_sum = job.carry
-    small = nnx.merge(job.graphdef, trainable, job.masks, job.rest)
+    trainable = job.state.trainable
+    small = nnx.merge(job.spec.graphdef, trainable, job.frozen.masks, job.frozen.rest)
     # Eq. 13-14 with the round's mean lora_b gradient and the trained b.
-    gb = dict(nnx.to_flat_state(gb_sum))
+    gb = dict(nnx.to_flat_state(job.state.lora_grad_sum))
     paths = [p for p, _ in nnx.to_flat_state(nnx.state(small, nnx.LoRAParam))
              if p[-1] == "lora_b"]
     lins = [_module(small, p[:-1]) for p in paths]
@@ -501,7 +554,7 @@ def _finish(model, job: _Job, cfg: Config) -> LocalRoundResult:
         [lora_scale(lin.alpha, lin.rank) for lin in lins]))
 
     # Back to full shapes (the record's LoRA and head replaced by the trained ones).
-    head_masks, channel_masks, achieved = job.pruned
+    head_masks, channel_masks, achieved = job.head_masks, job.channel_masks, job.ratio
     _load(model, inp, head_masks, channel_masks)
     index = job.index
     expand_lora(model, small, index)
@@ -511,7 +564,7 @@ def _finish(model, job: _Job, cfg: Config) -> LocalRoundResult:
     # The importance to carry: groups outside the compacted model are pruned and stay so.
     full_h = np.zeros(head_masks.shape, np.float32)
     full_c = np.zeros(channel_masks.shape, np.float32)
-    ema_h, ema_c = np.asarray(ema[0]), np.asarray(ema[1])
+    ema_h, ema_c = (np.asarray(x) for x in job.state.importance_ema)
     for layer in range(n_layers):
         full_h[layer, index.heads[layer]] = ema_h[layer]
         full_c[layer, index.channels[layer]] = ema_c[layer]
@@ -525,7 +578,7 @@ def _finish(model, job: _Job, cfg: Config) -> LocalRoundResult:
     kept_c = channel_masks.sum(1).astype(int)
     kv_kept = np.array([len(np.unique(np.asarray(arch.kv_index(i))[np.flatnonzero(
         head_masks[i])])) for i in range(n_layers)])
-    rank = next(iter(inp.lora.values())).shape[-1] if inp.lora else 0
+    rank = lora_rank(inp.lora) if inp.lora else 0
     flops = sum(step_flops(arch, kept_h, kv_kept, kept_c, rank, *d["input_ids"].shape,
                            tokens=_tokens(d)) for d in job.data)
     b, s = max(d["input_ids"].shape for d in job.data)
@@ -584,13 +637,13 @@ def local_rounds(model, inputs: list[RoundInput], cfg: Config, criterion: str = 
     results: dict[int, LocalRoundResult] = {}
 
     def flush(group: list[tuple[int, _Job]]) -> None:
-        _run_group([j for _, j in group], tx, cfg, criterion)
+        _run_group([j for _, j in group])
         for pos, j in group:
             results[pos] = _finish(model, j, cfg)
 
     open_groups: dict[tuple, list[tuple[int, _Job]]] = {}
     for pos, inp in enumerate(inputs):
-        job = _prepare(model, inp, cfg, tx)
+        job = _prepare(model, inp, cfg, tx, criterion)
         key = job.key()
         open_groups.setdefault(key, []).append((pos, job))
         if len(open_groups[key]) == max_batch:
@@ -631,7 +684,8 @@ def initial_masks(arch: ArchConfig) -> tuple[np.ndarray, np.ndarray]:
 
 __all__ = ["LocalRoundResult", "RoundInput", "bucket_sizes", "estimate_peak_memory",
            "group_scores", "CRITERIA", "evaluate", "initial_masks", "local_round",
-           "local_rounds", "loss_fn", "step_flops", "train_step", "train_step_vmapped"]
+           "local_rounds", "loss_fn", "split_for_training", "step_flops", "StepSpec",
+           "StepState", "Frozen", "train_step", "train_step_vmapped"]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -51,12 +51,13 @@ import threading
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from fedspine_jax import checkpoint, driver, experiment
 from fedspine_jax.config import Config
 from fedspine_jax.federation import DeviceUpdate, UpdateRejected
-from fedspine_jax.models.state import get_head, get_lora
+from fedspine_jax.models.state import flatten, get_head, get_lora, tree_bytes
 from fedspine_jax.server import wire
 from fedspine_jax.server.models import ModelStore
 
@@ -79,10 +80,11 @@ def update_digest(u: DeviceUpdate) -> str:
     h = hashlib.sha256()
     for f in dataclasses.fields(u):
         v = getattr(u, f.name)
-        if isinstance(v, dict):
-            for k in sorted(v):
+        if isinstance(v, dict):   # a tree: its leaves by path
+            flat = flatten(v)
+            for k in sorted(flat):
                 h.update(k.encode())
-                h.update(np.ascontiguousarray(v[k], np.float32).tobytes())
+                h.update(np.ascontiguousarray(flat[k], np.float32).tobytes())
         elif isinstance(v, np.ndarray):
             h.update(np.ascontiguousarray(v, np.float32).tobytes())
         elif isinstance(v, tuple):
@@ -153,8 +155,7 @@ class Coordinator:
         # The largest honest update is the full-rank payload; twice that is refused
         # outright (smaller mistakes get the core's precise shape error).
         rec = self.state.devices
-        full = sum(v.nbytes for v in self.state.lora.values()) + sum(
-            v.nbytes for v in self.state.head.values()) + 2 * (
+        full = tree_bytes(self.state.lora) + tree_bytes(self.state.head) + 2 * (
             rec.head_masks[0].nbytes + rec.channel_masks[0].nbytes)
         self.max_update_bytes = 2 * int(full) + (64 << 10)
 
@@ -277,7 +278,8 @@ class Coordinator:
         return Task(round=st.round, ratio=float(st.plan_p[i]), rank=rank,
                     stream=(int(stream[0]), int(stream[1])), deadline_in_s=left,
                     chunks=payload + list(wire.dict_chunks(record)),
-                    num_tensors=len(st.lora) + len(st.head) + len(record))
+                    num_tensors=len(jax.tree.leaves(st.lora)) + len(jax.tree.leaves(st.head))
+                    + len(record))
 
     def _build_payload(self) -> None:
         """Pre-serialise the round's LoRA (one per planned rank) and head."""
@@ -447,26 +449,25 @@ class Coordinator:
             measured={i: {"measured_compute_s": m[0], "measured_comm_s": m[1]}
                       for i, m in self._measured.items()})
         for i, why_not in sorted(self._gave_up.items()):
-            lines.append({"round": t, "device": i, "device_type": self.s.fleet.type_names[i],
-                          "p": float(report.p[i]), "r": int(report.r[i]), "ratio": None,
-                          "no_update": why_not, "peak_memory_bytes": None,
-                          "fits_memory": False if why_not == "out_of_memory" else None,
-                          "accuracy": None if acc is None else float(acc[i])})
+            lines.append(driver.DeviceRow(
+                round=t, device=i, device_type=self.s.fleet.type_names[i],
+                p=float(report.p[i]), r=int(report.r[i]), no_update=why_not,
+                fits_memory=False if why_not == "out_of_memory" else None,
+                accuracy=None if acc is None else float(acc[i])))
         t2 = time.perf_counter()
         self.state = new
         if not self.done:
             self.state, _ = self.fed.plan(self.state)
         t_plan = time.perf_counter() - t2
-        summary = {
-            "round": t, "summary": True, "clock": self.clock, "round_time": round_time,
-            "wall_time_s": wall, "wall_clock": self.wall_clock, "close_reason": why,
-            "devices": [u.device_id for u in ups], "stragglers": stragglers,
-            "no_update": sorted(self._gave_up),
-            "waiting_time": float(report.waiting_time),
-            "mean_sparsity": float(np.mean([u.ratio for u in ups])) if ups else None,
-            "accuracy": None if acc is None else float(np.mean(acc)),
-            "overhead_s": {"accept": self._accept_s, "close": t_close, "eval": t_eval,
-                           "plan": t_plan}}
+        summary = driver.RoundRow(
+            round=t, clock=self.clock, round_time=round_time, wall_time_s=wall,
+            wall_clock=self.wall_clock, close_reason=why,
+            devices=[u.device_id for u in ups], stragglers=stragglers,
+            no_update=sorted(self._gave_up), waiting_time=float(report.waiting_time),
+            mean_sparsity=float(np.mean([u.ratio for u in ups])) if ups else None,
+            accuracy=None if acc is None else float(np.mean(acc)),
+            overhead_s={"accept": self._accept_s, "close": t_close, "eval": t_eval,
+                        "plan": t_plan})
         lines.append(summary)
         driver.append_metrics(self.out / "metrics.jsonl", lines)
         t3 = time.perf_counter()
@@ -481,7 +482,7 @@ class Coordinator:
                  "close %.3f s, eval %.3f s, plan %.3f s, checkpoint %.3f s",
                  t, self.rounds, why, len(ups), self.n, stragglers or "none", wall,
                  round_time, "-" if acc is None else f"{float(np.mean(acc)):.3f}",
-                 summary["overhead_s"]["accept"], t_close, t_eval, t_plan, t_ckpt)
+                 summary.overhead_s["accept"], t_close, t_eval, t_plan, t_ckpt)
 
 
 def _scalars(u: DeviceUpdate) -> dict:
@@ -497,11 +498,9 @@ def _scalars(u: DeviceUpdate) -> dict:
 
 
 def _update_arrays(u: DeviceUpdate) -> dict:
-    out = {f"lora/{k}": np.asarray(v) for k, v in u.lora.items()}
-    out.update({f"head/{k}": np.asarray(v) for k, v in u.head.items()})
-    for name in ("head_masks", "channel_masks", "head_importance", "channel_importance"):
-        out[name] = np.asarray(getattr(u, name))
-    return out
+    return wire.join_payload(u.lora, u.head, **{
+        name: np.asarray(getattr(u, name))
+        for name in ("head_masks", "channel_masks", "head_importance", "channel_importance")})
 
 
 def _read_entry(path: Path) -> tuple[str, DeviceUpdate | None, dict]:

@@ -118,7 +118,10 @@ class FederationServicer(pb_grpc.FederationServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"malformed upload: header announces {head.num_tensors} tensors, "
                           f"{len(tensors)} arrived")
-        lora, headp, other = wire.split_payload(tensors)
+        try:
+            lora, headp, other = wire.split_payload(tensors)
+        except wire.WireError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed upload: {e}")
         want = set(wire.MASKS + wire.IMPORTANCE)
         unknown, missing = sorted(set(other) - want), sorted(want - set(other))
         if unknown or missing:

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from fedspine_jax.models.state import flatten, unflatten
 from fedspine_jax.server import fedspine_pb2 as pb
 
 # One message carries at most this many tensor bytes; the gRPC message limit is set a
@@ -147,7 +148,12 @@ def assemble(chunks: Iterable[pb.TensorChunk], max_bytes: int) -> dict[str, np.n
 
 
 def split_payload(tensors: dict[str, np.ndarray]) -> tuple[dict, dict, dict]:
-    """``(lora, head, other)`` from wire names ``lora/<path>``, ``head/<path>`` and the rest."""
+    """``(lora, head, other)`` from wire names ``lora/<path>``, ``head/<path>`` and the rest:
+    the LoRA and head as trees (``models.state``), the rest by name.
+
+    Raises:
+      WireError: tensor names that do not make a tree (a path through a leaf, or twice).
+    """
     lora, head, other = {}, {}, {}
     for name, v in tensors.items():
         if name.startswith("lora/"):
@@ -156,13 +162,16 @@ def split_payload(tensors: dict[str, np.ndarray]) -> tuple[dict, dict, dict]:
             head[name[5:]] = v
         else:
             other[name] = v
-    return lora, head, other
+    try:
+        return unflatten(lora), unflatten(head), other
+    except ValueError as e:
+        raise WireError(f"bad tensor names: {e}") from None
 
 
 def join_payload(lora: dict, head: dict, **other: np.ndarray) -> dict[str, np.ndarray]:
-    """Inverse of :func:`split_payload`."""
-    out = {f"lora/{k}": v for k, v in lora.items()}
-    out.update({f"head/{k}": v for k, v in head.items()})
+    """Inverse of :func:`split_payload`: the trees' leaves named by their paths."""
+    out = {f"lora/{k}": v for k, v in flatten(lora).items()}
+    out.update({f"head/{k}": v for k, v in flatten(head).items()})
     out.update(other)
     return out
 

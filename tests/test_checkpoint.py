@@ -5,25 +5,29 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
 from fedspine_jax import checkpoint
 from fedspine_jax.config import from_dict
 from fedspine_jax.federation import DeviceTask, DeviceUpdate, Federation, FederationState
+from fedspine_jax.models.arch import ArchConfig
+from fedspine_jax.models.state import flatten, unflatten
 
 R, ALPHA, N = 8, 16.0, 3
 PAIRS = ("layers/0/attn/q", "layers/1/mlp/fc1")
 SHAPES = {"layers/0/attn/q": (16, 12), "layers/1/mlp/fc1": (16, 24)}
 TIERS = np.array([0, 1, 2])
-MASK_SHAPES = ((2, 3), (2, 8))
+ARCH = ArchConfig(arch="bert", vocab_size=8, hidden_size=16, num_layers=2, num_heads=3,
+                  num_kv_heads=3, head_dim=4, intermediate_size=8)   # masks (2, 3), (2, 8)
 
 
 def make_fed(strategy: str = "fedspine") -> Federation:
     cfg = from_dict({"lora": {"rank": R, "alpha": ALPHA, "rank_choices": [2, 4, 8]},
                      "pruning": {"target_ratio": 0.5, "target_round": 3},
                      "federation": {"strategy": strategy, "num_devices": N, "rounds": 6}})
-    return Federation(cfg, N, TIERS, MASK_SHAPES)
+    return Federation(cfg, N, TIERS, ARCH)
 
 
 def init_state(fed: Federation) -> FederationState:
@@ -35,7 +39,7 @@ def init_state(fed: Federation) -> FederationState:
         lora[p + "/lora_b"] = np.zeros((R, k), np.float32)
     head = {"head/kernel": rng.normal(size=(16, 2)).astype(np.float32),
             "head/bias": np.zeros(2, np.float32)}
-    return fed.init(lora, head)
+    return fed.init(unflatten(lora), unflatten(head))
 
 
 def fake_update(task: DeviceTask) -> DeviceUpdate:
@@ -45,10 +49,10 @@ def fake_update(task: DeviceTask) -> DeviceUpdate:
     lb = float(1.0 + rng.random())
     return DeviceUpdate(
         device_id=task.device_id, round=task.round,
-        lora={k: (0.3 * rng.normal(size=v.shape)).astype(np.float32)
-              for k, v in sorted(task.lora.items())},
-        head={k: (v + 0.1 * rng.normal(size=v.shape)).astype(np.float32)
-              for k, v in sorted(task.head.items())},
+        lora=unflatten({k: (0.3 * rng.normal(size=v.shape)).astype(np.float32)
+                        for k, v in sorted(flatten(task.lora).items())}),
+        head=unflatten({k: (v + 0.1 * rng.normal(size=v.shape)).astype(np.float32)
+                        for k, v in sorted(flatten(task.head).items())}),
         head_masks=task.record["head_masks"] * (rng.random((2, 3)) > 0.3),
         channel_masks=task.record["channel_masks"] * (rng.random((2, 8)) > 0.3),
         head_importance=rng.random((2, 3)).astype(np.float32),
@@ -81,14 +85,18 @@ def _equal(x, y, what: str) -> None:
     np.testing.assert_array_equal(x, y, err_msg=what)
 
 
+def _trees_equal(t1: dict, t2: dict, what: str) -> None:
+    """The same tree (structure, integer layer keys included) with equal leaves."""
+    assert jax.tree.structure(t1) == jax.tree.structure(t2), what
+    for k, v in flatten(t1).items():
+        _equal(v, flatten(t2)[k], f"{what}[{k}]")
+
+
 def assert_states_equal(s1: FederationState, s2: FederationState) -> None:
     """Every leaf of two federation states equal (values and dtypes)."""
     assert s1.round == s2.round
     for name in ("lora", "head"):
-        d1, d2 = getattr(s1, name), getattr(s2, name)
-        assert d1.keys() == d2.keys(), name
-        for k in d1:
-            _equal(d1[k], d2[k], f"{name}[{k}]")
+        _trees_equal(getattr(s1, name), getattr(s2, name), name)
     for f in dataclasses.fields(s1.devices):
         _equal(getattr(s1.devices, f.name), getattr(s2.devices, f.name), f"devices.{f.name}")
     assert s1.skipped == s2.skipped
@@ -109,9 +117,7 @@ def assert_states_equal(s1: FederationState, s2: FederationState) -> None:
         for f in dataclasses.fields(DeviceUpdate):
             v1, v2 = getattr(u1, f.name), getattr(u2, f.name)
             if isinstance(v1, dict):
-                assert v1.keys() == v2.keys()
-                for k in v1:
-                    _equal(v1[k], v2[k], f"updates[{i}].{f.name}[{k}]")
+                _trees_equal(v1, v2, f"updates[{i}].{f.name}")
             elif isinstance(v1, np.ndarray):
                 _equal(v1, v2, f"updates[{i}].{f.name}")
             else:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
@@ -296,8 +297,8 @@ def run_dir(tmp_path_factory, shared_data, tiny_config_path):
     dump_config(cfg, run / "config.yaml")
     s = experiment.setup(cfg)
     rng = np.random.default_rng(1)
-    lora = {k: (rng.normal(size=v.shape) * 0.05).astype(np.float32)
-            for k, v in get_lora(s.model).items()}
+    lora = jax.tree.map(lambda v: (rng.normal(size=v.shape) * 0.05).astype(np.float32),
+                        get_lora(s.model))
     state = s.fed.init(lora, get_head(s.model))
     hm, cm = state.devices.head_masks.copy(), state.devices.channel_masks.copy()
     hm[1, 0, :3] = 0

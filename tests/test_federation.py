@@ -14,6 +14,8 @@ import pytest
 
 from fedspine_jax import bandit
 from fedspine_jax.config import from_dict
+from fedspine_jax.models.arch import ArchConfig
+from fedspine_jax.models.state import flatten, unflatten
 from fedspine_jax.federation import (DeviceTask, DeviceUpdate, Federation, QuorumNotMet,
                                      UpdateRejected)
 from fedspine_jax.strategies import STRATEGIES, get
@@ -24,12 +26,16 @@ NUM_HEADS = 3                      # the fake q has 12 output columns: 3 heads o
 N = 3
 PAIRS = ("layers/0/attn/q", "layers/1/attn/q")
 TIERS = np.array([0, 1, 2])        # device 0 strongest (HETLoRA's rank policy)
+# the fake model's architecture: its q is (16, 12), 3 heads of 4; 4 FFN channels
+ARCH = ArchConfig(arch="bert", vocab_size=8, hidden_size=D_IN, num_layers=len(PAIRS),
+                  num_heads=NUM_HEADS, num_kv_heads=NUM_HEADS, head_dim=D_OUT // NUM_HEADS,
+                  intermediate_size=4)
 MASK_SHAPES = ((len(PAIRS), NUM_HEADS), (len(PAIRS), 4))   # (L, H), (L, F) of the devices
 
 
 def Fed(cfg, num_devices: int, tiers=None) -> Federation:
-    """The federation of a fake model with MASK_SHAPES masks."""
-    return Federation(cfg, num_devices, tiers, MASK_SHAPES)
+    """The federation of the fake model."""
+    return Federation(cfg, num_devices, tiers, ARCH)
 
 
 def make_cfg(strategy: str = "fedspine", num_devices: int = N, **sections):
@@ -50,19 +56,19 @@ def fake_global(seed: int = 0) -> tuple[dict, dict]:
         lora[p + "/lora_b"] = np.zeros((R, D_OUT), np.float32)
     head = {"head/kernel": rng.normal(size=(D_IN, 2)).astype(np.float32),
             "head/bias": np.zeros(2, np.float32)}
-    return lora, head
+    return unflatten(lora), unflatten(head)
 
 
 def fake_update(task: DeviceTask, seed: int = 0, **changes) -> DeviceUpdate:
     """A plausible update for ``task``, a pure function of (seed, device, round)."""
     rng = np.random.default_rng((seed, task.device_id, task.round))
     lora = {k: (0.3 * rng.normal(size=v.shape)).astype(np.float32)
-            for k, v in sorted(task.lora.items())}
+            for k, v in sorted(flatten(task.lora).items())}
     head = {k: (v + 0.1 * rng.normal(size=v.shape)).astype(np.float32)
-            for k, v in sorted(task.head.items())}
+            for k, v in sorted(flatten(task.head).items())}
     loss_before = float(1.0 + rng.random())
     fields = dict(
-        device_id=task.device_id, round=task.round, lora=lora, head=head,
+        device_id=task.device_id, round=task.round, lora=unflatten(lora), head=unflatten(head),
         head_masks=np.asarray(task.record["head_masks"], np.float32),
         channel_masks=np.asarray(task.record["channel_masks"], np.float32),
         head_importance=rng.random(MASK_SHAPES[0]).astype(np.float32),
@@ -88,6 +94,12 @@ def play_round(fed: Federation, state, seed: int = 0, skip=(), force: bool = Fal
         state = fed.accept(state, u)
     state, report = fed.close(state, force=force)
     return planned, tasks, updates, state, report
+
+
+def pair(lora: dict, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(a, b)`` of the pair at ``prefix`` (e.g. ``layers/0/attn/q``) of a LoRA tree."""
+    flat = flatten(lora)
+    return flat[prefix + "/lora_a"], flat[prefix + "/lora_b"]
 
 
 def effective(a, b, rank: int) -> np.ndarray:
@@ -119,11 +131,11 @@ def test_round_advances_and_records_updates():
     assert [t.rank for t in tasks] == s1.plan_r.tolist()
     np.testing.assert_array_equal([t.ratio for t in tasks], s1.plan_p)
     for t in tasks:   # each task's LoRA is at its rank; the head is the global head
-        assert {k: v.shape for k, v in t.lora.items()} == {
+        assert {k: v.shape for k, v in flatten(t.lora).items()} == {
             **{p + "/lora_a": (D_IN, t.rank) for p in PAIRS},
             **{p + "/lora_b": (t.rank, D_OUT) for p in PAIRS}}
-        for k, v in s1.head.items():
-            np.testing.assert_array_equal(t.head[k], v)
+        for k, v in flatten(s1.head).items():
+            np.testing.assert_array_equal(flatten(t.head)[k], v)
     state = s1
     ups = [fake_update(t) for t in reversed(tasks)]        # arrival order 2, 1, 0
     for i, u in enumerate(ups):
@@ -157,7 +169,8 @@ def test_round_advances_and_records_updates():
 def test_init_rejects_a_lora_at_another_rank():
     fed = Fed(make_cfg(), N)
     lora, head = fake_global()
-    lora = {k: (v[:, :4] if k.endswith("lora_a") else v[:4]) for k, v in lora.items()}
+    lora = unflatten({k: (v[:, :4] if k.endswith("lora_a") else v[:4])
+                      for k, v in flatten(lora).items()})
     with pytest.raises(ValueError, match="rank"):
         fed.init(lora, head)
     with pytest.raises(ValueError, match="tiers"):
@@ -179,9 +192,9 @@ def test_planning_is_idempotent_within_a_round():
         for t in (tb, tc):
             assert (t.device_id, t.round, t.ratio, t.rank) == (ta.device_id, ta.round,
                                                                ta.ratio, ta.rank)
-            assert t.lora.keys() == ta.lora.keys()
-            for k in ta.lora:
-                np.testing.assert_array_equal(t.lora[k], ta.lora[k])
+            assert flatten(t.lora).keys() == flatten(ta.lora).keys()
+            for k in flatten(ta.lora):
+                np.testing.assert_array_equal(flatten(t.lora)[k], flatten(ta.lora)[k])
     # the bandit advanced exactly once for the round
     assert np.all(np.asarray(s1.bandit.round) == 2)
 
@@ -197,19 +210,19 @@ def test_fedspine_aggregation_is_the_truncated_importance_weighted_sum():
     imp = np.array([u.lora_importance for u in ups])
     c = imp / imp.sum()
     for p in PAIRS:
-        total = sum(ci * effective(u.lora[p + "/lora_a"], u.lora[p + "/lora_b"], r)
+        total = sum(ci * effective(*pair(u.lora, p), r)
                     for ci, u, r in zip(c, ups, ranks))
         want = best_rank(total, R)
-        a, b = new.lora[p + "/lora_a"], new.lora[p + "/lora_b"]
+        a, b = pair(new.lora, p)
         assert a.shape == (D_IN, R) and b.shape == (R, D_OUT)
         assert a.dtype == np.float32 and b.dtype == np.float32
         np.testing.assert_allclose(effective(a, b, R), want, atol=1e-5, rtol=1e-5)
         # and it really is truncated: the full sum differs from its best rank-R part
         assert np.abs(total - want).max() > 1e-3
     n = np.array([u.num_samples for u in ups], np.float64)
-    for k in new.head:   # the head is the sample-weighted mean
-        want = sum(w * u.head[k] for w, u in zip(n / n.sum(), ups))
-        np.testing.assert_allclose(new.head[k], want, atol=1e-6, rtol=1e-6)
+    for k in flatten(new.head):   # the head is the sample-weighted mean
+        want = sum(w * flatten(u.head)[k] for w, u in zip(n / n.sum(), ups))
+        np.testing.assert_allclose(flatten(new.head)[k], want, atol=1e-6, rtol=1e-6)
 
 
 def test_fedavg_aggregation_averages_the_factors():
@@ -219,16 +232,16 @@ def test_fedavg_aggregation_averages_the_factors():
     assert planned.plan_r.tolist() == [R] * N
     n = np.array([u.num_samples for u in ups], np.float64)
     w = n / n.sum()
-    for k in new.lora:
-        want = sum(wi * u.lora[k].astype(np.float64) for wi, u in zip(w, ups))
-        np.testing.assert_allclose(new.lora[k], want, atol=1e-6, rtol=1e-5)
+    for k in flatten(new.lora):
+        want = sum(wi * flatten(u.lora)[k].astype(np.float64) for wi, u in zip(w, ups))
+        np.testing.assert_allclose(flatten(new.lora)[k], want, atol=1e-6, rtol=1e-5)
 
 
 def test_hetlora_aggregation_stays_at_rank_r_and_keeps_devices_ranks():
     fed, state = new_federation("hetlora")
     planned, tasks, ups, new, _ = play_round(fed, state)
     assert planned.plan_r.tolist() == [8, 4, 2]        # strongest tier gets the largest rank
-    for k, v in new.lora.items():
+    for k, v in flatten(new.lora).items():
         assert v.shape == ((D_IN, R) if k.endswith("lora_a") else (R, D_OUT))
         assert np.all(np.isfinite(v))
 
@@ -240,17 +253,17 @@ def test_global_lora_stays_at_rank_r_and_tasks_are_its_best_approximation(strate
     fed, state = new_federation(strategy)
     for _ in range(4):
         state, tasks = fed.plan(state)
-        glob = {p: effective(state.lora[p + "/lora_a"], state.lora[p + "/lora_b"], R)
+        glob = {p: effective(*pair(state.lora, p), R)
                 for p in PAIRS}
         for t in tasks:
             for p in PAIRS:
-                got = effective(t.lora[p + "/lora_a"], t.lora[p + "/lora_b"], t.rank)
+                got = effective(*pair(t.lora, p), t.rank)
                 np.testing.assert_allclose(got, best_rank(glob[p], t.rank), atol=1e-5,
                                            rtol=1e-4, err_msg=f"round {t.round} {t}")
         for t in tasks:
             state = fed.accept(state, fake_update(t))
         state, _ = fed.close(state)
-        for k, v in state.lora.items():
+        for k, v in flatten(state.lora).items():
             assert v.shape == ((D_IN, R) if k.endswith("lora_a") else (R, D_OUT)), k
 
 
@@ -275,7 +288,7 @@ def test_strategies_plan_plausible_ratios_and_ranks(strategy):
         if not st.prunes or t == 1:
             # round 1: no device has measured importance yet, so none prunes
             assert np.all(p == 0)
-        elif st.p_policy == "schedule":
+        elif st.ratio_policy.name == "schedule":
             # the uniform schedule, raised to the ratio a device already reached
             sched = np.float32(target * min(1.0, t / t_end))
             np.testing.assert_array_equal(p, np.maximum(sched, last_p))
@@ -284,17 +297,17 @@ def test_strategies_plan_plausible_ratios_and_ranks(strategy):
             if fed.bandit_config().bandit.arm_space == "floor" and t >= t_end:
                 # our floor: at the target from target_round on
                 np.testing.assert_allclose(p, np.maximum(target, last_p))
-        if st.r_policy == "global":
+        if st.rank_policy.name == "global":
             assert np.all(r == cfg.lora.rank)
-        elif st.r_policy == "capability":
+        elif st.rank_policy.name == "capability":
             assert r.tolist() == [8, 4, 2]
-        elif st.r_policy == "growing":
+        elif st.rank_policy.name == "growing":
             assert len(set(r.tolist())) == 1
         else:
             assert set(r.tolist()) <= set(cfg.lora.rank_choices)
         prev_p = p
         assert state.round == t + 1
-    if st.r_policy == "bandit":   # the bandit explores ranks
+    if st.rank_policy.name == "bandit":   # the bandit explores ranks
         assert len({x for row in history for x in row}) > 1
 
 
@@ -338,15 +351,15 @@ def _collecting(strategy: str = "fedspine"):
 def _wrong_rank(task):
     r = 8 if task.rank != 8 else 4
     lora = {k: np.zeros((D_IN, r) if k.endswith("lora_a") else (r, D_OUT), np.float32)
-            for k in task.lora}
-    return fake_update(task, lora=lora)
+            for k in flatten(task.lora)}
+    return fake_update(task, lora=unflatten(lora))
 
 
 def _with(task, part: str, fn):
     u = fake_update(task)
-    d = dict(getattr(u, part))
+    d = flatten(getattr(u, part))   # edited by path, sent as a tree again
     fn(d)
-    return dataclasses.replace(u, **{part: d})
+    return dataclasses.replace(u, **{part: unflatten(d)})
 
 
 def _set_nan(d):
@@ -391,13 +404,13 @@ def test_bad_update_is_rejected_without_state_change(name):
     fed, state, tasks = _collecting()
     make, pattern = BAD_UPDATES[name]
     before_updates = state.updates
-    before_lora = {k: v.copy() for k, v in state.lora.items()}
+    before_lora = {k: v.copy() for k, v in flatten(state.lora).items()}
     with pytest.raises(UpdateRejected, match=pattern):
         fed.accept(state, make(tasks))
     assert state.updates is before_updates and len(state.updates) == 1
     assert state.round == 2
     for k, v in before_lora.items():
-        np.testing.assert_array_equal(state.lora[k], v)
+        np.testing.assert_array_equal(flatten(state.lora)[k], v)
     # the round goes on with the good updates as if nothing had happened
     for t in tasks[1:]:
         state = fed.accept(state, fake_update(t))
@@ -457,10 +470,10 @@ def test_quorum_not_met_and_forced_close_keeps_missing_device_bandit():
     ups = [u for u in collecting.updates]
     imp = np.array([u.lora_importance for u in ups])
     p = PAIRS[0]
-    total = sum(c * effective(u.lora[p + "/lora_a"], u.lora[p + "/lora_b"],
+    total = sum(c * effective(*pair(u.lora, p),
                               int(planned.plan_r[u.device_id]))
                 for c, u in zip(imp / imp.sum(), ups))
-    np.testing.assert_allclose(effective(new.lora[p + "/lora_a"], new.lora[p + "/lora_b"], R),
+    np.testing.assert_allclose(effective(*pair(new.lora, p), R),
                                best_rank(total, R), atol=1e-5, rtol=1e-5)
     # the next round plans device 1 again
     new, tasks = fed.plan(new)
@@ -484,8 +497,8 @@ def test_forced_close_with_no_update_keeps_the_model():
     planned, _ = fed.plan(state)
     new, report = fed.close(planned, force=True)
     assert new.round == 2 and report.device_ids.size == 0 and report.waiting_time == 0.0
-    for k in state.lora:
-        np.testing.assert_array_equal(new.lora[k], state.lora[k])
+    for k in flatten(state.lora):
+        np.testing.assert_array_equal(flatten(new.lora)[k], flatten(state.lora)[k])
     np.testing.assert_array_equal(new.last_p, state.last_p)
     for f in ("count", "reward_sum"):
         np.testing.assert_array_equal(getattr(new.bandit, f), getattr(planned.bandit, f))
@@ -517,8 +530,8 @@ def test_mask_aware_aggregation_ignores_devices_that_pruned_a_head(mask_aware):
     imp = np.array([u.lora_importance for u in ups])
     c = imp / imp.sum()
     for p in PAIRS:
-        got = effective(new.lora[p + "/lora_a"], new.lora[p + "/lora_b"], R)
-        dev = [effective(u.lora[p + "/lora_a"], u.lora[p + "/lora_b"], 2) for u in ups]
+        got = effective(*pair(new.lora, p), R)
+        dev = [effective(*pair(u.lora, p), 2) for u in ups]
         mixed = c[0] * dev[0] + c[1] * dev[1]
         np.testing.assert_allclose(got[:, :8], mixed[:, :8], atol=1e-5, rtol=1e-5)
         want = dev[0][:, 8:] if mask_aware else mixed[:, 8:]

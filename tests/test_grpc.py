@@ -23,12 +23,14 @@ import time
 from pathlib import Path
 
 import grpc
+import jax
 import numpy as np
 import pytest
 
 from fedspine_jax import checkpoint
 from fedspine_jax.config import load_config
 from fedspine_jax.federation import Federation
+from fedspine_jax.models.state import flatten
 from fedspine_jax.server import auth, wire
 from fedspine_jax.server import fedspine_pb2 as pb
 from fedspine_jax.server import fedspine_pb2_grpc as pb_grpc
@@ -174,9 +176,10 @@ def assert_same_final_state(out: Path, ref: Path, cfg, atol: float = 1e-6) -> No
     assert k1 == k2 == cfg.federation.rounds and s1.round == s2.round
     assert s1.updates == () and s2.updates == ()
     for name, a, b in (("lora", s1.lora, s2.lora), ("head", s1.head, s2.head)):
-        assert a.keys() == b.keys(), name
-        for k in a:
-            np.testing.assert_allclose(a[k], b[k], rtol=0, atol=atol, err_msg=f"{name} {k}")
+        assert jax.tree.structure(a) == jax.tree.structure(b), name
+        for k, v in flatten(a).items():
+            np.testing.assert_allclose(v, flatten(b)[k], rtol=0, atol=atol,
+                                       err_msg=f"{name} {k}")
     np.testing.assert_allclose(s1.last_p, s2.last_p, rtol=0, atol=atol)
     for f in dataclasses.fields(s1.bandit):
         if f.name != "params":

@@ -138,8 +138,9 @@ def test_channel_importance_equals_explicit_slices():
     i_gate, i_up, i_down = np.abs(_rand(rng, d, f)), np.abs(_rand(rng, d, f)), np.abs(
         _rand(rng, f, d))
     b1 = np.abs(_rand(rng, f))
-    got = np.asarray(P.channel_importance([i_gate, i_up], i_down))
-    got_b = np.asarray(P.channel_importance([i_gate], i_down, [b1]))
+    got = np.asarray(P.channel_importance({"gate": i_gate, "up": i_up, "down": i_down}))
+    got_b = np.asarray(P.channel_importance({"fc1": i_gate, "fc2": i_down},
+                                            bias_importance={"fc1": b1}))
     for c in range(f):
         np.testing.assert_allclose(got[c], i_gate[:, c].sum() + i_up[:, c].sum()
                                    + i_down[c, :].sum(), rtol=1e-5)
@@ -155,8 +156,8 @@ def test_group_importance_dispatches_for_both_families():
              "up": np.abs(_rand(rng, d, f)), "down": np.abs(_rand(rng, f, d))}
     heads, chans = P.group_importance(llama, 4, 2)
     np.testing.assert_allclose(heads, P.head_importance(iq, ik, iv, io, 4, 2))
-    np.testing.assert_allclose(chans, P.channel_importance([llama["gate"], llama["up"]],
-                                                           llama["down"]))
+    np.testing.assert_allclose(chans, llama["gate"].sum(0) + llama["up"].sum(0)
+                               + llama["down"].sum(1), rtol=1e-6)
     iq, ik, iv, io = _attn_importances(rng, d, 2, 2, dh)
     bert = {"q": iq, "k": ik, "v": iv, "o": io, "fc1": np.abs(_rand(rng, d, f)),
             "fc2": np.abs(_rand(rng, f, d))}
@@ -164,8 +165,8 @@ def test_group_importance_dispatches_for_both_families():
     heads, chans = P.group_importance(bert, 2, 2, bias_importance=bias)
     np.testing.assert_allclose(heads, P.head_importance(iq, ik, iv, io, 2, 2,
                                                         iq_bias=bias["q"]), rtol=1e-6)
-    np.testing.assert_allclose(chans, P.channel_importance([bert["fc1"]], bert["fc2"],
-                                                           [bias["fc1"]]), rtol=1e-6)
+    np.testing.assert_allclose(chans, bert["fc1"].sum(0) + bert["fc2"].sum(1) + bias["fc1"],
+                               rtol=1e-6)
     with pytest.raises(KeyError, match="fc2"):
         P.group_importance({k: v for k, v in bert.items() if k != "fc2"}, 2, 2)
 

@@ -172,11 +172,11 @@ def test_render_run_and_ranked_completion(tmp_path):
     assert run.target_accuracy == 0.8
     t, rows = report.ranked_completion(run)
     assert t == ROUNDS
-    times = [r["completion_time"] for r in rows]
+    times = [r.completion_time for r in rows]
     assert times == sorted(times) and len(rows) == len(TYPES)
-    assert {r["device"] for r in rows} == set(range(len(TYPES)))
+    assert {r.device for r in rows} == set(range(len(TYPES)))
     t2, rows2 = report.ranked_completion(run, 2)
-    assert t2 == 2 and all(r["round"] == 2 for r in rows2)
+    assert t2 == 2 and all(r.round == 2 for r in rows2)
     with pytest.raises(ReportError, match="round 9 not recorded"):
         report.ranked_completion(run, 9)
 
@@ -288,11 +288,12 @@ def test_cli_compare_ends_with_the_table_and_what_next(tmp_path, monkeypatch, ca
 
 def test_method_specs_name_seeds_per_method():
     from fedspine_jax.config import ConfigError
-    from fedspine_jax.simulation import COMPARE_METHODS, method_specs, run_dir_name
+    from fedspine_jax.simulation import method_specs, run_dir_name
 
     assert method_specs("fedspine:3,hetlora,ablations") == [
         ("fedspine", 3), ("hetlora", 1), ("fedspine_no_ap", 1), ("fedspine_no_at", 1)]
-    assert method_specs(None) == [(m, 1) for m in COMPARE_METHODS]
+    assert method_specs(None) == [(m, 1) for m in ("fedspine", "hetlora", "fedlora_prune",
+                                                   "llmpruner_fedlora", "fedapt")]
     assert run_dir_name("fedspine", 0, 5) == "fedspine"
     assert run_dir_name("fedspine", 2, 7) == "fedspine_seed7"
     for bad, word in (("fedspin", "unknown method"), ("fedspine:0", "seed count"),

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
 from fedspine_jax import data as D
 from fedspine_jax.config import load_config, replace
 from fedspine_jax.models import ArchConfig, build_model, load_pretrained, load_tokenizer
-from fedspine_jax.models.state import get_head, get_lora
+from fedspine_jax.models.state import flatten, get_head, get_lora, unflatten
 from fedspine_jax.train import (
     RoundInput,
     bucket_sizes,
@@ -68,7 +69,8 @@ def test_tiny_local_round_statistics_and_monotone_masks(tiny_setup):
         assert np.all(res.channel_importance[res.channel_masks == 0] == 0)
         assert res.head_importance[res.head_masks == 1].max() > 0
         # the LoRA actually changed
-        assert any(not np.allclose(res.lora[k], lora[k]) for k in lora)
+        assert any(not np.allclose(flatten(res.lora)[k], flatten(lora)[k])
+                   for k in flatten(lora))
         flops.append(res.flops)
         alive.append(res.params_alive)
         ratios.append(res.ratio)
@@ -131,7 +133,8 @@ def test_a_round_prunes_with_the_carried_importance_then_trains(tiny_setup):
     np.testing.assert_array_equal(np.asarray(got_c), res.channel_masks)
     assert float(eval_loss(*nnx.split(model), {k: jnp.asarray(v) for k, v in probe.items()})) \
         == pytest.approx(res.loss_after, rel=1e-6)
-    assert any(not np.allclose(res.lora[k], first.lora[k]) for k in first.lora)
+    assert any(not np.allclose(flatten(res.lora)[k], flatten(first.lora)[k])
+               for k in flatten(first.lora))
 
 
 def test_step_flops_fall_with_kept_sizes():
@@ -224,7 +227,8 @@ def test_vmapped_local_rounds_equal_sequential_ones(tiny_setup, monkeypatch):
     pruned_h[:, 0] = 0  # a 3-of-4-heads bucket: its own group
     lora, head = get_lora(model), get_head(model)
 
-    lora2 = {k: v[:, :2] if k.endswith("lora_a") else v[:2] for k, v in lora.items()}
+    lora2 = unflatten({k: v[:, :2] if k.endswith("lora_a") else v[:2]
+                       for k, v in flatten(lora).items()})
 
     def inputs():
         out = []
@@ -248,10 +252,8 @@ def test_vmapped_local_rounds_equal_sequential_ones(tiny_setup, monkeypatch):
     # the three full-mask rank-4 devices together; the pruned one and the rank-2 one alone
     assert sorted(sizes) == [1, 1, 3]
     for a, b in zip(seq, vm):
-        for k in a.lora:
-            np.testing.assert_allclose(a.lora[k], b.lora[k], rtol=1e-4, atol=1e-5)
-        for k in a.head:
-            np.testing.assert_allclose(a.head[k], b.head[k], rtol=1e-4, atol=1e-5)
+        for x, y in zip(jax.tree.leaves((a.lora, a.head)), jax.tree.leaves((b.lora, b.head))):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(a.head_masks, b.head_masks)
         np.testing.assert_array_equal(a.channel_masks, b.channel_masks)
         np.testing.assert_allclose(a.head_importance, b.head_importance, rtol=1e-3,
@@ -261,7 +263,7 @@ def test_vmapped_local_rounds_equal_sequential_ones(tiny_setup, monkeypatch):
         assert a.lora_importance == pytest.approx(b.lora_importance, rel=1e-3)
         assert a.flops == b.flops and a.ratio == b.ratio
     # the devices really differ (different data), so equality is not trivial
-    assert not np.allclose(seq[0].lora[next(iter(lora))], seq[1].lora[next(iter(lora))])
+    assert not np.allclose(jax.tree.leaves(seq[0].lora)[0], jax.tree.leaves(seq[1].lora)[0])
     with pytest.raises(ValueError, match="max_batch"):
         local_rounds(model, inputs(), cfg, max_batch=0)
 

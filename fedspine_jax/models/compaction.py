@@ -4,12 +4,10 @@ Design note
 -----------
 ``compact(model)`` reads the 0/1 head and channel masks and builds a smaller model of the
 same class whose layers hold only the kept groups (different counts per layer; a layer may
-keep none). Kernels, biases and LoRA factors are gathered by index:
-
-* a query head ``h``: columns ``h*dh:(h+1)*dh`` of ``q`` (kernel, bias, ``lora_b``) and the
-  same rows of ``o`` (kernel, ``lora_a``);
-* a kv head: its columns of ``k`` and ``v``; it is kept while any of its query heads is;
-* an FFN channel: its column of ``fc1`` / ``gate`` / ``up`` and its row of ``fc2`` / ``down``.
+keep none). Every linear is gathered along the axis its owning groups own
+(:mod:`fedspine_jax.models.groups`): along ``out`` the kernel's columns, the bias and
+``lora_b``'s columns; along ``in`` the kernel's rows and ``lora_a``'s rows. A kv head is kept
+while any of its query heads is.
 
 ``sizes`` pads every layer up to given head / channel counts with pruned groups whose mask
 stays 0, so that training on compacted shapes compiles once per size bucket, not once per
@@ -27,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedspine_jax.models import groups
 from fedspine_jax.models.arch import ArchConfig
 
 
@@ -36,11 +35,6 @@ class CompactIndex:
     heads: tuple       # per layer: (h_l,) query-head indices into the full layer
     kv_heads: tuple    # per layer: (kv_l,) kv-head indices into the full layer
     channels: tuple    # per layer: (f_l,) channel indices into the full layer
-
-
-def _cols(idx: np.ndarray, width: int) -> np.ndarray:
-    """Column indices of groups ``idx`` of ``width`` columns each."""
-    return (idx[:, None] * width + np.arange(width)[None, :]).reshape(-1).astype(np.int32)
 
 
 def _pad(keep: np.ndarray, total: int, size: int | None) -> np.ndarray:
@@ -67,12 +61,17 @@ def compact_index(model, sizes: tuple[int, int] | None = None) -> CompactIndex:
         cm = np.asarray(lay.mlp.channel_mask[...])
         h = _pad(np.flatnonzero(hm > 0).astype(np.int32), cfg.num_heads,
                  sizes[0] if sizes else None)
-        kv_of = np.asarray(cfg.kv_index(i), np.int32)
         heads.append(h)
-        kvs.append(np.unique(kv_of[h]).astype(np.int32))
+        kvs.append(groups.kv_heads_of(cfg, i, h))
         chans.append(_pad(np.flatnonzero(cm > 0).astype(np.int32), cfg.intermediate_size,
                           sizes[1] if sizes else None))
     return CompactIndex(tuple(heads), tuple(kvs), tuple(chans))
+
+
+def _kept(index: CompactIndex, layer: int) -> dict[str, np.ndarray]:
+    """Group kind -> the groups of the full ``layer`` its compacted layer holds."""
+    return {groups.HEAD: index.heads[layer], groups.KV_HEAD: index.kv_heads[layer],
+            groups.CHANNEL: index.channels[layer]}
 
 
 def compact_arch(cfg: ArchConfig, index: CompactIndex, merge_lora: bool) -> ArchConfig:
@@ -80,32 +79,30 @@ def compact_arch(cfg: ArchConfig, index: CompactIndex, merge_lora: bool) -> Arch
     for i, (h, kv) in enumerate(zip(index.heads, index.kv_heads)):
         full = np.asarray(cfg.kv_index(i))
         kv_index.append(tuple(int(np.searchsorted(kv, full[q])) for q in h))
-    changes = dict(layer_kv_index=tuple(kv_index),
-                   layer_channels=tuple(int(len(c)) for c in index.channels))
+    changes = {"layer_kv_index": tuple(kv_index),
+               "layer_channels": tuple(len(c) for c in index.channels)}
     if merge_lora:
         changes.update(lora_targets=(), lora_rank=0)
     return cfg.replace(**changes)
 
 
-def _copy_linear(dst, src, *, out_idx=None, in_idx=None, merge: bool) -> None:
-    """Gather ``src`` (a LoRALinear) into ``dst`` along its output and/or input axis.
+def _copy_linear(dst, src, axis: int, idx: np.ndarray, *, merge: bool) -> None:
+    """Gather ``src`` (a LoRALinear) into ``dst`` at indices ``idx`` of kernel axis ``axis``
+    (``groups.IN``: rows, ``groups.OUT``: columns).
 
     Gathers run in NumPy on host copies: compaction happens once per round outside jit,
     where dispatching one XLA op per gather would cost more than the copies themselves.
     """
+    out = axis == groups.OUT
     w = np.asarray(src.merged_kernel() if merge else src.kernel[...])
-    if out_idx is not None:
-        w = w[:, out_idx]
-    if in_idx is not None:
-        w = w[in_idx, :]
-    dst.kernel.set_value(jnp.asarray(w))
+    dst.kernel.set_value(jnp.asarray(w[:, idx] if out else w[idx, :]))
     if src.bias is not None:
         bias = np.asarray(src.bias[...])
-        dst.bias.set_value(jnp.asarray(bias if out_idx is None else bias[out_idx]))
+        dst.bias.set_value(jnp.asarray(bias[idx] if out else bias))
     if dst.lora_a is not None and not merge:
         a, b = np.asarray(src.lora_a[...]), np.asarray(src.lora_b[...])
-        dst.lora_a.set_value(jnp.asarray(a if in_idx is None else a[in_idx, :]))
-        dst.lora_b.set_value(jnp.asarray(b if out_idx is None else b[:, out_idx]))
+        dst.lora_a.set_value(jnp.asarray(a if out else a[idx, :]))
+        dst.lora_b.set_value(jnp.asarray(b[:, idx] if out else b))
 
 
 @functools.lru_cache(maxsize=64)
@@ -139,25 +136,14 @@ def compact(model, *, merge_lora: bool = False, sizes: tuple[int, int] | None = 
     for path, var in nnx.to_flat_state(dst_state):
         if path[0] != "layers":
             var.set_value(src_flat[path][...])
-    dh = cfg.head_dim
     for i, (src, dst) in enumerate(zip(model.layers, new.layers)):
-        qc, kvc = _cols(index.heads[i], dh), _cols(index.kv_heads[i], dh)
-        ch = index.channels[i]
-        sa, da = src.attn, dst.attn
-        _copy_linear(da.q, sa.q, out_idx=qc, merge=merge_lora)
-        _copy_linear(da.k, sa.k, out_idx=kvc, merge=merge_lora)
-        _copy_linear(da.v, sa.v, out_idx=kvc, merge=merge_lora)
-        _copy_linear(da.o, sa.o, in_idx=qc, merge=merge_lora)
-        da.head_mask.set_value(jnp.asarray(np.asarray(sa.head_mask[...])[index.heads[i]]))
-        sm, dm = src.mlp, dst.mlp
-        if sm.gated:
-            _copy_linear(dm.gate, sm.gate, out_idx=ch, merge=merge_lora)
-            _copy_linear(dm.up, sm.up, out_idx=ch, merge=merge_lora)
-            _copy_linear(dm.down, sm.down, in_idx=ch, merge=merge_lora)
-        else:
-            _copy_linear(dm.fc1, sm.fc1, out_idx=ch, merge=merge_lora)
-            _copy_linear(dm.fc2, sm.fc2, in_idx=ch, merge=merge_lora)
-        dm.channel_mask.set_value(jnp.asarray(np.asarray(sm.channel_mask[...])[ch]))
+        for name, (axis, idx) in groups.owned_slices(cfg, _kept(index, i)).items():
+            _copy_linear(groups.linear(dst, name), groups.linear(src, name), axis, idx,
+                         merge=merge_lora)
+        dst.attn.head_mask.set_value(
+            jnp.asarray(np.asarray(src.attn.head_mask[...])[index.heads[i]]))
+        dst.mlp.channel_mask.set_value(
+            jnp.asarray(np.asarray(src.mlp.channel_mask[...])[index.channels[i]]))
         for name in ("norm1", "norm2", "ln1", "ln2"):
             if hasattr(src, name):
                 s_mod, d_mod = getattr(src, name), getattr(dst, name)
@@ -174,30 +160,17 @@ def expand_lora(full_model, compact_model, index: CompactIndex) -> None:
     columns of ``lora_b`` / rows of ``lora_a`` are overwritten; the factors of groups that
     were not in the compacted model keep their values.
     """
-    dh = full_model.cfg.head_dim
     for i, (full, small) in enumerate(zip(full_model.layers, compact_model.layers)):
-        qc, kvc = _cols(index.heads[i], dh), _cols(index.kv_heads[i], dh)
-        ch = index.channels[i]
-        pairs = [(full.attn.q, small.attn.q, qc, None), (full.attn.k, small.attn.k, kvc, None),
-                 (full.attn.v, small.attn.v, kvc, None), (full.attn.o, small.attn.o, None, qc)]
-        if full.mlp.gated:
-            pairs += [(full.mlp.gate, small.mlp.gate, ch, None),
-                      (full.mlp.up, small.mlp.up, ch, None),
-                      (full.mlp.down, small.mlp.down, None, ch)]
-        else:
-            pairs += [(full.mlp.fc1, small.mlp.fc1, ch, None),
-                      (full.mlp.fc2, small.mlp.fc2, None, ch)]
-        for f, s, out_idx, in_idx in pairs:
+        for name, (axis, idx) in groups.owned_slices(full_model.cfg, _kept(index, i)).items():
+            f, s = groups.linear(full, name), groups.linear(small, name)
             if f.lora_a is None:
                 continue
             a, b = np.array(f.lora_a[...]), np.array(f.lora_b[...])
-            if in_idx is None:
+            if axis == groups.OUT:
                 a = np.asarray(s.lora_a[...])
+                b[:, idx] = np.asarray(s.lora_b[...])
             else:
-                a[in_idx] = np.asarray(s.lora_a[...])
-            if out_idx is None:
+                a[idx] = np.asarray(s.lora_a[...])
                 b = np.asarray(s.lora_b[...])
-            else:
-                b[:, out_idx] = np.asarray(s.lora_b[...])
             f.lora_a.set_value(jnp.asarray(a))
             f.lora_b.set_value(jnp.asarray(b))
