@@ -63,7 +63,7 @@ class OrtBackend:
         so.log_severity_level = 3
         # Idle workers sleep rather than spin between operators: on a shared or
         # power-limited CPU (an edge device) spinning burns the cycles the other threads
-        # wait for (measured: MiniLM batch 32 on a busy 2-core box, 480 -> 400 ms).
+        # wait for (benchmarks/inference.py measures it).
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             so.intra_op_num_threads = int(threads)

@@ -48,7 +48,7 @@ absolute for outputs up to magnitude 1, relative to the outputs' scale beyond (w
 :func:`verify`).
 
 **Converter start-up.** jax2onnx imports every plugin tree on first use; its Equinox
-examples compile about 70 XLA programs at import (~12 s on 2 cores). Our models need only
+examples compile dozens of XLA programs at import (seconds). Our models need only
 the ``jax`` and ``flax`` trees, so :func:`converter` imports those and marks the registry
 loaded (it falls back to jax2onnx's own import if that internal API changes).
 """

@@ -291,8 +291,8 @@ def _first_argmax(x: jax.Array) -> jax.Array:
     """Index of the first maximum of a ``(C,)`` vector (``jnp.argmax`` semantics, no NaN).
 
     Written as a max followed by a min over matching indices: two plain reductions that
-    XLA:CPU vectorises, where ``jnp.argmax``'s (value, index) reduction runs ~6x slower
-    and dominated the whole select step.
+    XLA:CPU vectorises, where ``jnp.argmax``'s (value, index) reduction is much slower
+    (it dominated the whole select step; benchmarks/bandit.py).
     """
     idx = jnp.arange(x.shape[-1], dtype=jnp.float32)
     hit = x == jnp.max(x)
@@ -339,8 +339,8 @@ def _select_agent(params: BanditParams, s: BanditState, draw: jax.Array
     half = jnp.where(split, 0.5, 1.0)
 
     def put(field, lower_val, upper_val):
-        # Two single-slot writes (a scatter once vmapped): ~1.4x faster on CPU than
-        # rewriting every slot with a where over the capacity axis.
+        # Two single-slot writes (a scatter once vmapped): faster on CPU than rewriting
+        # every slot with a where over the capacity axis (benchmarks/bandit.py).
         return field.at[j].set(lower_val).at[new_or_none].set(upper_val, mode="drop")
 
     out = s.replace(
