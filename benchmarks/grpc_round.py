@@ -96,6 +96,9 @@ class StandInAgent(threading.Thread):
                 return
             down = sum(f.ByteSize() + GRPC_PREFIX for f in frames)
             tensors = wire.assemble([f.chunk for f in frames[1:]], 1 << 40)
+            for name in wire.IMPORTANCE:  # a device always reports the importance it measured
+                tensors.setdefault(name, np.zeros_like(tensors[name.replace("importance",
+                                                                            "masks")]))
             up_frames = [pb.UpdateFrame(header=pb.UpdateHeader(
                 device_id=self.i, round=h.round, num_tensors=len(tensors)))]
             up_frames += [pb.UpdateFrame(chunk=c) for c in wire.dict_chunks(tensors)]
@@ -117,7 +120,7 @@ def count_model_params(cfg) -> int:
     """Frozen parameters + task head of the run's model (no LoRA, no masks)."""
     from flax import nnx
 
-    from fedspine_jax.simulation import build_model_for
+    from fedspine_jax.experiment import build_model_for
 
     model = build_model_for(cfg, 2)
     state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))

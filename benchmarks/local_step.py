@@ -479,7 +479,7 @@ def compare(name, model, peer: Peft, jb, tb, cfg, args, peak, *, ratios=(), pret
            "peft_lora_modules": peer.lora_modules, "peft_attn_implementation": peer.attn_impl}
     if pretrained:  # same weights, head and data (LoRA b = 0): the forward passes must agree
         head = get_head(model)
-        peer.set_classifier(head["classifier/kernel"], head["classifier/bias"])
+        peer.set_classifier(head["classifier"]["kernel"], head["classifier"]["bias"])
         lj, lt = full.logits(jb[0]), peer.logits(tb[0])
         out["parity_same_weights"] = {
             "max_abs_logit_diff": float(np.abs(lj - lt).max()),
