@@ -417,6 +417,17 @@ def token(tokens_dir: Path, i: int) -> str:
 # tests
 
 
+def test_the_device_agent_imports_the_core_and_the_protocol_only():
+    """The device agent imports neither the simulator nor the coordinator (or the servicer,
+    or the report): the core and the shared protocol module (wire, auth, generated code)."""
+    code = ("import sys; import fedspine_jax.device_runtime.agent; "
+            "print(sorted(m for m in sys.modules if m.startswith('fedspine_jax.') and "
+            "m.rsplit('.', 1)[-1] in ('simulation', 'coordinator', 'servicer', 'report')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_generated_modules_match_the_proto(tmp_path):
     pytest.importorskip("grpc_tools")
     from fedspine_jax.server import codegen
