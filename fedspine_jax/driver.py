@@ -9,8 +9,7 @@ round's result into the ``DeviceUpdate`` the federation accepts, which in turn c
 device's new record. ``metrics.jsonl`` is written, read and repaired on resume by the same
 functions for both transports: :func:`device_rows` builds the device lines of a round, and
 the rows' schema, writer and reader live in :mod:`fedspine_jax.metrics` (no JAX, so the
-report reads it too); the transports call its ``append_metrics`` and ``truncate_metrics``
-through this module.
+report reads it too).
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ import numpy as np
 from fedspine_jax import data
 from fedspine_jax.config import Config
 from fedspine_jax.federation import DeviceTask, DeviceUpdate, RoundReport
-from fedspine_jax.metrics import (DeviceRow, RoundRow, append_metrics,  # noqa: F401
-                                  read_metrics, truncate_metrics)
+from fedspine_jax.metrics import DeviceRow, RoundRow, read_metrics
 from fedspine_jax.train import LocalRoundResult, RoundInput
 
 

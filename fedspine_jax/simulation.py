@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedspine_jax import checkpoint, driver, heterogeneity
+from fedspine_jax import checkpoint, driver, heterogeneity, metrics
 from fedspine_jax.config import Config, load_config, replace
 from fedspine_jax.experiment import (Setup, device_examples, evaluate_devices, lora_bytes,
                                      setup)
@@ -137,7 +137,7 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
     if restore:
         state, extra, _ = checkpoint.restore(ckdir, s.fed)
         clock, peak_mem = float(extra["clock"]), float(extra["peak_memory"])
-        driver.truncate_metrics(out / "metrics.jsonl", state.round - 1)
+        metrics.truncate_metrics(out / "metrics.jsonl", state.round - 1)
     else:
         state = s.fed.init(get_lora(s.model), get_head(s.model))
         clock, peak_mem = 0.0, 0.0
@@ -177,12 +177,12 @@ def run(cfg: Config, out: str | Path, resume: bool = False, progress: bool = Tru
         lines = driver.device_rows(
             updates, report, s.fleet.type_names, round_time, acc, fits,
             {i: {"measured_compute_s": r.compute_time_s} for i, r in enumerate(results)})
-        lines.append(driver.RoundRow(
+        lines.append(metrics.RoundRow(
             round=t, clock=clock, round_time=round_time,
             waiting_time=float(heterogeneity.waiting_time(times.total)),
             mean_sparsity=float(np.mean([ln.ratio for ln in lines])),
             accuracy=None if acc is None else float(acc.mean())))
-        driver.append_metrics(out / "metrics.jsonl", lines)
+        metrics.append_metrics(out / "metrics.jsonl", lines)
         extra = {"clock": np.float64(clock), "peak_memory": np.float64(peak_mem)}
         checkpoint.save(ckdir, t, state, extra, keep=cfg.federation.keep_checkpoints)
         if bar is not None:

@@ -54,7 +54,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fedspine_jax import checkpoint, driver, experiment
+from fedspine_jax import checkpoint, driver, experiment, metrics
 from fedspine_jax.config import Config
 from fedspine_jax.federation import DeviceUpdate, UpdateRejected
 from fedspine_jax.models.state import flatten, get_head, get_lora, tree_bytes
@@ -180,7 +180,7 @@ class Coordinator:
         if state.round <= self.rounds:
             state, _ = self.fed.plan(state)
         self.state = state
-        driver.truncate_metrics(self.out / "metrics.jsonl", state.round - 1)
+        metrics.truncate_metrics(self.out / "metrics.jsonl", state.round - 1)
         replayed = 0
         for path in self.jdir.glob("*.tmp"):
             path.unlink(missing_ok=True)  # a journal write that never completed
@@ -449,7 +449,7 @@ class Coordinator:
             measured={i: {"measured_compute_s": m[0], "measured_comm_s": m[1]}
                       for i, m in self._measured.items()})
         for i, why_not in sorted(self._gave_up.items()):
-            lines.append(driver.DeviceRow(
+            lines.append(metrics.DeviceRow(
                 round=t, device=i, device_type=self.s.fleet.type_names[i],
                 p=float(report.p[i]), r=int(report.r[i]), no_update=why_not,
                 fits_memory=False if why_not == "out_of_memory" else None,
@@ -459,7 +459,7 @@ class Coordinator:
         if not self.done:
             self.state, _ = self.fed.plan(self.state)
         t_plan = time.perf_counter() - t2
-        summary = driver.RoundRow(
+        summary = metrics.RoundRow(
             round=t, clock=self.clock, round_time=round_time, wall_time_s=wall,
             wall_clock=self.wall_clock, close_reason=why,
             devices=[u.device_id for u in ups], stragglers=stragglers,
@@ -469,7 +469,7 @@ class Coordinator:
             overhead_s={"accept": self._accept_s, "close": t_close, "eval": t_eval,
                         "plan": t_plan})
         lines.append(summary)
-        driver.append_metrics(self.out / "metrics.jsonl", lines)
+        metrics.append_metrics(self.out / "metrics.jsonl", lines)
         t3 = time.perf_counter()
         self._save()
         t_ckpt = time.perf_counter() - t3

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedspine_jax import checkpoint, driver, heterogeneity, metrics, simulation
+from fedspine_jax import checkpoint, heterogeneity, metrics, simulation
 from fedspine_jax.config import dump_config, load_config
 from fedspine_jax.errors import RunDirError
 from fedspine_jax.federation import Federation
@@ -201,7 +201,7 @@ def test_resume_tolerates_a_partially_written_metrics_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"round": t, "device": 0}) for t in (1, 2, 3)]
     path.write_text("\n".join(lines) + "\n" + lines[-1][:9])     # killed mid-line
-    driver.truncate_metrics(path, 2)
+    metrics.truncate_metrics(path, 2)
     assert [json.loads(x)["round"] for x in path.read_text().splitlines()] == [1, 2]
 
 
