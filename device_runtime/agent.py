@@ -59,8 +59,11 @@ from fedspine_jax.train import local_rounds
 log = logging.getLogger("fedspine.device")
 
 AGENT_VERSION = "fedspine-jax-agent/1"
+# RESOURCE_EXHAUSTED: the server is at its limit of concurrent calls (for this device, or
+# in all); an honest agent never sends an upload over the byte limit.
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-             grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+             grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.RESOURCE_EXHAUSTED}
 FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 
 

@@ -65,7 +65,12 @@ def run_cli(args) -> int:
             "pass --tls-ca", args.server)
     cfg = load_config(args.config, args.overrides)
     creds = auth.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if tls else None
-    agent = DeviceAgent(cfg, args.device_id, args.server, auth.read_token(args.token_file),
+    try:
+        tok = auth.read_token(args.token_file)
+    except ValueError as e:  # empty, or readable by others (a missing file: the CLI's line)
+        print(f"fedspine device: {e}", file=sys.stderr)
+        return 2
+    agent = DeviceAgent(cfg, args.device_id, args.server, tok,
                         credentials=creds, server_name=args.tls_server_name,
                         backoff=Backoff(give_up_s=args.give_up_s))
     if args.fetch_only and not args.fetch_model:

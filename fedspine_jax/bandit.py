@@ -100,6 +100,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from fedspine_jax.config import Config
@@ -121,6 +122,13 @@ _MIN_COUNT = 1e-30
 TIME_EPS_REL = 0.05
 # Absolute lower bound (seconds) of that guard, so that all-zero times stay finite.
 TIME_EPS_ABS = 1e-6
+# Every input of Eq. 3 is clipped to [-REWARD_INPUT_LIMIT, REWARD_INPUT_LIMIT] (far beyond
+# any statistic federation.Federation.accept lets through), and the dp floor is at least
+# DP_FLOOR_MIN, so no finite input drives the float32 arithmetic of :func:`reward` to Inf
+# or NaN: |R| <= REWARD_INPUT_LIMIT**3 / TIME_EPS_ABS = 1e30 (float32 reaches 3.4e38).
+REWARD_INPUT_LIMIT = 1e8
+DP_FLOOR_MIN = 1e-6
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,7 +397,9 @@ def update(state: BanditState, reward: jax.Array) -> BanditState:
 
     With the paper's indexing ``N_t = sum_{s<t} lambda^{t-s} 1{arm_s in S}`` the newest
     observation already carries one factor lambda, so both sums become
-    ``lambda * (old + new observation)``. Rewards must be finite (:func:`reward` is).
+    ``lambda * (old + new observation)``. The reward sums saturate at the float32 range
+    instead of overflowing, so finite rewards (:func:`reward`'s are) keep the state finite;
+    a NaN reward stays NaN (``Federation.close`` refuses to store such a state).
 
     Args:
         state: agents after :func:`select`, leading axis ``A``.
@@ -401,8 +411,9 @@ def update(state: BanditState, reward: jax.Array) -> BanditState:
     lam = jnp.float32(state.params.discount)
     hit = jnp.arange(state.params.capacity) == state.last_leaf[:, None]
     r = jnp.asarray(reward, jnp.float32)[:, None]
+    reward_sum = lam * (state.reward_sum + jnp.where(hit, r, 0.0))
     return state.replace(count=lam * (state.count + hit.astype(jnp.float32)),
-                         reward_sum=lam * (state.reward_sum + jnp.where(hit, r, 0.0)))
+                         reward_sum=jnp.clip(reward_sum, -_F32_MAX, _F32_MAX))
 
 
 def reward(loss_drop: jax.Array, delta_p: jax.Array, importance: jax.Array,
@@ -420,6 +431,10 @@ def reward(loss_drop: jax.Array, delta_p: jax.Array, importance: jax.Array,
       pruning on schedule, and it also covers a device ahead of schedule standing still.
     * ``dT ~ 0``: ``dT + eps`` with ``eps = TIME_EPS_REL * mean_j T_j`` (at least
       ``TIME_EPS_ABS`` s), so a device exactly on the mean gets a large but finite reward.
+    * Overflow: every input is clipped to ``+-REWARD_INPUT_LIMIT`` (a host array before its
+      cast to float32, so ``1e300`` does not pass through Inf) and ``dp_floor`` is at least
+      ``DP_FLOOR_MIN``; so no finite input gives Inf or NaN, and inputs inside the limit
+      give the same numbers as without the clip.
 
     ``cfg.bandit.reward == "log"`` compresses every factor with ``log1p`` after making the
     two dimensioned ones relative: ``R = slog(dF) * log1p(I) * log1p(dp / dp_floor)
@@ -438,10 +453,10 @@ def reward(loss_drop: jax.Array, delta_p: jax.Array, importance: jax.Array,
     Returns:
         float32 ``(..., N)``, finite for finite inputs.
     """
-    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    loss_drop, delta_p, importance, times = map(f32, (loss_drop, delta_p, importance, times))
+    loss_drop, delta_p, importance, times = map(
+        _bounded, (loss_drop, delta_p, importance, times))
     target, rounds = cfg.pruning.target_ratio, cfg.pruning.target_round
-    dp_floor = target / rounds if target > 0 else 1.0
+    dp_floor = max(target / rounds, DP_FLOOR_MIN) if target > 0 else 1.0
     dp = jnp.maximum(delta_p, dp_floor)
     mean_t = jnp.mean(times, axis=-1, keepdims=True)
     eps = jnp.maximum(TIME_EPS_REL * mean_t, TIME_EPS_ABS)
@@ -451,3 +466,12 @@ def reward(loss_drop: jax.Array, delta_p: jax.Array, importance: jax.Array,
     slog_f = jnp.sign(loss_drop) * jnp.log1p(jnp.abs(loss_drop))
     return (slog_f * jnp.log1p(jnp.maximum(importance, 0.0)) * jnp.log1p(dp / dp_floor)
             / jnp.log1p(dt / eps))
+
+
+def _bounded(x) -> jax.Array:
+    """``x`` as float32 clipped to ``+-REWARD_INPUT_LIMIT``; a host array is clipped in
+    float64 before the cast (a traced or device array, already float32, after it)."""
+    lim = REWARD_INPUT_LIMIT
+    if isinstance(x, jax.Array):
+        return jnp.clip(jnp.asarray(x, jnp.float32), -lim, lim)
+    return jnp.asarray(np.clip(np.asarray(x, np.float64), -lim, lim), jnp.float32)

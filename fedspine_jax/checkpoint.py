@@ -6,6 +6,18 @@ federation state includes every device's record (masks, carried importance, stre
 position, rank), so a run resumes exactly from it. Orbax
 writes to a temporary directory and renames it when complete, so a crash mid-save leaves
 the previous checkpoint intact and no half-written one is ever picked up.
+
+Every checkpoint is verified. Once orbax has finished, ``save`` writes ``digest.json`` into
+the step directory (atomically): the sha256 of the saved tree's leaves (path, dtype, shape,
+bytes; paths in sorted order). ``restore`` recomputes it over what orbax read back; a
+checkpoint whose digest does not match (flipped bytes, a truncated file), whose digest file
+is unreadable, or that orbax cannot read, is *damaged*. One without a digest file (written
+by an older fedspine-jax, or a crash between orbax's rename and the digest; orbax's rename
+means it is complete) is restored *unverified*, with a warning saying so. ``restore`` logs a warning naming each damaged one and falls back to the newest
+intact checkpoint; it raises only if none is intact. A failed write (disk full, read-only
+or missing directory) raises :class:`~fedspine_jax.errors.StorageError` naming the path
+and the operating system's reason, removes the half-written step and leaves the previous
+checkpoints as they were.
 The LoRA and head trees are stored flat under their paths (``layers|0|attn|q|lora_a``: ``|``
 for ``/`` because orbax uses the tree path as a file path; flat so that integer layer keys
 come back as they went in).
@@ -14,20 +26,30 @@ come back as they went in).
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
 import re
+import shutil
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from fedspine_jax import bandit
 from fedspine_jax.config import Config, dump_config, for_resume, load_config
-from fedspine_jax.errors import RunDirError
+from fedspine_jax.errors import RunDirError, StorageError
 from fedspine_jax.federation import DeviceRecords, DeviceUpdate, Federation, FederationState
 from fedspine_jax.models.state import flatten, unflatten
 
+log = logging.getLogger("fedspine.checkpoint")
+
 _STEP = re.compile(r"^round_(\d+)$")
+DIGEST_FILE = "digest.json"
 
 
 def _enc(tree: dict) -> dict:
@@ -174,33 +196,148 @@ def prepare_run_dir(out: str | Path, cfg: Config, resume: bool) -> tuple[Config,
     return cfg, resume and done
 
 
+def tree_digest(tree: dict) -> str:
+    """sha256 of a tree's leaves: each leaf's path, dtype, shape and bytes, paths sorted."""
+    h = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for key, leaf in sorted((jax.tree_util.keystr(k), v) for k, v in leaves):
+        a = np.ascontiguousarray(leaf)
+        h.update(f"{key}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` durably: a temporary file, fsync, rename, fsync of the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _OrbaxThreadErrors(logging.Filter):
+    """Drop orbax's logs of an exception in one of its writer threads: the same error is
+    raised in the caller, which reports it (as one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("orbax" in record.pathname and record.levelno >= logging.ERROR)
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _storage_reason(e: Exception) -> str | None:
+    """The operating system's reason for a failed write, or None if ``e`` is no such
+    failure (tensorstore reports one as a ValueError carrying the errno)."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None:
+        m = _OS_ERROR_CODE.search(str(e))
+        if m is None:
+            return str(e) if isinstance(e, OSError) else None
+        code = int(m.group(1))
+    return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+
+
 def save(directory: str | Path, step: int, state: FederationState, extra: dict | None = None,
          keep: int | None = None) -> Path:
-    """Write checkpoint ``step`` (overwriting one of the same step); keep the newest ``keep``."""
-    d = Path(directory).resolve()
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"round_{step:05d}"
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(path, {"server": state_to_tree(state), "extra": extra or {}}, force=True)
-    ckpt.wait_until_finished()
-    if keep is not None:
-        import shutil
+    """Write checkpoint ``step`` (overwriting one of the same step) and its digest; keep the
+    newest ``keep`` of the steps up to ``step`` (a later step, left by a fallback past a
+    damaged checkpoint, is overwritten when the run reaches it again).
 
-        for old in steps(d)[:-keep]:
+    Raises:
+      StorageError: the checkpoint could not be written (the message names the path and
+        the operating system's reason); checkpoints saved before are intact.
+    """
+    d = Path(directory).resolve()
+    path = d / f"round_{step:05d}"
+    tree = {"server": state_to_tree(state), "extra": extra or {}}
+    quiet = _OrbaxThreadErrors()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(path, tree, force=True)
+        ckpt.wait_until_finished()
+        _write_atomic(path / DIGEST_FILE, json.dumps({"sha256": tree_digest(tree)}))
+    except (OSError, ValueError) as e:
+        reason = _storage_reason(e)
+        if reason is None:
+            raise
+        for half in (path, *d.glob(f"{path.name}.orbax-checkpoint-tmp*")):
+            shutil.rmtree(half, ignore_errors=True)
+        raise StorageError(f"cannot write checkpoint {str(path)!r}: {reason}; the "
+                           f"checkpoints saved before are intact") from e
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+    if keep is not None:
+        older = [s for s in steps(d) if s < step]
+        for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(d / f"round_{old:05d}", ignore_errors=True)
     return path
 
 
+def _read_verified(path: Path) -> dict:
+    """The tree of checkpoint ``path``; raises ValueError (the reason) if it is damaged.
+    Without a digest file the tree is returned unverified (logged)."""
+    try:
+        want = json.loads((path / DIGEST_FILE).read_text())["sha256"]
+    except FileNotFoundError:
+        want = None
+        log.warning("checkpoint %s has no %s (an older fedspine-jax, or cut short before its "
+                    "digest): restored without verification", path, DIGEST_FILE)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"unreadable {DIGEST_FILE} ({e})") from None
+    quiet = _OrbaxThreadErrors()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        tree = ocp.StandardCheckpointer().restore(path)
+    except Exception as e:  # noqa: BLE001 -- whatever orbax/tensorstore raise on bad data
+        why = (str(e).splitlines() or [""])[0].split(" [tensorstore_spec")[0]
+        raise ValueError(f"orbax cannot read it: {type(e).__name__}: {why[:300]}") from None
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+    if want is not None and tree_digest(tree) != want:
+        raise ValueError("its contents do not match its digest")
+    return tree
+
+
 def restore(directory: str | Path, fed: Federation, step: int | None = None
             ) -> tuple[FederationState, dict, int]:
-    """(state, extra, step) of checkpoint ``step`` (default: the newest)."""
+    """(state, extra, step) of checkpoint ``step``, or by default of the newest intact one
+    (each damaged newer one is skipped with a warning naming it and why).
+
+    Raises:
+      FileNotFoundError: no checkpoint in ``directory`` (or no ``step``).
+      RunDirError: checkpoint ``step`` is damaged, or (default) every checkpoint is.
+    """
     d = Path(directory).resolve()
     available = steps(d)
     if not available:
         raise FileNotFoundError(f"no checkpoint in {str(d)!r}")
-    step = available[-1] if step is None else step
-    if step not in available:
+    if step is not None and step not in available:
         raise FileNotFoundError(f"no checkpoint round_{step:05d} in {str(d)!r}; "
                                 f"have {available}")
-    tree = ocp.StandardCheckpointer().restore(d / f"round_{step:05d}")
-    return state_from_tree(tree["server"], fed), tree.get("extra") or {}, step
+    damaged = []
+    for k in ([step] if step is not None else available[::-1]):
+        try:
+            tree = _read_verified(d / f"round_{k:05d}")
+        except ValueError as e:
+            if step is not None:
+                raise RunDirError(f"checkpoint {str(d / f'round_{k:05d}')!r} is damaged: "
+                                  f"{e}") from None
+            log.warning("checkpoint %s is damaged (%s); trying the one before it",
+                        d / f"round_{k:05d}", e)
+            damaged.append(f"round_{k:05d} ({e})")
+            continue
+        if damaged:
+            log.warning("restored checkpoint round_%05d, the newest intact one", k)
+        return state_from_tree(tree["server"], fed), tree.get("extra") or {}, k
+    raise RunDirError(f"no intact checkpoint in {str(d)!r}: {'; '.join(damaged)}; the run "
+                      f"cannot be resumed: start it again in a new --out")

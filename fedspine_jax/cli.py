@@ -12,8 +12,9 @@ when a command runs, so ``fedspine --help`` answers at once.
 
 Errors a user can cause (:class:`~fedspine_jax.errors.UserError`, and the operating system's
 file errors) end in one line, ``fedspine <command>: <message>``, with exit status 2; a
-traceback means a bug (``FEDSPINE_TRACEBACK=1`` shows it for any error). Ctrl-C prints the
-command that continues the run.
+traceback means a bug (``FEDSPINE_TRACEBACK=1`` shows it for any error). Ctrl-C, and a
+run's file that cannot be written (``StorageError``: disk full, read-only directory), print
+the command that continues the run.
 
 Commands that compile (simulate, compare, sweep, server, device, export, infer) keep JAX's
 persistent compilation cache in the user's cache directory
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cmd: str, args, argv: list[str], interrupt: _Interrupt) -> int:
-    from fedspine_jax.errors import UserError
+    from fedspine_jax.errors import StorageError, UserError
 
     try:
         return int(_entry(cmd)[1](args) or 0)
@@ -279,6 +280,8 @@ def _run(cmd: str, args, argv: list[str], interrupt: _Interrupt) -> int:
             msg = f"{e.filename}: {e.strerror}"
         else:
             msg = str(e) or type(e).__name__
+        if isinstance(e, StorageError) and cmd in RESUMABLE:
+            msg += f"; once fixed, continue with: {_resume_hint(cmd, argv)}"
         print(f"fedspine {cmd}: {_one_line(msg)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

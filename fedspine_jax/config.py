@@ -190,7 +190,10 @@ class FederationConfig:
     rounds: int = _f(10, lo=1)
     # Fraction of planned devices whose updates close a round before its deadline.
     quorum: float = _f(1.0, lo=0.0, hi=1.0)
-    # Wall-clock deadline of a round in seconds (real deployment); 0 waits forever.
+    # Wall-clock deadline of a round in seconds (real deployment): the server closes the
+    # round with the updates it has. 0 (the default): the server's default of 600 s (no
+    # round waits for ever); the simulator then charges a device that runs out of memory
+    # the round's slowest completion time instead of a deadline.
     deadline_s: float = _f(0.0, lo=0.0)
     # Evaluate the devices' local models every k rounds (0: only at the end).
     eval_every: int = _f(5, lo=0)

@@ -18,3 +18,8 @@ class UserError(Exception):
 
 class RunDirError(UserError, ValueError):
     """A run directory that cannot be used as asked (it holds a run, or nothing to resume)."""
+
+
+class StorageError(UserError):
+    """A run's files cannot be written (disk full, read-only or missing directory); what was
+    saved before is intact, so the run continues with ``--resume`` once that is fixed."""

@@ -72,7 +72,9 @@ def setup(cfg: Config) -> Setup:
     fleet = heterogeneity.build_fleet(cfg)
     # capability tier: 0 = strongest type (AGX), used by HETLoRA's rank policy
     tiers = (heterogeneity.AGX - np.asarray(fleet.device_type)).astype(int)
-    return Setup(cfg, model, task, devices, fleet, Federation(cfg, n, tiers, model.cfg))
+    fed = Federation(cfg, n, tiers, model.cfg,
+                     num_samples_limit=np.array([len(d.train_idx) for d in devices]))
+    return Setup(cfg, model, task, devices, fleet, fed)
 
 
 def device_examples(s: Setup, i: int) -> tuple[data.Examples, data.Examples]:

@@ -12,16 +12,28 @@ Both the in-process simulator and the gRPC server drive exactly this code:
     restarted server or a device that asks twice gets the same task.
 ``accept(state, update) -> state``
     validates one device's update (device id, round id, no duplicate, LoRA keys, shapes at
-    the planned rank, float32 dtype, finite values, sane statistics, masks that only gain
-    zeros against the device's record, finite non-negative importance) and records it; a
-    bad update raises :class:`UpdateRejected` naming the problem, and the state is
+    the planned rank, float32 dtype, finite values, plausible statistics, masks that only
+    gain zeros against the device's record, finite non-negative importance) and records it;
+    a bad update raises :class:`UpdateRejected` naming the problem, and the state is
     unchanged. ``give_up`` records a device that sends no update this round.
 ``close(state) -> (state, report)``
     needs a quorum of the planned devices (``federation.quorum``; the transport decides
     when a deadline forces a close with fewer). It aggregates what arrived (Eq. 15-16 or the
     strategy's aggregator), computes the rewards of Eq. 3 from the reported loss drops,
     pruning steps, LoRA importances and completion times, updates the bandit agents of the
-    devices that reported (the others keep their statistics) and advances the round.
+    devices that reported (the others keep their statistics) and advances the round. A
+    bandit state with NaN or infinite statistics is never stored (:class:`NonFiniteState`).
+
+Plausibility bounds. Every statistic an update carries feeds the bandit (Eq. 3) or the
+aggregation weights (FedAvg by ``num_samples``, Eq. 16 by ``lora_importance``), so a finite
+but absurd value (``compute_time_s = 1e300``, ``num_samples = 2**62``) would let one device
+poison every agent or take over the global LoRA. ``accept`` checks each one against
+:data:`STAT_BOUNDS` (its kind and a range, one table) before it reaches either, tightened
+by what the server knows of the device: ``num_samples`` is at most the device's partition
+size (``Federation(num_samples_limit=...)``) and ``lora_importance`` at most Eq. 13-14's
+bound ``1 + sqrt(r_i)`` at the device's planned rank (``pruning.lora_importance_total``:
+a cosine in [0, 1] plus a nuclear-to-Frobenius ratio in [0, sqrt(rank)]), with a relative
+tolerance of :data:`IMPORTANCE_TOL` for float32 rounding.
 
 Per-device records (:class:`DeviceRecords`: masks, the Eq. 12 importance a device carries
 into its next round, data-stream position, rank, pruning ratio) are part of the state: a
@@ -61,6 +73,28 @@ class UpdateRejected(ValueError):
 
 class QuorumNotMet(RuntimeError):
     """``close`` was asked for before enough devices reported."""
+
+
+class NonFiniteState(RuntimeError):
+    """``close`` computed a bandit state holding NaN or Inf; it is refused, not stored."""
+
+
+# Plausibility bounds of an update's statistics (see the module note): name -> (kind, lo,
+# hi), inclusive; ``int`` statistics must be integers, ``float`` ones finite numbers.
+STAT_BOUNDS = {
+    "num_samples": (int, 1, 2**31 - 1),        # examples in the device's partition
+    "loss_before": (float, 0.0, 1e4),          # a cross-entropy (log K for a uniform guess
+    "loss_after": (float, 0.0, 1e4),           #   over K labels) or a squared error
+    "lora_importance": (float, 0.0, 1e4),      # per update: <= 1 + sqrt(planned rank)
+    "ratio": (float, 0.0, 1.0),                # pruning ratio reached
+    "compute_time_s": (float, 0.0, 1e6),       # about 11.6 days: no local round is longer
+    "comm_time_s": (float, 0.0, 1e6),
+    "flops": (float, 0.0, 1e24),               # FLOPs of one local round
+    "peak_memory_bytes": (int, 0, 2**50),      # 1 PiB
+    "params_alive": (int, 0, 2**50),           # frozen parameters left in the model
+}
+# Relative tolerance on the Eq. 13-14 bound of lora_importance (float32 rounding).
+IMPORTANCE_TOL = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,10 +236,13 @@ class Federation:
       arch: the full model's architecture (the devices' masks are ``(L, H)`` and ``(L, F)``
         of it; ``models.groups`` says which rows / columns each group owns); needed to start
         a run, not to restore one.
+      num_samples_limit: (N,) the most ``num_samples`` each device may report (its
+        partition's size); None: only :data:`STAT_BOUNDS`' global bound.
     """
 
     def __init__(self, cfg: Config, num_devices: int, tiers: np.ndarray | None = None,
-                 arch: ArchConfig | None = None):
+                 arch: ArchConfig | None = None, *,
+                 num_samples_limit: np.ndarray | None = None):
         self.cfg = cfg
         self.num_devices = int(num_devices)
         self.strategy: Strategy = get(cfg.federation.strategy)
@@ -213,6 +250,12 @@ class Federation:
         self.arch = arch
         if len(self.tiers) != num_devices:
             raise ValueError(f"tiers has {len(self.tiers)} entries for {num_devices} devices")
+        self.num_samples_limit = None
+        if num_samples_limit is not None:
+            self.num_samples_limit = np.asarray(num_samples_limit, np.int64)
+            if self.num_samples_limit.shape != (self.num_devices,):
+                raise ValueError(f"num_samples_limit has shape {self.num_samples_limit.shape} "
+                                 f"for {num_devices} devices")
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -316,18 +359,7 @@ class Federation:
             k: (v.shape[0], rank) if k.endswith("lora_a") else (rank, v.shape[1])
             for k, v in flatten(state.lora).items()})
         _check_tensors("head", u.head, {k: v.shape for k, v in flatten(state.head).items()})
-        for name in ("loss_before", "loss_after", "lora_importance", "ratio",
-                     "compute_time_s", "comm_time_s"):
-            val = getattr(u, name)
-            if not isinstance(val, (int, float, np.floating)) or not math.isfinite(val):
-                raise UpdateRejected(f"statistic {name}={val!r} is not a finite number")
-        if u.compute_time_s < 0 or u.comm_time_s < 0:
-            raise UpdateRejected("negative compute or communication time")
-        if not 0.0 <= u.ratio <= 1.0:
-            raise UpdateRejected(f"pruning ratio {u.ratio} outside [0, 1]")
-        if isinstance(u.num_samples, bool) or not isinstance(u.num_samples, (int, np.integer)) \
-                or u.num_samples < 1:
-            raise UpdateRejected(f"num_samples={u.num_samples!r}: must be an integer >= 1")
+        self._check_statistics(state, u)
         if u.ratio < float(state.last_p[u.device_id]) - 1e-6:
             raise UpdateRejected(f"pruning ratio {u.ratio} is below the "
                                  f"{state.last_p[u.device_id]} "
@@ -336,6 +368,38 @@ class Federation:
             raise UpdateRejected(f"device {u.device_id} gave up round {state.round}")
         self._check_record(state, u)
         return dataclasses.replace(state, updates=state.updates + (u,))
+
+    def _stat_bounds(self, state: FederationState, device_id: int) -> dict:
+        """``{name: (kind, lo, hi, source)}``: :data:`STAT_BOUNDS` tightened for device
+        ``device_id`` in the round ``state`` collects (its partition size, Eq. 13-14's
+        importance bound at its planned rank); ``source`` says where ``hi`` comes from."""
+        out = {k: (kind, lo, hi, "plausibility bound")
+               for k, (kind, lo, hi) in STAT_BOUNDS.items()}
+        rank = int(state.plan_r[device_id])
+        kind, lo, hi = STAT_BOUNDS["lora_importance"]
+        out["lora_importance"] = (kind, lo, min(hi, (1.0 + math.sqrt(rank)) *
+                                                (1.0 + IMPORTANCE_TOL)),
+                                  f"Eq. 13-14 bound 1 + sqrt(r) at the planned rank {rank}")
+        if self.num_samples_limit is not None:
+            kind, lo, hi = STAT_BOUNDS["num_samples"]
+            out["num_samples"] = (kind, lo, min(hi, int(self.num_samples_limit[device_id])),
+                                  f"device {device_id}'s partition size")
+        return out
+
+    def _check_statistics(self, state: FederationState, u: DeviceUpdate) -> None:
+        """Every statistic of ``u`` of its kind and within :meth:`_stat_bounds`."""
+        for name, (kind, lo, hi, source) in self._stat_bounds(state, u.device_id).items():
+            val = getattr(u, name)
+            if kind is int:
+                if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
+                    raise UpdateRejected(f"statistic {name}={val!r} is not an integer")
+            elif isinstance(val, bool) or not isinstance(
+                    val, (int, float, np.integer, np.floating)) or not math.isfinite(val):
+                raise UpdateRejected(f"statistic {name}={val!r} is not a finite number")
+            if not lo <= val <= hi:
+                shown = hi if kind is int else f"{hi:.6g}"
+                raise UpdateRejected(f"statistic {name}={val!r} is outside its plausible "
+                                     f"range [{lo}, {shown}] ({source})")
 
     def _check_record(self, state: FederationState, u: DeviceUpdate) -> None:
         """Masks and importance shaped like the device's record; masks 0/1 and only gaining
@@ -417,6 +481,7 @@ class Federation:
             last_p[ids] = [u.ratio for u in ups]
         if b_state is not None:  # the arm space's lower bound is the ratio reached, p^{t-1}
             b_state = b_state.replace(last_p=jnp.asarray(last_p, jnp.float32))
+            _check_finite_bandit(b_state, state.round)
         waiting = float(np.mean(times.max() - times)) if len(times) else 0.0
         report = RoundReport(state.round, ids, state.plan_p, state.plan_r, rewards, times,
                              waiting, np.asarray(weights, np.float32))
@@ -470,6 +535,24 @@ def _select_agents(mask: np.ndarray, new: bandit.BanditState, old: bandit.Bandit
         m = jnp.asarray(mask).reshape((-1,) + (1,) * (jnp.ndim(x) - 1))
         return jnp.where(m, x, y)
     return jax.tree.map(pick, new, old)
+
+
+def _check_finite_bandit(b: bandit.BanditState, round_: int) -> None:
+    """Raise :class:`NonFiniteState` naming the fields and agents of ``b`` that hold NaN or
+    Inf (such a state is never stored, nor checkpointed)."""
+    bad = {}
+    for f in dataclasses.fields(b):
+        if f.name == "params":
+            continue
+        x = np.asarray(getattr(b, f.name))
+        if np.issubdtype(x.dtype, np.floating):
+            agents = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+            if agents.size:
+                bad[f.name] = agents.tolist()
+    if bad:
+        raise NonFiniteState(f"round {round_}: the bandit state after the update holds NaN or "
+                             f"Inf ({', '.join(f'{k} of agents {v}' for k, v in bad.items())})"
+                             f"; refusing to store it")
 
 
 def _f32(tree: dict) -> dict:

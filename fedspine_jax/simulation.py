@@ -21,8 +21,9 @@ Every ``federation.eval_every`` rounds each device's local model (its masks, the
 LoRA shrunk to its last rank, the global head) is evaluated on the task's evaluation
 split; the mean is the paper's Test Accuracy. The run writes ``config.yaml``,
 ``metrics.jsonl`` (one line per device and round, plus one per round), ``summary.json``
-and orbax checkpoints after every round; ``--resume`` continues from the newest
-checkpoint and ends in the same state as an uninterrupted run.
+and orbax checkpoints after every round; ``--resume`` continues from the newest intact
+checkpoint (``checkpoint.restore`` skips damaged ones; the metrics of later rounds are
+dropped and written again) and ends in the same state as an uninterrupted run.
 """
 
 from __future__ import annotations

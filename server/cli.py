@@ -5,6 +5,12 @@
     fedspine server CONFIG --listen 0.0.0.0:50051 --tokens tokens.json --out runs/fleet \\
         --tls-cert server.crt --tls-key server.key [--tls-client-ca devices-ca.crt]
     fedspine server CONFIG --init-tokens secrets/      # write tokens.json + device_<i>.token
+    fedspine server --tokens secrets/tokens.json --rotate-token 3   # new token for device 3
+    fedspine server --tokens secrets/tokens.json --revoke-token 3   # device 3 is refused
+
+Without TLS the server listens only on loopback, unless given ``--insecure``. A running
+server picks up a rotated or revoked token on the next call (it re-reads the tokens file
+when it changes).
 
 One status line per round: devices that reported, stragglers, the round's wall time, the
 scheduler's clock and the server's own overhead. ``--resume`` continues the run in
@@ -39,6 +45,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-tokens", metavar="DIR",
                    help="write DIR/tokens.json and DIR/device_<i>.token for the config's "
                         "devices, then exit")
+    p.add_argument("--rotate-token", type=int, metavar="I",
+                   help="give device I a new token in --tokens (written to device_<I>.token "
+                        "beside it), then exit; a running server picks it up")
+    p.add_argument("--revoke-token", type=int, metavar="I",
+                   help="remove device I's token from --tokens, then exit; a running server "
+                        "refuses the device from its next call")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow listening without TLS on a non-loopback address (tokens and "
+                        "updates then travel in the clear)")
 
 
 def run_cli(args) -> int:
@@ -50,6 +65,31 @@ def run_cli(args) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("fedspine").setLevel(logging.INFO)
     log = logging.getLogger("fedspine.server")
+    if args.rotate_token is not None or args.revoke_token is not None:
+        if not args.tokens:
+            print("fedspine server: --rotate-token/--revoke-token need --tokens FILE",
+                  file=sys.stderr)
+            return 2
+        try:
+            if args.rotate_token is not None:
+                path = auth.rotate_token(args.tokens, args.rotate_token)
+                print(f"device {args.rotate_token} has a new token in {path} (the old one "
+                      f"no longer works)")
+            else:
+                auth.revoke_token(args.tokens, args.revoke_token)
+                print(f"device {args.revoke_token}'s token is revoked")
+        except ValueError as e:
+            print(f"fedspine server: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.tls_cert and not is_loopback(args.listen) and not args.init_tokens:
+        if not args.insecure:
+            print(f"fedspine server: refusing to listen on {args.listen} without TLS (tokens "
+                  f"and updates would travel in the clear): pass --tls-cert/--tls-key, or "
+                  f"--insecure to accept that", file=sys.stderr)
+            return 2
+        log.warning("listening on %s WITHOUT TLS (--insecure): bearer tokens and updates "
+                    "travel in the clear", args.listen)
     if args.resume and args.out and not args.config:  # the run's own config
         from fedspine_jax.checkpoint import saved_config
 
@@ -78,9 +118,6 @@ def run_cli(args) -> int:
     creds = None
     if args.tls_cert:
         creds = auth.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
-    elif not is_loopback(args.listen):
-        log.warning("listening on %s WITHOUT TLS: bearer tokens and updates travel in the "
-                    "clear; pass --tls-cert/--tls-key", args.listen)
 
     from fedspine_jax.server.coordinator import Coordinator
     from fedspine_jax.server.servicer import make_server

@@ -13,7 +13,8 @@ adds is what a network needs and a simulator does not:
   (a) every device has answered (an update, or a report that it cannot send one: out of
   memory, failed) -- ``close(force=True)``, as the simulator does; or (b) the quorum
   ``ceil(federation.quorum * N)`` of updates has arrived -- ``close()``; or (c)
-  ``federation.deadline_s`` has passed since the round opened and at least one update
+  the round's deadline (``federation.deadline_s``; 0, the default, means
+  ``DEFAULT_DEADLINE_S``) has passed since the round opened and at least one update
   arrived -- ``close(force=True)``; the devices that did not report are the round's
   stragglers (an update they send later is refused as stale). With no update at the
   deadline the round keeps waiting: a round that learns nothing would still advance the
@@ -32,7 +33,21 @@ adds is what a network needs and a simulator does not:
   journal through ``Federation.accept``, in arrival order: nothing acknowledged is lost and
   nothing is counted twice (a device that retries an acknowledged upload is told it is a
   duplicate; the same device sending a *different* update for the round is refused).
-  Journal files of closed rounds are deleted after the checkpoint that contains them.
+  Journal files of a round are deleted once the oldest checkpoint kept
+  (``federation.keep_checkpoints``) contains them, so each kept checkpoint can be resumed
+  with its round's journal.
+* **Recovery from damage.** ``checkpoint.restore`` verifies each checkpoint's digest and
+  falls back past damaged ones to the newest intact one; the restored round's journal is
+  replayed. Entries of *later* rounds were answers to tasks planned from a state that is
+  now lost, so they cannot be replayed: they are moved (never deleted) to
+  ``journal/set_aside/`` with a warning, and their devices are asked for those rounds
+  again. A journal entry that cannot be read (cut short, flipped bytes: each update entry
+  carries its digest) or that the restored state refuses is reported in one warning and
+  moved there too; the resume goes on without it (its device is asked again).
+* **Faults of the disk.** A checkpoint or journal write that fails (disk full, read-only
+  or missing directory) raises ``errors.StorageError`` naming the path and the operating
+  system's reason, and ends ``run`` with it (a failed journal write acknowledges nothing);
+  what was written before is intact, so ``--resume`` continues once the disk is fixed.
 
 Everything else -- metrics lines compatible with the simulator's (``fedspine report``
 reads both; written with ``fedspine_jax.driver``), evaluation of the devices' models every
@@ -47,6 +62,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 import threading
 import time
 from pathlib import Path
@@ -56,6 +72,7 @@ import numpy as np
 
 from fedspine_jax import checkpoint, driver, experiment, metrics
 from fedspine_jax.config import Config
+from fedspine_jax.errors import StorageError
 from fedspine_jax.federation import DeviceUpdate, UpdateRejected
 from fedspine_jax.models.state import flatten, get_head, get_lora, tree_bytes
 from fedspine_jax.server import wire
@@ -65,6 +82,11 @@ log = logging.getLogger("fedspine.server")
 
 # A fetch long-polls at most this long before answering WAIT.
 MAX_WAIT_S = 30.0
+# The round deadline when the config sets none (federation.deadline_s = 0): a dead device
+# never stalls a round for ever.
+DEFAULT_DEADLINE_S = 600.0
+# While a round is open, name the devices it still waits for this often.
+WAITING_LOG_S = 60.0
 
 
 class StaleUpdate(UpdateRejected):
@@ -73,6 +95,10 @@ class StaleUpdate(UpdateRejected):
 
 class RunDone(Exception):
     """The run has finished all its rounds."""
+
+
+class DamagedEntry(Exception):
+    """A journal entry that cannot be read back as it was written."""
 
 
 def update_digest(u: DeviceUpdate) -> str:
@@ -140,7 +166,9 @@ class Coordinator:
         self._opened_at: float | None = None
         self._accept_s = 0.0
         self._deadline_logged = False
+        self._waiting_logged_at = 0.0
         self._payload: dict[int, list] = {}      # rank -> TensorChunks of LoRA + head
+        self._fatal: StorageError | None = None  # a failed journal write ends ``run``
         self.out.mkdir(parents=True, exist_ok=True)
         self.jdir.mkdir(exist_ok=True)
         if restore:
@@ -168,8 +196,9 @@ class Coordinator:
     def _save(self) -> None:
         checkpoint.save(self.ckdir, self.state.round - 1, self.state, self._extra(),
                         keep=self.cfg.federation.keep_checkpoints)
+        oldest = checkpoint.steps(self.ckdir)[0]  # it holds the rounds up to its step
         for p in self.jdir.glob("r*.npz"):
-            if int(p.name[1:6]) < self.state.round:
+            if int(p.name[1:6]) <= oldest:
                 p.unlink(missing_ok=True)
 
     def _restore(self) -> None:
@@ -181,42 +210,84 @@ class Coordinator:
             state, _ = self.fed.plan(state)
         self.state = state
         metrics.truncate_metrics(self.out / "metrics.jsonl", state.round - 1)
-        replayed = 0
+        replayed, later = 0, []
         for path in self.jdir.glob("*.tmp"):
             path.unlink(missing_ok=True)  # a journal write that never completed
         for path in sorted(self.jdir.glob("r*.npz")):
-            if int(path.name[1:6]) != state.round:
-                path.unlink(missing_ok=True)
+            t = int(path.name[1:6])
+            if t < state.round:
+                continue  # in the checkpoint already (deleted by the next _save)
+            if t > state.round:
+                later.append(self._set_aside(path))
                 continue
             self._seq = max(self._seq, int(path.name[7:13]) + 1)
-            kind, u, meta = _read_entry(path)
-            if kind == "update":
-                self._commit_update(self.fed.accept(self.state, u), u, meta)
-            else:
-                self._commit_gave_up(meta)
+            try:
+                kind, u, meta = _read_entry(path)
+                if kind == "update":
+                    self._commit_update(self.fed.accept(self.state, u), u, meta)
+                else:
+                    self._commit_gave_up(meta)
+            except (DamagedEntry, UpdateRejected) as e:
+                log.warning("journal entry %s cannot be replayed (%s): moved to %s; its "
+                            "device will be asked for round %d again", path.name, e,
+                            self._set_aside(path), state.round)
+                continue
             replayed += 1
+        if later:
+            log.warning("checkpoint round_%05d is the newest intact one: %d acknowledged "
+                        "journal entries of later rounds cannot be replayed onto it and were "
+                        "moved to %s (their devices will be asked for those rounds again)",
+                        step, len(later), later[0].parent)
         if replayed:  # the round was under way: its deadline restarts now
             self._opened_at = time.monotonic()
         log.info("resumed from checkpoint round_%05d: collecting round %d, %d journal "
                  "entries replayed", step, state.round, replayed)
 
+    def _set_aside(self, path: Path) -> Path:
+        """Move a journal entry to ``journal/set_aside/`` (never over another); its new path."""
+        d = self.jdir / "set_aside"
+        d.mkdir(exist_ok=True)
+        dest, k = d / path.name, 1
+        while dest.exists():
+            dest, k = d / f"{path.stem}.{k}{path.suffix}", k + 1
+        os.replace(path, dest)
+        return dest
+
     def _journal(self, arrays: dict, meta: dict) -> None:
-        """Write one journal entry durably (tmp file, fsync, atomic rename, fsync dir)."""
+        """Write one journal entry durably (tmp file, fsync, atomic rename, fsync dir).
+
+        Raises:
+          StorageError: the entry could not be written (also kept for ``run`` to end with).
+        """
+        if self._fatal is not None:
+            raise self._fatal
         name = f"r{self.state.round:05d}_{self._seq:06d}_d{meta['device_id']}.npz"
         self._seq += 1
         tmp = self.jdir / (name + ".tmp")
         payload = {k.replace("/", "|"): v for k, v in arrays.items()}
         payload["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-        with open(tmp, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.jdir / name)
-        fd = os.open(self.jdir, os.O_RDONLY)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            with open(tmp, "wb") as f:
+                np.savez(f, **payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.jdir / name)
+            fd = os.open(self.jdir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            self._fatal = StorageError(
+                f"cannot write journal entry {str(self.jdir / name)!r}: "
+                f"{e.strerror or e}; the update was not acknowledged, and the checkpoints "
+                f"and journal written before are intact")
+            self._cv.notify_all()
+            raise self._fatal from e
 
     # -- the transport-facing API (thread-safe) --------------------------------------------
 
@@ -269,8 +340,7 @@ class Coordinator:
         if self._opened_at is None:
             self._opened_at = now
             log.info("round %d open", st.round)
-        dl = self.cfg.federation.deadline_s
-        left = max(0.0, self._opened_at + dl - now) if dl > 0 else 0.0
+        left = max(0.0, self._opened_at + self.deadline_s - now)
         rank = int(st.plan_r[i])
         record = wire.record_tensors(st.devices.device(i))
         payload = self._payload[rank]
@@ -364,9 +434,8 @@ class Coordinator:
             return "all devices answered"
         if ups >= self.fed.quorum():
             return "quorum"
-        dl = self.cfg.federation.deadline_s
-        if dl > 0 and self._opened_at is not None and \
-                time.monotonic() >= self._opened_at + dl:
+        if self._opened_at is not None and \
+                time.monotonic() >= self._opened_at + self.deadline_s:
             if ups:
                 return "deadline"
             if not self._deadline_logged:
@@ -375,11 +444,28 @@ class Coordinator:
                 self._deadline_logged = True
         return None
 
+    @property
+    def deadline_s(self) -> float:
+        """The round deadline: ``federation.deadline_s``, or ``DEFAULT_DEADLINE_S``."""
+        return self.cfg.federation.deadline_s or DEFAULT_DEADLINE_S
+
     def _wakeup(self) -> float:
-        dl = self.cfg.federation.deadline_s
-        if dl > 0 and self._opened_at is not None:
-            return max(0.05, min(1.0, self._opened_at + dl - time.monotonic()))
+        if self._opened_at is not None:
+            return max(0.05, min(1.0, self._opened_at + self.deadline_s - time.monotonic()))
         return 1.0
+
+    def _log_waiting(self) -> None:
+        """Every ``WAITING_LOG_S`` of an open round: the devices it still waits for."""
+        now = time.monotonic()
+        if self._opened_at is None or now - max(self._opened_at, self._waiting_logged_at) \
+                < WAITING_LOG_S:
+            return
+        self._waiting_logged_at = now
+        waiting = sorted(set(range(self.n)) - self._answered())
+        log.info("round %d open for %.0f s: waiting for devices %s (%d/%d answered; "
+                 "deadline in %.0f s)", self.state.round, now - self._opened_at, waiting,
+                 self.n - len(waiting), self.n,
+                 max(0.0, self._opened_at + self.deadline_s - now))
 
     def run(self, stop: threading.Event | None = None, linger_s: float = 10.0) -> dict | None:
         """Close rounds until the run is done (or ``stop`` is set); return the summary.
@@ -391,8 +477,11 @@ class Coordinator:
         stop = stop or threading.Event()
         with self._cv:
             while not self.done and not stop.is_set():
+                if self._fatal is not None:
+                    raise self._fatal
                 why = self._close_reason()
                 if why is None:
+                    self._log_waiting()
                     self._cv.wait(self._wakeup())
                     continue
                 self._close(why)
@@ -504,15 +593,27 @@ def _update_arrays(u: DeviceUpdate) -> dict:
 
 
 def _read_entry(path: Path) -> tuple[str, DeviceUpdate | None, dict]:
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(bytes(z["meta"]).decode())
-        arrays = {k.replace("|", "/"): z[k] for k in z.files if k != "meta"}
-    if meta["kind"] != "update":
-        return meta["kind"], None, meta
-    lora, head, other = wire.split_payload(arrays)
-    kw = {f.name: meta[f.name] for f in dataclasses.fields(DeviceUpdate)
-          if f.name in meta and f.name != "stream"}
-    u = DeviceUpdate(lora=lora, head=head, stream=tuple(meta["stream"]), **other, **kw)
+    """(kind, update or None, meta) of a journal entry.
+
+    Raises:
+      DamagedEntry: the entry cannot be read, or its update does not match its digest.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            arrays = {k.replace("|", "/"): z[k] for k in z.files if k != "meta"}
+        if meta["kind"] != "update":
+            if {"device_id", "reason", "stream"} - meta.keys():
+                raise DamagedEntry(f"its {meta['kind']!r} record lacks fields")
+            return meta["kind"], None, meta
+        lora, head, other = wire.split_payload(arrays)
+        kw = {f.name: meta[f.name] for f in dataclasses.fields(DeviceUpdate)
+              if f.name in meta and f.name != "stream"}
+        u = DeviceUpdate(lora=lora, head=head, stream=tuple(meta["stream"]), **other, **kw)
+        if update_digest(u) != meta["digest"]:
+            raise DamagedEntry("its update does not match its digest")
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        raise DamagedEntry(f"{type(e).__name__}: {e}") from None
     return "update", u, meta
 
 

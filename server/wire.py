@@ -4,9 +4,13 @@ A tensor is sent as one or more :class:`TensorChunk` messages: the first carries
 ``TensorHeader`` (name, numpy dtype name, shape), every one a piece (at most ``chunk_bytes``)
 of its raw bytes, little-endian and C order. :class:`TensorAssembler` rebuilds tensors from
 chunks and refuses, with an error naming the problem, a chunk without a header, an unknown
-dtype, a negative dimension, a repeated name, bytes beyond the header's size, a tensor cut
-short, and anything that would push the total past ``max_bytes`` (checked against the
-header's declared size before any of the tensor's bytes are read).
+dtype, an absurd shape (a negative dimension, more than ``MAX_DIMS`` of them, or dimensions
+whose product alone exceeds the byte limit), a name longer than ``MAX_NAME_BYTES``, a repeated
+name, an empty chunk, bytes beyond the header's size, a tensor cut short, more tensors or
+chunks than its limits allow, and anything that would push the total past ``max_bytes``
+(checked against the header's declared size before any of the tensor's bytes are read).
+Every limit is checked as the chunk arrives, so a malicious stream costs at most one
+message's memory beyond what an honest one would.
 
 This module is shared by the server and the device agent (it is the protocol's contract,
 beside ``fedspine.proto``), with the rest of what both sides must agree on: the config
@@ -32,6 +36,12 @@ from fedspine_jax.server import fedspine_pb2 as pb
 CHUNK_BYTES = 1 << 20
 MESSAGE_LIMIT_BYTES = 4 << 20
 DTYPES = ("float32", "float16", "float64", "int32", "int64", "uint8", "bool")
+# Upload metadata limits: the longest tensor name (UTF-8 bytes), the most dimensions, and
+# the smallest chunk worth a message (an upload may have at most max_bytes / MIN_CHUNK_BYTES
+# chunks beyond one per tensor; an honest sender fills every chunk but a tensor's last).
+MAX_NAME_BYTES = 256
+MAX_DIMS = 8
+MIN_CHUNK_BYTES = 64 << 10
 
 
 class WireError(ValueError):
@@ -63,7 +73,13 @@ def dict_chunks(tensors: dict[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES
 
 
 def nbytes(header: pb.TensorHeader) -> int:
-    """The byte size a header declares."""
+    """The byte size a header declares (its name, dtype and number of dimensions checked)."""
+    if len(header.name.encode()) > MAX_NAME_BYTES:
+        raise WireError(f"tensor name {header.name[:40]!r}... is longer than "
+                        f"{MAX_NAME_BYTES} bytes")
+    if len(header.shape) > MAX_DIMS:
+        raise WireError(f"tensor {header.name}: {len(header.shape)} dimensions (at most "
+                        f"{MAX_DIMS})")
     if header.dtype not in DTYPES:
         raise WireError(f"tensor {header.name}: unknown dtype {header.dtype!r} "
                         f"(allowed {DTYPES})")
@@ -78,10 +94,19 @@ class TensorAssembler:
 
     Args:
       max_bytes: the most tensor bytes the stream may declare in all.
+      max_tensors: the most tensors it may carry (None: no limit).
+      max_chunks: the most chunks it may have (None: ``max_tensors`` plus
+        ``max_bytes // MIN_CHUNK_BYTES``, or no limit without ``max_tensors``).
     """
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, max_tensors: int | None = None,
+                 max_chunks: int | None = None):
         self.max_bytes = int(max_bytes)
+        self.max_tensors = max_tensors
+        if max_chunks is None and max_tensors is not None:
+            max_chunks = max_tensors + self.max_bytes // MIN_CHUNK_BYTES
+        self.max_chunks = max_chunks
+        self.chunks = 0
         self.total = 0
         self.tensors: dict[str, np.ndarray] = {}
         self._header: pb.TensorHeader | None = None
@@ -91,6 +116,9 @@ class TensorAssembler:
 
     def add(self, chunk: pb.TensorChunk) -> None:
         """Take the next chunk (raises :class:`WireError` / :class:`TooLarge`)."""
+        self.chunks += 1
+        if self.max_chunks is not None and self.chunks > self.max_chunks:
+            raise WireError(f"more than {self.max_chunks} chunks")
         if chunk.HasField("header"):
             self._finish_open()
             h = chunk.header
@@ -98,13 +126,20 @@ class TensorAssembler:
                 raise WireError("a tensor header without a name")
             if h.name in self.tensors:
                 raise WireError(f"tensor {h.name} sent twice")
+            if self.max_tensors is not None and len(self.tensors) >= self.max_tensors:
+                raise WireError(f"more than {self.max_tensors} tensors")
             size = nbytes(h)
             if self.total + size > self.max_bytes:
                 raise TooLarge(f"tensor {h.name} of shape {tuple(h.shape)} ({h.dtype}) would "
                                f"bring the upload to {self.total + size} bytes, over the "
                                f"limit of {self.max_bytes}")
+            # an empty tensor's other dimensions could still make an array numpy refuses
+            if math.prod(max(d, 1) for d in h.shape) > self.max_bytes:
+                raise WireError(f"tensor {h.name}: absurd shape {tuple(h.shape)}")
             self.total += size
             self._header, self._want, self._parts, self._got = h, size, [], 0
+        elif not chunk.data:
+            raise WireError("an empty chunk (no header, no bytes)")
         elif self._header is None:
             if not self.tensors:
                 raise WireError("tensor bytes arrived before any tensor header")
@@ -230,3 +265,21 @@ def channel_options(max_message_bytes: int = MESSAGE_LIMIT_BYTES) -> list[tuple[
     """gRPC options setting the message size limits (both ends use them)."""
     return [("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+# Server keepalive: ping an idle connection every KEEPALIVE_S and drop it when the ping is
+# not answered within KEEPALIVE_TIMEOUT_S (a device that vanished without closing its
+# connection); accept a device's own pings no more often than every 10 s.
+KEEPALIVE_S = 60
+KEEPALIVE_TIMEOUT_S = 20
+
+
+def server_options(max_message_bytes: int = MESSAGE_LIMIT_BYTES) -> list[tuple[str, int]]:
+    """The server's gRPC options: :func:`channel_options` and its keepalive policy."""
+    return channel_options(max_message_bytes) + [
+        ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_idle_ms", 30 * 60 * 1000)]

@@ -342,6 +342,78 @@ def test_log_reward_and_leading_axes():
     assert got[0, 1] / got[0, 0] < paper[0, 1] / paper[0, 0]
 
 
+
+def _reward_unclipped(loss_drop, delta_p, importance, times, cfg):
+    """Eq. 3 as :func:`bandit.reward` computed it before its overflow clip (float32)."""
+    loss_drop, delta_p, importance, times = (jnp.asarray(x, jnp.float32) for x in
+                                             (loss_drop, delta_p, importance, times))
+    target, rounds = cfg.pruning.target_ratio, cfg.pruning.target_round
+    dp_floor = target / rounds if target > 0 else 1.0
+    dp = jnp.maximum(delta_p, dp_floor)
+    mean_t = jnp.mean(times, axis=-1, keepdims=True)
+    eps = jnp.maximum(bandit.TIME_EPS_REL * mean_t, bandit.TIME_EPS_ABS)
+    dt = jnp.abs(times - mean_t) + eps
+    if cfg.bandit.reward == "paper":
+        return loss_drop * dp * importance / dt
+    slog_f = jnp.sign(loss_drop) * jnp.log1p(jnp.abs(loss_drop))
+    return (slog_f * jnp.log1p(jnp.maximum(importance, 0.0)) * jnp.log1p(dp / dp_floor)
+            / jnp.log1p(dt / eps))
+
+
+@pytest.mark.parametrize("kind", ["paper", "log"])
+def test_reward_of_ordinary_inputs_is_unchanged_by_the_overflow_clip(kind):
+    """Host (float64 numpy) and device (float32 jax) inputs inside the limit give exactly
+    the numbers of the unclipped formula."""
+    cfg = replace(CFG, bandit={"reward": kind})
+    rng = np.random.default_rng(0)
+    dF = rng.normal(0.0, 0.3, 64)
+    dp = rng.uniform(-0.01, 0.2, 64)
+    imp = rng.uniform(0.0, 3.5, 64)
+    times = rng.uniform(0.5, 5e4, 64)
+    want = np.asarray(_reward_unclipped(dF, dp, imp, times, cfg))
+    np.testing.assert_array_equal(bandit.reward(dF, dp, imp, times, cfg), want)
+    as_jax = [jnp.asarray(x, jnp.float32) for x in (dF, dp, imp, times)]
+    np.testing.assert_array_equal(bandit.reward(*as_jax, cfg), want)
+
+
+@pytest.mark.parametrize("kind", ["paper", "log"])
+def test_reward_is_finite_for_extreme_finite_inputs(kind):
+    """Finite statistics far outside float32 (a compute time of 1e300 once turned every
+    device's reward into NaN) and degenerate configs give finite rewards, without a cast
+    overflow warning, on the host and under jit."""
+    cfg = replace(CFG, bandit={"reward": kind})
+    big, f32max = 1e300, float(np.finfo(np.float32).max)
+    cases = [
+        ([0.1, 0.2, 0.3], [0.1, 0.1, 0.1], [1.0, 1.0, 1.0], [1.0, 2.0, big]),  # the probe
+        ([big, -big, 0.0], [big, -big, 0.0], [big, -big, 0.0], [big, 0.0, -big]),
+        ([f32max, f32max, -f32max], [1.0, 1.0, 1.0], [f32max, 1.0, f32max],
+         [0.0, 0.0, 0.0]),
+        ([1e-300, 1.0, 2.0], [0.0, 0.0, 0.0], [1e-300, 1.0, 2.0], [1e-300, 1e-300, 1e-300]),
+    ]
+    degenerate = replace(cfg, pruning={"target_ratio": 1e-40, "target_round": 10**9})
+    with np.errstate(over="raise", invalid="raise"):
+        for c in (cfg, degenerate):
+            for case in cases:
+                got = np.asarray(bandit.reward(*(np.array(x) for x in case), c))
+                assert np.all(np.isfinite(got)), (case, got)
+                jitted = jax.jit(functools.partial(bandit.reward, cfg=c))(
+                    *(jnp.asarray(np.clip(x, -f32max, f32max), jnp.float32) for x in case))
+                assert np.all(np.isfinite(np.asarray(jitted))), (case, jitted)
+
+
+def test_update_saturates_reward_sums_instead_of_overflowing():
+    """Undiscounted agents fed the largest finite float32 reward keep finite sums."""
+    cfg = replace(CFG, bandit={"discount": 1.0})
+    st = bandit.init(cfg, A, jax.random.key(0))
+    top = np.finfo(np.float32).max
+    for sign in (1.0, 1.0, -1.0, -1.0, -1.0):
+        st, _, _ = bandit.select(st, jax.random.key(1))
+        st = bandit.update(st, jnp.full(A, sign * top))
+    for f in ("count", "reward_sum"):
+        assert np.all(np.isfinite(np.asarray(getattr(st, f)))), f
+    assert np.abs(np.asarray(st.reward_sum)).max() == top   # saturated, not Inf
+
+
 def test_checkpoint_round_trip(tmp_path):
     ocp = pytest.importorskip("orbax.checkpoint")
     state, _ = rollout(bandit.init(CFG, A, jax.random.key(0)), jax.random.key(1))

@@ -276,3 +276,144 @@ def test_a_checkpoint_without_device_records_is_a_clear_error(tmp_path):
     del tree["devices"]
     with pytest.raises(RunDirError, match="older fedspine-jax"):
         checkpoint.state_from_tree(tree, fed)
+
+
+# ------------------------------------------------------------- damage and failed writes
+
+
+def _flip_bytes(step_dir, n: int = 64) -> None:
+    """Invert ``n`` bytes in the middle of the checkpoint's largest data file (orbax's
+    OCDBT value file, where the arrays are)."""
+    f = max(step_dir.glob("ocdbt.process_0/d/*"), key=lambda f: f.stat().st_size)
+    b = bytearray(f.read_bytes())
+    mid = len(b) // 2
+    b[mid:mid + n] = bytes(x ^ 0xFF for x in b[mid:mid + n])
+    f.write_bytes(bytes(b))
+
+
+def _saved_rounds(tmp_path, fed, rounds=(1, 2, 3)) -> dict:
+    """Checkpoints of consecutive rounds, each with an array large enough to be stored as
+    raw data (flipped bytes there decode to finite garbage rather than a read error)."""
+    state, saved = init_state(fed), {}
+    big = np.random.default_rng(1).normal(size=(128, 128)).astype(np.float32)
+    for step in rounds:
+        state = play(fed, state, 1)
+        saved[step] = state
+        checkpoint.save(tmp_path, step, state, {"big": big})
+    return saved
+
+
+def test_flipped_bytes_fall_back_to_the_newest_intact_checkpoint(tmp_path, caplog):
+    """64 flipped bytes in the newest checkpoint's data: orbax reads them back as finite
+    garbage, the digest does not match, and restore takes the round before, with a warning
+    naming the damaged checkpoint."""
+    import orbax.checkpoint as ocp
+
+    fed = make_fed()
+    saved = _saved_rounds(tmp_path, fed)
+    _flip_bytes(tmp_path / "round_00003")
+    raw = ocp.StandardCheckpointer().restore(tmp_path / "round_00003")
+    assert np.isfinite(raw["extra"]["big"]).all()   # what orbax alone would resume on
+    with caplog.at_level("WARNING", logger="fedspine.checkpoint"):
+        got, _, step = checkpoint.restore(tmp_path, fed)
+    assert step == 2
+    assert_states_equal(got, saved[2])
+    assert "round_00003 is damaged (its contents do not match its digest)" in caplog.text
+    from fedspine_jax.errors import RunDirError
+
+    with pytest.raises(RunDirError, match="round_00003.*damaged.*digest"):
+        checkpoint.restore(tmp_path, fed, step=3)   # a step asked for: no fallback
+
+
+def test_a_checkpoint_without_its_digest_is_restored_unverified(tmp_path, caplog):
+    """An older fedspine-jax's checkpoint, or a crash between orbax's rename and the digest
+    file (orbax's rename means the checkpoint is complete): restored, with a warning."""
+    fed = make_fed()
+    saved = _saved_rounds(tmp_path, fed, rounds=(1, 2))
+    (tmp_path / "round_00002" / checkpoint.DIGEST_FILE).unlink()
+    with caplog.at_level("WARNING", logger="fedspine.checkpoint"):
+        got, _, step = checkpoint.restore(tmp_path, fed)
+    assert step == 2 and "round_00002 has no digest.json" in caplog.text
+    assert "restored without verification" in caplog.text
+    assert_states_equal(got, saved[2])
+
+
+def test_no_intact_checkpoint_is_a_clear_error_naming_each(tmp_path):
+    from fedspine_jax.errors import RunDirError
+
+    fed = make_fed()
+    _saved_rounds(tmp_path, fed, rounds=(1, 2))
+    _flip_bytes(tmp_path / "round_00002")
+    (tmp_path / "round_00001" / checkpoint.DIGEST_FILE).write_text("{")
+    with pytest.raises(RunDirError, match=r"no intact checkpoint.*round_00002 \(its contents "
+                                          r"do not match.*round_00001 \(unreadable digest"):
+        checkpoint.restore(tmp_path, fed)
+
+
+def test_keep_prunes_only_steps_before_the_one_saved(tmp_path):
+    """After a fallback from a damaged round 3 to round 2, saving round 3 again overwrites
+    it; rounds before are pruned to ``keep``."""
+    fed = make_fed()
+    saved = _saved_rounds(tmp_path, fed)
+    _flip_bytes(tmp_path / "round_00003")
+    state, _, step = checkpoint.restore(tmp_path, fed)
+    assert step == 2
+    checkpoint.save(tmp_path, 3, play(fed, state, 1), keep=2)
+    assert checkpoint.steps(tmp_path) == [2, 3]
+    assert_states_equal(checkpoint.restore(tmp_path, fed)[0], play(fed, saved[2], 1))
+
+
+def test_a_file_size_limit_mid_save_is_one_clear_error_and_keeps_the_previous(tmp_path):
+    """A real write failure inside orbax (the process's file-size limit, EFBIG, as a full
+    disk fails with ENOSPC): StorageError naming the checkpoint and the OS reason; the
+    half-written step is removed and the previous checkpoint restores as it was."""
+    resource = pytest.importorskip("resource")
+    import signal
+
+    from fedspine_jax.errors import StorageError
+
+    fed = make_fed()
+    saved = _saved_rounds(tmp_path, fed, rounds=(1,))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(StorageError) as e:
+            checkpoint.save(tmp_path, 2, play(fed, saved[1], 1),
+                            {"big": np.zeros((128, 128), np.float32)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    msg = str(e.value)
+    assert "\n" not in msg and "round_00002" in msg and "File too large (EFBIG)" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round_00001"]
+    got, _, step = checkpoint.restore(tmp_path, fed)
+    assert step == 1
+    assert_states_equal(got, saved[1])
+
+
+def test_an_unwritable_checkpoint_directory_ends_the_cli_in_one_line(tmp_path, monkeypatch,
+                                                                     capsys):
+    """A checkpoint directory under a file (ENOTDIR; chmod does not stop root) fails with a
+    StorageError, which ``fedspine simulate`` prints as one line with the command that
+    resumes the run."""
+    from fedspine_jax import cli, simulation
+    from fedspine_jax.errors import StorageError
+
+    fed = make_fed()
+    (tmp_path / "run").write_text("not a directory")
+    with pytest.raises(StorageError, match=r"round_00001.*Not a directory \(ENOTDIR\)"):
+        checkpoint.save(tmp_path / "run" / "checkpoints", 1, init_state(fed))
+
+    def run(cfg, out, resume=False, progress=True):
+        checkpoint.save(tmp_path / "run" / "checkpoints", 1, init_state(fed))
+
+    monkeypatch.setattr(simulation, "run", run)
+    assert cli.main(["simulate", "tiny", "--out", str(tmp_path / "out"), "--no-progress",
+                     "--no-compile-cache"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("fedspine simulate: cannot write checkpoint") and \
+        "Not a directory" in err and err.endswith(
+            f"continue with: fedspine simulate tiny --out {tmp_path / 'out'} --no-progress "
+            f"--no-compile-cache --resume")

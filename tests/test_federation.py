@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,8 +17,8 @@ from fedspine_jax import bandit
 from fedspine_jax.config import from_dict
 from fedspine_jax.models.arch import ArchConfig
 from fedspine_jax.models.state import flatten, unflatten
-from fedspine_jax.federation import (DeviceTask, DeviceUpdate, Federation, QuorumNotMet,
-                                     UpdateRejected)
+from fedspine_jax.federation import (DeviceTask, DeviceUpdate, Federation, NonFiniteState,
+                                     QuorumNotMet, UpdateRejected)
 from fedspine_jax.strategies import STRATEGIES, get
 
 R, ALPHA = 8, 16.0
@@ -392,10 +393,43 @@ BAD_UPDATES = {
     "NaN loss": (lambda ts: fake_update(ts[1], loss_after=float("nan")), "loss_after"),
     "infinite importance": (lambda ts: fake_update(ts[1], lora_importance=float("inf")),
                             "lora_importance"),
-    "negative time": (lambda ts: fake_update(ts[1], comm_time_s=-1.0), "negative"),
+    "negative time": (lambda ts: fake_update(ts[1], comm_time_s=-1.0),
+                      r"comm_time_s=-1.0 is outside"),
     "ratio above 1": (lambda ts: fake_update(ts[1], ratio=1.5), "ratio"),
     "ratio below 0": (lambda ts: fake_update(ts[1], ratio=-0.1), "ratio"),
     "no samples": (lambda ts: fake_update(ts[1], num_samples=0), "num_samples"),
+    # finite but implausible statistics (plausibility bounds, federation.STAT_BOUNDS)
+    "compute time 1e300": (lambda ts: fake_update(ts[1], compute_time_s=1e300),
+                           r"compute_time_s=1e\+300 is outside .*1e\+06"),
+    "comm time above the cap": (lambda ts: fake_update(ts[1], comm_time_s=2e6),
+                                "comm_time_s=2000000.0 is outside"),
+    "2**62 samples": (lambda ts: fake_update(ts[1], num_samples=2**62),
+                      f"num_samples={2**62} is outside"),
+    "fractional samples": (lambda ts: fake_update(ts[1], num_samples=5.0),
+                           "num_samples=5.0 is not an integer"),
+    "negative loss": (lambda ts: fake_update(ts[1], loss_before=-0.5),
+                      "loss_before=-0.5 is outside"),
+    "loss above the cap": (lambda ts: fake_update(ts[1], loss_after=1e5),
+                           "loss_after=100000.0 is outside"),
+    "huge importance": (lambda ts: fake_update(ts[1], lora_importance=1e30),
+                        r"lora_importance=1e\+30 is outside .*Eq. 13-14"),
+    "importance above Eq. 14 at the rank": (
+        lambda ts: fake_update(ts[1], lora_importance=1.01 * (1 + np.sqrt(ts[1].rank))),
+        r"lora_importance=.* is outside .*planned rank"),
+    "negative importance": (lambda ts: fake_update(ts[1], lora_importance=-0.1),
+                            "lora_importance=-0.1 is outside"),
+    "negative flops": (lambda ts: fake_update(ts[1], flops=-1.0), "flops=-1.0 is outside"),
+    "flops above the cap": (lambda ts: fake_update(ts[1], flops=1e30), r"flops=1e\+30"),
+    "infinite flops": (lambda ts: fake_update(ts[1], flops=float("inf")),
+                       "flops=inf is not a finite number"),
+    "negative peak memory": (lambda ts: fake_update(ts[1], peak_memory_bytes=-1),
+                             "peak_memory_bytes=-1 is outside"),
+    "peak memory of 2**60": (lambda ts: fake_update(ts[1], peak_memory_bytes=2**60),
+                             "peak_memory_bytes=.* is outside"),
+    "fractional peak memory": (lambda ts: fake_update(ts[1], peak_memory_bytes=1.5),
+                               "peak_memory_bytes=1.5 is not an integer"),
+    "negative params alive": (lambda ts: fake_update(ts[1], params_alive=-3),
+                              "params_alive=-3 is outside"),
 }
 
 
@@ -548,6 +582,81 @@ def test_mask_with_nan_is_rejected():
 def test_mask_with_too_few_layers_is_rejected():
     with pytest.raises(UpdateRejected, match="mask"):
         _masked_round(True, np.ones((1, NUM_HEADS), np.float32))
+
+
+# ------------------------------------------------------------- plausibility bounds
+
+
+def _limited(limits):
+    """Round 1 of a federation whose devices' partitions hold ``limits`` examples."""
+    fed = Federation(make_cfg(), N, TIERS, ARCH, num_samples_limit=np.array(limits))
+    state, tasks = fed.plan(fed.init(*fake_global()))
+    return fed, state, tasks
+
+
+def test_num_samples_is_bounded_by_the_devices_partition_size():
+    fed, state, tasks = _limited([30, 40, 60])
+    with pytest.raises(UpdateRejected, match=r"num_samples=41 is outside its plausible "
+                                             r"range \[1, 40\] \(device 1's partition size\)"):
+        fed.accept(state, fake_update(tasks[1], num_samples=41))
+    state = fed.accept(state, fake_update(tasks[1], num_samples=40))     # the whole partition
+    state = fed.accept(state, fake_update(tasks[0], num_samples=30))
+    state = fed.accept(state, fake_update(tasks[2], num_samples=41))     # its partition is 60
+    assert [u.num_samples for u in state.updates] == [40, 30, 41]
+    with pytest.raises(ValueError, match="num_samples_limit"):
+        Federation(make_cfg(), N, TIERS, ARCH, num_samples_limit=np.array([30, 40]))
+
+
+def test_lora_importance_is_bounded_by_eq14_at_the_planned_rank():
+    """I(B_total) = T + S <= 1 + sqrt(r_i) (pruning.lora_importance_total): the bound is
+    accepted, anything above it (beyond the float32 tolerance) is refused."""
+    fed, state, tasks = _limited([50, 50, 50])
+    t = tasks[1]
+    bound = 1.0 + np.sqrt(t.rank)
+    with pytest.raises(UpdateRejected, match=f"planned rank {t.rank}"):
+        fed.accept(state, fake_update(t, lora_importance=bound * 1.002))
+    state = fed.accept(state, fake_update(t, lora_importance=bound * 1.0005))
+    assert state.updates[0].lora_importance == bound * 1.0005
+
+
+def test_extreme_plausible_statistics_give_finite_rewards_weights_and_bandit():
+    """Every device at the edge of every bound: the round closes with finite rewards, finite
+    aggregation weights, a finite global model and a finite bandit state."""
+    for strategy in ("fedspine", "fedlora_prune"):
+        fed, state = new_federation(strategy)
+        state, tasks = fed.plan(state)
+        for t, (lb, la, ct) in zip(tasks, [(1e4, 0.0, 1e6), (0.0, 1e4, 0.0), (1e4, 1e4, 0.0)]):
+            state = fed.accept(state, fake_update(
+                t, num_samples=2**31 - 1, loss_before=lb, loss_after=la,
+                lora_importance=1.0 + np.sqrt(t.rank), compute_time_s=ct, comm_time_s=1e6,
+                flops=1e24, peak_memory_bytes=2**50, params_alive=2**50))
+        new, report = fed.close(state)
+        assert np.all(np.isfinite(report.rewards)) and np.all(np.isfinite(report.weights))
+        for v in list(flatten(new.lora).values()) + list(flatten(new.head).values()):
+            assert np.all(np.isfinite(v))
+        if new.bandit is not None:
+            assert np.all(np.isfinite(np.asarray(new.bandit.reward_sum)))
+            assert np.any(np.asarray(report.rewards) != 0)
+
+
+def test_close_refuses_to_store_a_non_finite_bandit_state():
+    """A bandit state holding NaN (e.g. one restored from an older run) is not stored."""
+    fed, state = new_federation()
+    planned, tasks = fed.plan(state)
+    rs = np.asarray(planned.bandit.reward_sum).copy()
+    rs[1, 0] = np.nan
+    poisoned = dataclasses.replace(planned, bandit=planned.bandit.replace(
+        reward_sum=jnp.asarray(rs)))
+    for t in tasks:
+        poisoned = fed.accept(poisoned, fake_update(t))
+    with pytest.raises(NonFiniteState, match=r"round 1: .*reward_sum of agents \[1\]"):
+        fed.close(poisoned)
+    assert poisoned.round == 1 and len(poisoned.updates) == N   # nothing was advanced
+    # the same round from the intact state closes
+    clean = planned
+    for t in tasks:
+        clean = fed.accept(clean, fake_update(t))
+    assert fed.close(clean)[0].round == 2
 
 
 # --------------------------------------------------------------- fixed bugs (regressions)

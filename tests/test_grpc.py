@@ -777,3 +777,203 @@ def test_device_killed_mid_round_round_closes_at_deadline(procs, env, tmp_path, 
     assert rows[2]["close_reason"] == "all devices answered"
     assert rows[2]["devices"] == [0, 1, 2]
     assert rejoined.rounds_done == 1
+
+
+# ---------------------------------------------------------------------------------------
+# hardening: limits on upload metadata, fairness between devices, secrets
+
+
+@pytest.fixture(scope="module")
+def strict_server(tmp_path_factory, shared_data):
+    """An in-process server (no round driver) whose streams stall out after 1 s, at most 2
+    calls per device, with tokens of its own (a test rotates them)."""
+    from fedspine_jax.server.coordinator import Coordinator
+    from fedspine_jax.server.servicer import Limits, make_server
+
+    sets = _sets(shared_data, NO_EXPORT)
+    cfg = load_config(TINY, sets)
+    d = tmp_path_factory.mktemp("strict")
+    tokens_dir = d / "tokens"
+    auth.write_tokens(tokens_dir, N)
+    coord = Coordinator(cfg, d / "run")
+    server, port = make_server(coord, auth.Tokens.load(tokens_dir / "tokens.json"),
+                               "127.0.0.1:0", limits=Limits(calls_per_device=2, stall_s=1.0,
+                                                            spare_workers=2))
+    yield {"port": port, "digest": config_digest(cfg), "coord": coord, "tokens": tokens_dir}
+    server.stop(0)
+
+
+def test_upload_metadata_limits_refused_as_invalid_argument(strict_server):
+    """Absurd shapes, long names, too many tensors and empty-chunk floods are refused with
+    INVALID_ARGUMENT as the frames arrive (the stream is not read to its end)."""
+    port, digest, tokens_dir = (strict_server[k] for k in ("port", "digest", "tokens"))
+    c = Client(port, token(tokens_dir, 2))
+    c.register(2, digest)
+    header, task = c.fetch(2)
+    good = stand_in_update(2, header, task)
+
+    def refused(frames, *words):
+        with pytest.raises(grpc.RpcError) as e:
+            c.upload(frames)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        for w in words:
+            assert w in e.value.details(), e.value.details()
+
+    def tensor(name, shape, dtype="float32", data=b""):
+        return pb.UpdateFrame(chunk=pb.TensorChunk(
+            header=pb.TensorHeader(name=name, dtype=dtype, shape=shape), data=data))
+
+    refused([good[0], tensor("lora/x", [0, 1 << 62])] + good[1:], "absurd shape")
+    refused([good[0], tensor("lora/x", [1] * 9)] + good[1:], "dimensions")
+    refused([good[0], tensor("lora/" + "x" * 300, [1], data=bytes(4))] + good[1:],
+            "longer than 256 bytes")
+    refused([good[0], tensor("lora/x", [-3])] + good[1:], "negative dimension")
+    many = [tensor(f"lora/t{i}", [0]) for i in range(10_000)]
+    refused([good[0]] + many + good[1:], "more than", "tensors")
+    head = pb.UpdateFrame(header=pb.UpdateHeader(device_id=2, round=header.round,
+                                                 num_tensors=1 << 20))
+    refused([head] + good[1:], "announces 1048576 tensors")
+    empty = [pb.UpdateFrame(chunk=pb.TensorChunk()) for _ in range(200_000)]
+
+    def empties():  # the server must refuse at the first: it never asks for the rest
+        yield good[0]
+        yield good[1]
+        yield from empty
+
+    t0 = time.monotonic()
+    refused(empties(), "empty chunk")
+    assert time.monotonic() - t0 < 20
+    # a well-formed upload still goes through
+    assert not c.upload(good).duplicate
+
+
+def test_error_details_carry_no_server_paths():
+    from fedspine_jax.server.servicer import public
+
+    msg = public("exporting failed: [Errno 28] No space left on device: "
+                 "'/srv/fl/run/models/device_0/model.onnx' (lora/x, /tmp)")
+    assert "/srv" not in msg and "/tmp" not in msg and "<path>" in msg and "lora/x" in msg
+
+
+def test_one_device_cannot_starve_the_others(strict_server):
+    """Device 0 opens many uploads that send a header and go silent, and floods long polls:
+    its calls beyond the per-device cap are refused, its stalled ones are cut by the server,
+    and device 1 is served throughout."""
+    port, digest, tokens_dir = (strict_server[k] for k in ("port", "digest", "tokens"))
+    bad = Client(port, token(tokens_dir, 0))
+    bad.register(0, digest)
+    release = threading.Event()
+
+    def stalled():
+        yield pb.UpdateFrame(header=pb.UpdateHeader(device_id=0, round=1, num_tensors=1))
+        release.wait(120)
+
+    uploads = [bad.stub.UploadUpdate.future(stalled(), metadata=bad.md, timeout=120)
+               for _ in range(30)]
+    polls = [bad.stub.FetchTask(pb.FetchTaskRequest(device_id=0, wait_s=30),
+                                metadata=bad.md, timeout=120) for _ in range(30)]
+    try:
+        good = Client(port, token(tokens_dir, 1))
+
+        def retried(fn):  # as an agent does while the server is at its limit of calls
+            for _ in range(50):
+                try:
+                    return fn()
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                    time.sleep(0.2)
+            raise AssertionError("device 1 was refused for 10 s")
+
+        t0 = time.monotonic()
+        for _ in range(3):
+            assert retried(lambda: good.register(1, digest)).num_devices == N
+            h, _ = retried(lambda: good.fetch(1))
+            assert h.status == pb.READY
+        assert time.monotonic() - t0 < 30
+        codes = []
+        for f in uploads:
+            with pytest.raises(grpc.RpcError) as e:
+                f.result(timeout=60)  # refused, or cut when it stalled: never left hanging
+            codes.append(e.value.code())
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        assert grpc.StatusCode.CANCELLED in codes
+        assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
+        assert time.monotonic() - t0 < 60
+    finally:
+        release.set()
+        for p in polls:
+            p.cancel()
+
+
+def test_token_rotation_and_revocation_without_restart(strict_server):
+    """The running server re-reads its tokens file: a rotated device's old token is refused
+    and its new one accepted; a revoked device is refused."""
+    port, digest, d = (strict_server[k] for k in ("port", "digest", "tokens"))
+    old = token(d, 2)
+    assert Client(port, old).register(2, digest).num_devices == N
+    new_file = auth.rotate_token(d / "tokens.json", 2)
+    assert new_file == d / "device_2.token" and token(d, 2) != old
+    with pytest.raises(grpc.RpcError) as e:
+        Client(port, old).register(2, digest)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert Client(port, token(d, 2)).register(2, digest).num_devices == N
+    auth.revoke_token(d / "tokens.json", 2)
+    with pytest.raises(grpc.RpcError) as e:
+        Client(port, token(d, 2)).register(2, digest)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert Client(port, token(d, 0)).register(0, digest).num_devices == N
+
+
+def test_token_files_hashed_and_owner_only(tmp_path):
+    d = tmp_path / "secrets"
+    path = auth.write_tokens(d, 2)
+    tok = auth.read_token(d / "device_1.token")
+    raw = json.loads(path.read_text())
+    assert tok not in path.read_text() and set(raw["devices"]["1"]) == {"salt", "sha256"}
+    for f in (path, d / "device_0.token", d / "device_1.token"):
+        assert f.stat().st_mode & 0o777 == 0o600
+    assert auth.Tokens.load(path).device_of(tok) == 1
+    assert auth.Tokens.load(path).device_of(tok[:-1] + "x") is None
+    # a group/world-readable file is refused with the fix; --init-tokens over it repairs it
+    for f in (path, d / "device_1.token"):
+        f.chmod(0o644)
+    with pytest.raises(ValueError, match="chmod 600"):
+        auth.Tokens.load(path)
+    with pytest.raises(ValueError, match="chmod 600"):
+        auth.read_token(d / "device_1.token")
+    auth.write_tokens(d, 2)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (d / "device_1.token").stat().st_mode & 0o777 == 0o600
+    # a plain (old-format) tokens file is refused, naming the fix
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"0": "x" * 43}))
+    plain.chmod(0o600)
+    with pytest.raises(ValueError, match="--init-tokens"):
+        auth.Tokens.load(plain)
+
+
+def test_plaintext_server_on_a_public_address_needs_insecure(tmp_path, tokens_dir, env):
+    r = subprocess.run(_fedspine("server", str(TINY), "--listen", "0.0.0.0:0", "--tokens",
+                                 str(tokens_dir / "tokens.json"), "--out", str(tmp_path / "r")),
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "without TLS" in err[0] and "--insecure" in err[0], r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_default_round_deadline_and_waiting_log(strict_server, monkeypatch, caplog):
+    """With the default config a round has a deadline, and an open round names the devices
+    it waits for."""
+    from fedspine_jax.server import coordinator
+
+    coord = strict_server["coord"]
+    assert coord.cfg.federation.deadline_s == 0.0
+    assert coord.deadline_s == coordinator.DEFAULT_DEADLINE_S > 0
+    coord.fetch(0, 0.0)  # opens the round if no earlier test did
+    monkeypatch.setattr(coordinator, "WAITING_LOG_S", 0.0)
+    with caplog.at_level("INFO", logger="fedspine.server"), coord._cv:
+        coord._log_waiting()
+    waiting = sorted(set(range(N)) - coord._answered())
+    assert f"waiting for devices {waiting}" in caplog.text
