@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revoke-token", type=int, metavar="I",
                    help="remove device I's token from --tokens, then exit; a running server "
                         "refuses the device from its next call")
+    p.add_argument("--stall-s", type=float, default=60.0,
+                   help="cut a device's stream that sends or takes no frame for this many "
+                        "seconds (default %(default)s)")
     p.add_argument("--insecure", action="store_true",
                    help="allow listening without TLS on a non-loopback address (tokens and "
                         "updates then travel in the clear)")
@@ -103,6 +106,10 @@ def run_cli(args) -> int:
     if missing:
         print(f"fedspine server: missing --{' --'.join(missing)}", file=sys.stderr)
         return 2
+    if not args.stall_s > 0:
+        print(f"fedspine server: --stall-s must be positive, not {args.stall_s}",
+              file=sys.stderr)
+        return 2
     if bool(args.tls_cert) != bool(args.tls_key):
         print("fedspine server: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
@@ -120,14 +127,14 @@ def run_cli(args) -> int:
         creds = auth.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
 
     from fedspine_jax.server.coordinator import Coordinator
-    from fedspine_jax.server.servicer import make_server
+    from fedspine_jax.server.servicer import Limits, make_server
 
     try:
         coord = Coordinator(cfg, args.out, resume=args.resume)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"fedspine server: {e}", file=sys.stderr)
         return 2
-    server, port = make_server(coord, tokens, args.listen, creds)
+    server, port = make_server(coord, tokens, args.listen, creds, Limits(stall_s=args.stall_s))
     host = args.listen.rsplit(":", 1)[0]
     log.info("listening on %s:%d (%s), %d devices, %d rounds, collecting round %d",
              host, port, "TLS" + (" + client certificates" if args.tls_client_ca else "")

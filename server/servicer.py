@@ -23,6 +23,9 @@ status codes:
                             ``Limits.stall_s`` (cut by the server)
 ``NOT_FOUND``               FetchModel: no exported model for the device (export
                             off or failed; the message says why)
+``UNAVAILABLE``             the server could not store an update or a give-up
+                            durably (disk full, ...; logged there): nothing was
+                            acknowledged, retry
 ``INTERNAL``                a fault of the server (logged there in full)
 ==========================  ====================================================
 
@@ -50,6 +53,7 @@ import time
 import grpc
 import jax
 
+from fedspine_jax.errors import StorageError
 from fedspine_jax.federation import DeviceUpdate, UpdateRejected
 from fedspine_jax.server import auth, wire
 from fedspine_jax.server import fedspine_pb2 as pb
@@ -75,7 +79,8 @@ class Limits:
     Attributes:
       calls_per_device: calls one device may have in flight at once (an agent makes one
         at a time; a retry may overlap a call the server has not yet seen end).
-      stall_s: a stream that neither delivers nor takes a frame for this long is cut.
+      stall_s: a stream that neither delivers nor takes a frame for this long is cut
+        (``fedspine server --stall-s``).
       spare_workers: worker threads beyond ``calls_per_device`` per device.
     """
     calls_per_device: int = 3
@@ -189,6 +194,15 @@ def _guarded(streaming: bool):
 
 def _abort(context, code: grpc.StatusCode, message: str) -> None:
     context.abort(code, public(message))
+
+
+def _storage_fault(context, e: StorageError) -> None:
+    """Tell the device its update or give-up was not stored (and so not acknowledged); the
+    server's log has the path and the reason."""
+    log.error("%s", e)
+    context.abort(grpc.StatusCode.UNAVAILABLE,
+                  "the server cannot store updates right now (a storage fault, see the "
+                  "server's log): nothing was acknowledged; retry later")
 
 
 class FederationServicer(pb_grpc.FederationServicer):
@@ -312,6 +326,8 @@ class FederationServicer(pb_grpc.FederationServicer):
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"stale update: {e}")
         except UpdateRejected as e:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {e}")
+        except StorageError as e:
+            _storage_fault(context, e)
         return pb.UploadReply(duplicate=dup, current_round=self.coord.state.round,
                               message="duplicate of an accepted update" if dup else "accepted")
 
@@ -319,11 +335,15 @@ class FederationServicer(pb_grpc.FederationServicer):
     def ReportStatus(self, request, context, call):
         dev = self._device(context, request.device_id)
         stream = (int(request.stream_epoch), int(request.stream_position))
-        if request.state == pb.OUT_OF_MEMORY:
-            self.coord.give_up(dev, request.round, "out_of_memory", stream)
-        elif request.state == pb.FAILED:
-            self.coord.give_up(dev, request.round, f"failed: {request.message[:200]}", None)
-        elif request.state == pb.TRAINING:
+        try:
+            if request.state == pb.OUT_OF_MEMORY:
+                self.coord.give_up(dev, request.round, "out_of_memory", stream)
+            elif request.state == pb.FAILED:
+                self.coord.give_up(dev, request.round, f"failed: {request.message[:200]}",
+                                   None)
+        except StorageError as e:
+            _storage_fault(context, e)
+        if request.state == pb.TRAINING:
             log.debug("round %d: device %d training", request.round, dev)
         return pb.StatusReply(current_round=self.coord.state.round)
 

@@ -977,3 +977,35 @@ def test_default_round_deadline_and_waiting_log(strict_server, monkeypatch, capl
         coord._log_waiting()
     waiting = sorted(set(range(N)) - coord._answered())
     assert f"waiting for devices {waiting}" in caplog.text
+
+
+def test_storage_fault_reaches_the_device_as_unavailable(tmp_path, tokens_dir, shared_data):
+    """A journal write that fails (here its directory is gone) refuses the upload and the
+    give-up with UNAVAILABLE (the device retries), names no server path, and acknowledges
+    nothing."""
+    from fedspine_jax.server.coordinator import Coordinator
+    from fedspine_jax.server.servicer import make_server
+
+    cfg = load_config(TINY, _sets(shared_data, NO_EXPORT))
+    coord = Coordinator(cfg, tmp_path / "run")
+    server, port = make_server(coord, auth.Tokens.load(tokens_dir / "tokens.json"),
+                               "127.0.0.1:0")
+    try:
+        shutil.rmtree(coord.jdir)
+        c = Client(port, token(tokens_dir, 0))
+        c.register(0, config_digest(cfg))
+        header, task = c.fetch(0)
+        with pytest.raises(grpc.RpcError) as e:
+            c.upload(stand_in_update(0, header, task))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+        assert "storage" in e.value.details() and "/" not in e.value.details()
+        g = Client(port, token(tokens_dir, 1))
+        g.register(1, config_digest(cfg))
+        with pytest.raises(grpc.RpcError) as e:
+            g.stub.ReportStatus(pb.StatusReport(device_id=1, round=coord.state.round,
+                                                state=pb.FAILED),
+                                metadata=g.md, timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+        assert not coord.state.updates and not coord._gave_up
+    finally:
+        server.stop(0)
