@@ -29,7 +29,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedspine_jax.errors import UserError
+from fedspine_jax.errors import StorageError, UserError
 
 
 class MetricsError(UserError, ValueError):
@@ -157,9 +157,18 @@ def read_metrics(path: str | Path) -> list[MetricsRow]:
 
 
 def append_metrics(path: Path, rows: list[MetricsRow]) -> None:
-    """Append rows (one JSON object per line) to a run's ``metrics.jsonl``."""
-    with open(path, "a") as f:
-        f.writelines(json.dumps(row.to_json()) + "\n" for row in rows)
+    """Append rows (one JSON object per line) to a run's ``metrics.jsonl``.
+
+    Raises:
+      StorageError: the file cannot be written (disk full, read-only, gone); a line cut
+        short is dropped on resume (:func:`truncate_metrics`), with every line after the
+        newest checkpoint.
+    """
+    try:
+        with open(path, "a") as f:
+            f.writelines(json.dumps(row.to_json()) + "\n" for row in rows)
+    except OSError as e:
+        raise StorageError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
 
 
 def truncate_metrics(path: Path, last_round: int) -> None:

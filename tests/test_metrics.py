@@ -83,3 +83,14 @@ def test_truncate_keeps_rounds_up_to_the_checkpoint_and_drops_a_cut_line(tmp_pat
     path.write_text(path.read_text() + json.dumps(SIM_DEVICE)[:20])   # killed mid-line
     truncate_metrics(path, 2)
     assert read_metrics(path) == rows[:4]
+
+
+def test_a_write_that_fails_is_one_storage_error_naming_the_file(tmp_path):
+    from fedspine_jax.errors import StorageError
+
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")   # a file where the run directory should be: ENOTDIR, even as root
+    path = blocker / "metrics.jsonl"
+    with pytest.raises(StorageError, match=r"cannot write .*not_a_dir/metrics\.jsonl.*Not a "
+                                           r"directory"):
+        append_metrics(path, [RoundRow(round=1, clock=1.0, round_time=1.0)])
