@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "DIR and build its TensorRT engine (when TensorRT is installed)")
     p.add_argument("--fetch-only", action="store_true",
                    help="with --fetch-model: do not train, only fetch (the run is over)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a plaintext connection to a non-loopback server (the token "
+                        "and updates then travel in the clear)")
     p.add_argument("--give-up-s", type=float, default=600.0,
                    help="exit after this long without reaching the server (default "
                         "%(default)s)")
@@ -60,9 +63,14 @@ def run_cli(args) -> int:
         return 2
     tls = bool(args.tls_ca or args.tls_cert)
     if not tls and not is_loopback(args.server):
+        if not args.insecure:
+            print(f"fedspine device: refusing to connect to {args.server} without TLS (the "
+                  f"token and updates would travel in the clear): pass --tls-ca, or "
+                  f"--insecure to accept that", file=sys.stderr)
+            return 2
         logging.getLogger("fedspine.device").warning(
-            "connecting to %s WITHOUT TLS: the token and updates travel in the clear; "
-            "pass --tls-ca", args.server)
+            "connecting to %s WITHOUT TLS (--insecure): the token and updates travel in the "
+            "clear", args.server)
     cfg = load_config(args.config, args.overrides)
     creds = auth.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if tls else None
     try:

@@ -963,6 +963,16 @@ def test_plaintext_server_on_a_public_address_needs_insecure(tmp_path, tokens_di
     assert not (tmp_path / "r").exists()
 
 
+def test_plaintext_device_to_a_public_address_needs_insecure(tmp_path, tokens_dir, env):
+    r = subprocess.run(_fedspine("device", "--server", "192.0.2.1:50051", "--device-id", "0",
+                                 "--token-file", str(tokens_dir / "device_0.token"),
+                                 "--config", str(TINY), "--give-up-s", "1"),
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "without TLS" in err[0] and "--insecure" in err[0], r.stderr
+
+
 def test_default_round_deadline_and_waiting_log(strict_server, monkeypatch, caplog):
     """With the default config a round has a deadline, and an open round names the devices
     it waits for."""
