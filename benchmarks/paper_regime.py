@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from fedspine_jax import report, simulation
+from fedspine_jax.cli import enable_compile_cache
 from fedspine_jax.config import load_config
 
 # FedSpine (paper settings and our tuned S-UCB) and HETLoRA with 3 seeds, the rest with 1.
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--publish-only", action="store_true")
     args = ap.parse_args()
     work = Path(args.work)
+    enable_compile_cache()  # a resumed comparison skips the long first compiles
     if not args.publish_only:
         cfg = load_config("sst2_paper_regime", args.overrides)
         simulation.compare_runs(cfg, simulation.method_specs(args.methods), work,
