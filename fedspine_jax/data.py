@@ -406,8 +406,12 @@ def _check_record(rec: Any, spec: TaskSpec, where: str) -> dict:
                                  else [])
     for name in need:
         if name not in rec:
+            keys = ("data.text_column, data.label_column" if spec.kind == "classification"
+                    else "data.template, data.response_column")
+            hint = (f"; for other columns use data.task={spec.kind} with {keys}"
+                    if spec.name in PRESETS else "")
             raise DataError(f"{where}: missing field {name!r} ({spec.name} records need "
-                            f"{need}; this one has {sorted(rec)})")
+                            f"{need}; this one has {sorted(rec)}){hint}")
     for name in spec.columns:
         if not isinstance(rec[name], str):
             raise DataError(f"{where}: field {name!r} must be a string, got {rec[name]!r}")
