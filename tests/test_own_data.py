@@ -8,7 +8,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 
 from fedspine_jax.cli import main
 
@@ -22,7 +21,7 @@ def _section() -> str:
 
 
 def _blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", _section(), re.S)
+    return re.findall(rf"```{lang}\n(.*?)```", _section(), re.DOTALL)
 
 
 def _write_reviews(directory: Path, shared_data: Path, header: list[str],
@@ -72,7 +71,7 @@ def test_readme_csv_example_runs_end_to_end(shared_data, tmp_path, monkeypatch, 
 def test_readme_error_example_is_what_a_bad_row_prints(shared_data, tmp_path, monkeypatch,
                                                        capsys):
     example = re.search(r"`(fedspine simulate: my_reviews/train\.csv:(\d+): .*?)`",
-                        " ".join(_section().split()), re.S)
+                        " ".join(_section().split()), re.DOTALL)
     line = int(example.group(2))
     monkeypatch.chdir(tmp_path)
     _write_reviews(tmp_path / "my_reviews", shared_data, ["id", "review", "sentiment"],
