@@ -8,7 +8,6 @@ import re
 import shlex
 from pathlib import Path
 
-
 from fedspine_jax.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
