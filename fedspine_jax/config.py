@@ -213,10 +213,44 @@ class FederationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    # Task: sst2 / mnli (classification) or dolly (instruction tuning).
-    task: str = _f("sst2", choices=("sst2", "mnli", "dolly"))
-    # A local directory of JSON Lines laid out like shared/data/<task>, or a hub data-set id.
+    # Task: a preset whose columns, labels and splits are fixed (sst2, mnli: classification;
+    # dolly: instruction tuning), or an open task read with the keys below: "classification"
+    # (text_column, text_pair_column, label_column, num_labels or label_names) or
+    # "instruction" (template, response_column).
+    task: str = _f("sst2", choices=("sst2", "mnli", "dolly", "classification", "instruction"))
+    # A local directory holding a file per split (<split>.jsonl, .csv or .parquet), one local
+    # file (a single split), or a Hugging Face data-set id (the `hub` extra).
     source: str = _f("../shared/data/sst2")
+    # Configuration name of a hub data set ("": none; the glue presets use their own name).
+    hub_config: str = _f("")
+    # Split names (train, eval), or one name (eval is then a fixed 10 % of it). Empty: the
+    # preset's, or [train, validation].
+    splits: tuple = _f(())
+    # classification: column of the text ("": "text").
+    text_column: str = _f("")
+    # classification: column of a second text, read as the pair's second segment ("": none).
+    text_pair_column: str = _f("")
+    # classification: column of the label ("": "label"). instruction: column of a category
+    # the device partition stratifies by (its values in label_names; "": none).
+    label_column: str = _f("")
+    # classification: number of classes, labels being ids 0..num_labels-1 (0: as many as
+    # label_names).
+    num_labels: int = _f(0, lo=0)
+    # Names of the classes by id (a label may then be its name), or of the instruction
+    # categories.
+    label_names: tuple = _f(())
+    # instruction: the prompt, a format string naming the prompt's columns ("{instruction}");
+    # the text after its last field is the response header; a blank-line separated block
+    # whose fields are all empty in a record is left out. "": "### Instruction:\n
+    # {instruction}\n\n### Response:\n".
+    template: str = _f("")
+    # instruction: column of the response, the text the model learns ("": "response").
+    response_column: str = _f("")
+    # Split of the training records over devices: "dirichlet" (ours: Dir(alpha) per class,
+    # then a device short of min_samples_per_device takes samples of the largest) or
+    # "flower_dirichlet" (flwr-datasets' DirichletPartitioner: the same partitions for the
+    # same seed, alpha and min_partition_size; data.flower_dirichlet_partition).
+    partition: str = _f("dirichlet", choices=("dirichlet", "flower_dirichlet"))
     # Truncate tokenised inputs to this many tokens.
     max_len: int = _f(64, lo=4)
     # Padded sequence-length buckets (each <= max_len; max_len is always one).
@@ -363,6 +397,20 @@ def _cross_checks(cfg: Config) -> None:
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(f"model.num_heads={cfg.model.num_heads}: must divide "
                           f"model.hidden_size={cfg.model.hidden_size}")
+    for key in ("splits", "label_names"):
+        value = getattr(cfg.data, key)
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"data.{key}={list(value)!r}: expected a list of strings")
+
+
+def _check_data(cfg: Config) -> None:
+    """The data section's task keys agree (data.task_spec's checks, as config errors)."""
+    from fedspine_jax import data  # data imports this module's DataConfig
+
+    try:
+        data.task_spec(cfg.data)
+    except data.DataError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _model_arch(m: ModelConfig) -> str | None:
@@ -387,12 +435,13 @@ def _check_model_task(cfg: Config) -> None:
     arch, task = _model_arch(cfg.model), cfg.data.task
     if arch is None:
         return
-    if task == "dolly" and arch != "llama":
-        raise ConfigError(f"data.task=dolly is instruction tuning and needs a decoder, but "
+    generative = task in ("dolly", "instruction")
+    if generative and arch != "llama":
+        raise ConfigError(f"data.task={task} is instruction tuning and needs a decoder, but "
                           f"model.source={cfg.model.source!r} is a {arch} encoder; use a "
                           f"LLaMA-family model (e.g. --set model.source=smollm2-135m, or "
                           f"configs/dolly_smollm2.yaml)")
-    if task != "dolly" and arch == "llama":
+    if not generative and arch == "llama":
         raise ConfigError(f"data.task={task} is classification and needs an encoder, but "
                           f"model.source={cfg.model.source!r} is a LLaMA decoder; use a "
                           f"BERT or RoBERTa model (e.g. --set model.source=minilm-l6)")
@@ -410,6 +459,7 @@ def from_dict(raw: dict) -> Config:
         raise ConfigError(f"unknown section {unknown[0]!r}; allowed sections: {sorted(hints)}")
     cfg = Config(**{name: _build_section(name, cls, raw.get(name)) for name, cls in hints.items()})
     _cross_checks(cfg)
+    _check_data(cfg)
     _check_model_task(cfg)
     return cfg
 

@@ -9,40 +9,55 @@ One flow, used by the simulator and the device agent alike::
     batches = Batches(task.train.take(devices[i].train_idx), batch_size, seed=...)
     for _ in range(tau): step(state, next(batches))
 
-Sources. ``cfg.data.source`` is a local directory of JSON Lines laid out like
-``shared/data/<task>`` when it exists as a directory, or else a Hugging Face data-set id
-(``glue`` with configuration ``sst2``/``mnli``, ``databricks/databricks-dolly-15k``) read with
-``datasets.load_dataset``. A source that *looks* like a path (starts with ``.``, ``/`` or
-``~``, holds more than one ``/``, or ends in ``.json``/``.jsonl``) but is not a directory is an
-error naming it, never a silent hub lookup. Local files are read line by line here, so a bad
-line is an error naming the file and the line number.
+Tasks. A task is classification (a text, or a pair of texts read as two segments, and a
+label) or instruction tuning (a prompt template over the record's columns, and a response).
+``data.task`` names a preset, whose columns, labels and splits are fixed (sst2: ``sentence``,
+``label`` in 0..1, splits ``train`` / ``validation``; mnli: ``premise``, ``hypothesis``,
+``label`` in 0..2, ``train`` / ``validation_matched``; dolly: ``instruction``, ``context``,
+``response``, optional ``category``, one split), or an open task, ``classification`` or
+``instruction``, whose columns, labels and splits the ``data`` keys give
+(:func:`task_spec` -> :class:`TaskSpec`). A label is a class id or, where ``label_names``
+are given, a class name.
 
-Splits. sst2: ``train`` / ``validation``; mnli: ``train`` / ``validation_matched``; dolly has
-one split (a directory holding exactly one ``*.jsonl`` file, or the hub's ``train``), which is
-split here into train / eval by a permutation drawn with the fixed seed ``DOLLY_SPLIT_SEED``
-(``DOLLY_EVAL_FRACTION`` of the records, at least one, go to eval). The split does not depend
-on the run's seed, so runs with different seeds evaluate on the same records.
+Sources. ``cfg.data.source`` is a local directory holding one file per split, named
+``<split>.jsonl`` (JSON Lines), ``<split>.csv`` (a header line of column names) or
+``<split>.parquet`` (needs pyarrow, the ``parquet`` extra); or one local file (a single
+split); or else a Hugging Face data-set id read with ``datasets.load_dataset(source,
+hub_config, split=...)`` (``glue`` takes the preset's name as its configuration). A
+source that *looks* like a path (starts with ``.``, ``/`` or ``~``, holds more than one
+``/``, or ends in a data file's suffix) but does not exist is an error naming it, never a
+silent hub lookup. Local files are read record by record here, so a bad record is an error
+naming the file, the line (a Parquet file: the row) and the column.
 
-Dolly template. The prompt is ``"### Instruction:\\n{instruction}\\n\\n### Context:\\n{context}
-\\n\\n### Response:\\n"`` with the context block left out when the context is empty; the model
-sees ``[bos] + prompt + response + [eos]`` (bos only where the tokenizer itself adds one, e.g.
-LLaMA-2; eos is ``eos_token_id``, else ``sep_token_id``). The prompt body, the response header
-and the response are tokenised separately (no special tokens), so the boundary between
-prompt and response is exact. Truncation to ``max_len`` keeps the response: the prompt body
-is cut first, but never below half of ``max_len`` (the header is always kept), then the
-response is cut at the right (a cut response carries no eos).
+Splits. A task with one split (dolly; a single file; ``data.splits`` of one name) is split
+here into train / eval by a permutation drawn with the fixed seed ``SPLIT_SEED``
+(``EVAL_FRACTION`` of the records, at least one, go to eval). The split does not depend on
+the run's seed, so runs with different seeds evaluate on the same records. A directory
+read as one split holds ``<split>.<suffix>`` or exactly one data file.
 
-Dolly labels are **already shifted**: ``labels[t] = input_ids[t + 1]`` and ``loss_mask[t] = 1``
-exactly where ``input_ids[t + 1]`` is a response token (eos included). A train step takes the
-cross entropy of ``logits[:, t]`` against ``labels[:, t]`` weighted by ``loss_mask``; nothing
-downstream shifts.
+Instruction template. The prompt is the template filled with the record's columns; the
+text after its last field is the response header. The body is cut into blocks at blank
+lines, and a block whose fields are all blank is left out: dolly's template is
+``"### Instruction:\n{instruction}\n\n### Context:\n{context}\n\n### Response:\n"``,
+whose context block goes when the context is empty. The model sees ``[bos] + prompt +
+response + [eos]`` (bos only where the tokenizer itself adds one, e.g. LLaMA-2; eos is
+``eos_token_id``, else ``sep_token_id``). The prompt body, the response header and the
+response are tokenised separately (no special tokens), so the boundary between prompt and
+response is exact. Truncation to ``max_len`` keeps the response: the prompt body is cut
+first, but never below half of ``max_len`` (the header is always kept), then the response
+is cut at the right (a cut response carries no eos).
+
+Instruction labels are **already shifted**: ``labels[t] = input_ids[t + 1]`` and
+``loss_mask[t] = 1`` exactly where ``input_ids[t + 1]`` is a response token (eos included).
+A train step takes the cross entropy of ``logits[:, t]`` against ``labels[:, t]`` weighted
+by ``loss_mask``; nothing downstream shifts.
 
 Batches. Every batch holds exactly ``batch_size`` rows, padded along the sequence to the
 smallest length bucket (``cfg.data.length_buckets`` plus ``max_len``) that fits its longest
 example, so a run compiles once per bucket. The last partial batch of an epoch is **padded,
 not dropped** (a device may hold fewer examples than a batch): padding rows repeat a real row
 (so no row is fully masked, which could make attention softmax NaN) and carry
-``example_mask = 0`` (and, for dolly, ``loss_mask = 0``), so a loss weighted by them is
+``example_mask = 0`` (and, for instruction, ``loss_mask = 0``), so a loss weighted by them is
 unaffected. All arrays are numpy int32.
 
 Packed tokens. A classification batch also carries ``token_index`` (:func:`pack_index`):
@@ -52,20 +67,27 @@ grid (``PACK_STEPS``), so the shapes a run compiles stay few: at most eight per 
 bucket, in practice two or three (an SST-2 batch of 32 padded to 64 tokens holds ~425 real
 tokens, T = 512 of 2048). Causal-LM batches are not packed.
 
-Partition. Per class, device proportions are drawn from Dir(alpha * 1_N) (paper Sec. 5.2:
-"we sample D ~ Dir(alpha) and allocate data D_i to device i"); the minimum number of samples
-per device is then met by moving random samples from the currently largest device to the
-smallest (moves nothing when already met). Written here in ~40 lines of numpy rather than
-with flwr-datasets' DirichletPartitioner: that would pull in flwr (a heavy dependency) for a
-short, easily tested function. Dolly has no labels: it is partitioned by a pseudo-label, the
-record's category (the paper splits dolly "based on the categories of questions") when the
-record carries one, else whether it has a context (the local copy has no category field).
+Partition. ``data.partition: dirichlet`` (ours): per class, device proportions are drawn
+from Dir(alpha * 1_N) (paper Sec. 5.2: "we sample D ~ Dir(alpha) and allocate data D_i to
+device i"); the minimum number of samples per device is then met by moving random samples
+from the currently largest device to the smallest (moves nothing when already met).
+``data.partition: flower_dirichlet``: flwr-datasets' ``DirichletPartitioner`` algorithm,
+written here (:func:`flower_dirichlet_partition`; its package would pull in ``datasets``),
+which gives the same partitions as that class for the same seed, alpha and minimum size,
+so results can be set beside Flower baselines; it redraws when a device falls short.
+Instruction tasks have no labels: they are partitioned by a pseudo-label, the record's
+category (``label_column``; the paper splits dolly "based on the categories of questions")
+when the record carries one, else whether every block of its prompt is kept (dolly: whether
+it has a context; the local copy has no category field).
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import re
+import string
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,19 +97,17 @@ import numpy as np
 from fedspine_jax.config import DataConfig
 from fedspine_jax.errors import UserError
 
-NUM_LABELS = {"sst2": 2, "mnli": 3, "dolly": None}
-# Split names of each task (local file stems and hub split names alike); dolly has one.
-SPLITS = {"sst2": ("train", "validation"), "mnli": ("train", "validation_matched"),
-          "dolly": ("train",)}
-# Text fields every record must carry (strings; dolly's context may be empty).
-TEXT_FIELDS = {"sst2": ("sentence",), "mnli": ("premise", "hypothesis"),
-               "dolly": ("instruction", "context", "response")}
 # The eight categories of databricks-dolly-15k (pseudo-labels of the partition when present).
 DOLLY_CATEGORIES = ("brainstorming", "classification", "closed_qa", "creative_writing",
                     "general_qa", "information_extraction", "open_qa", "summarization")
-DOLLY_EVAL_FRACTION = 0.1
-DOLLY_SPLIT_SEED = 0
 RESPONSE_HEADER = "### Response:\n"
+DOLLY_TEMPLATE = "### Instruction:\n{instruction}\n\n### Context:\n{context}\n\n" + RESPONSE_HEADER
+# An open instruction task's default template.
+INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n" + RESPONSE_HEADER
+# A single split is cut into train / eval: this share of it (at least one record) is eval,
+# drawn with this fixed seed.
+EVAL_FRACTION = 0.1
+SPLIT_SEED = 0
 
 # Independent random streams derived from the run's seed.
 _STREAM_SUBSAMPLE = 0
@@ -106,14 +126,14 @@ class Examples:
         input_ids: (n, W) int32 token ids, ``pad_id`` after each example's length.
         attention_mask: (n, W) int32, 1 on real tokens.
         token_type_ids: (n, W) int32 segment ids (classification; zeros where the tokenizer
-            returns none), None for dolly.
+            returns none), None for instruction tasks.
         labels: (n,) int32 class ids (classification) or (n, W) int32 next-token targets
-            (dolly, already shifted: ``labels[:, t] = input_ids[:, t + 1]``).
-        loss_mask: (n, W) int32, 1 where ``labels`` is a response token (dolly); None for
+            (instruction, already shifted: ``labels[:, t] = input_ids[:, t + 1]``).
+        loss_mask: (n, W) int32, 1 where ``labels`` is a response token (instruction); None for
             classification.
         lengths: (n,) int32 number of real tokens.
         groups: (n,) int32 the label the Dirichlet partition stratifies by (the class, or the
-            dolly pseudo-label).
+            instruction pseudo-label).
         source_row: (n,) int64 row of the example in its source split (0-based).
         pad_id: token id used for padding.
         buckets: sorted padded lengths a batch may take (the last is ``max_len``).
@@ -153,16 +173,18 @@ class TaskData:
     """A task's tokenised train and eval examples.
 
     Attributes:
-        task: "sst2", "mnli" or "dolly".
+        task: ``data.task``: "sst2", "mnli", "dolly", "classification" or "instruction".
         train: training examples (the pool the devices are partitioned from).
         eval: examples of the evaluation split.
-        num_labels: 2 (sst2), 3 (mnli) or None (dolly).
+        num_labels: number of classes (classification) or None (instruction).
+        label_names: the classes' names by id, where the task names them (else ()).
     """
 
     task: str
     train: Examples
     eval: Examples
     num_labels: int | None
+    label_names: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -179,52 +201,238 @@ class DeviceData:
     holdout_idx: np.ndarray
 
 
+# ----------------------------------------------------------------------------- tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """What a task reads from its records: its kind, columns, labels and splits.
+
+    Attributes:
+        name: ``data.task`` ("sst2", "mnli", "dolly", "classification" or "instruction").
+        kind: "classification" or "instruction".
+        splits: split names, (train, eval) or (train,) (eval: a fixed-seed share of train).
+        text_column: classification: the text (first segment).
+        text_pair_column: classification: the second segment ("" for single texts).
+        label_column: classification: the label (an integer id or one of ``label_names``);
+            instruction: the optional category the partition stratifies by ("" for none).
+        label_names: names of the labels (classification) or categories (instruction), by id.
+        num_labels: number of classes (classification; 0 for instruction).
+        template: instruction: the prompt, a format string over the record's columns.
+        response_column: instruction: the target text.
+        hub_config: configuration name of a hub data set (None for none).
+    """
+
+    name: str
+    kind: str
+    splits: tuple[str, ...]
+    text_column: str = ""
+    text_pair_column: str = ""
+    label_column: str = ""
+    label_names: tuple[str, ...] = ()
+    num_labels: int = 0
+    template: str = ""
+    response_column: str = ""
+    hub_config: str | None = None
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The text columns every record must carry (label and category excluded)."""
+        if self.kind == "classification":
+            return tuple(c for c in (self.text_column, self.text_pair_column) if c)
+        return tuple(template_fields(self.template)) + (self.response_column,)
+
+
+PRESETS = {
+    "sst2": TaskSpec("sst2", "classification", ("train", "validation"),
+                     text_column="sentence", label_column="label", num_labels=2),
+    "mnli": TaskSpec("mnli", "classification", ("train", "validation_matched"),
+                     text_column="premise", text_pair_column="hypothesis",
+                     label_column="label", num_labels=3),
+    "dolly": TaskSpec("dolly", "instruction", ("train",), label_column="category",
+                      label_names=DOLLY_CATEGORIES, template=DOLLY_TEMPLATE,
+                      response_column="response"),
+}
+# What an open task reads when its config leaves a field empty.
+OPEN_DEFAULTS = {
+    "classification": TaskSpec("classification", "classification", ("train", "validation"),
+                               text_column="text", label_column="label"),
+    "instruction": TaskSpec("instruction", "instruction", ("train", "validation"),
+                            template=INSTRUCTION_TEMPLATE, response_column="response"),
+}
+# The config keys that describe a task's records (presets fix them).
+SPEC_KEYS = ("splits", "text_column", "text_pair_column", "label_column", "label_names",
+             "num_labels", "template", "response_column")
+
+
+def task_spec(cfg_data: DataConfig) -> TaskSpec:
+    """The :class:`TaskSpec` of ``cfg_data``: a preset's, or an open task's fields.
+
+    Raises:
+        DataError: a preset given a column, label or split key (naming it), an open
+            classification with neither ``num_labels`` nor ``label_names`` (or both, not
+            agreeing), or a template without fields or without a response header.
+    """
+    task, given = cfg_data.task, {k: getattr(cfg_data, k) for k in SPEC_KEYS}
+    given = {k: v for k, v in given.items() if v not in ("", 0, ())}
+    hub_config = cfg_data.hub_config or None
+    if task in PRESETS:
+        preset = PRESETS[task]
+        clash = [k for k, v in given.items() if v != getattr(preset, k)]
+        if clash:
+            raise DataError(f"data.{clash[0]}={given[clash[0]]!r} does not apply to the "
+                            f"{task} preset (its records are fixed); use data.task="
+                            f"{preset.kind} to read other columns")
+        return dataclasses.replace(preset, hub_config=hub_config)
+    if task not in OPEN_DEFAULTS:
+        raise DataError(f"unknown task {task!r}; allowed {sorted(PRESETS) + sorted(OPEN_DEFAULTS)}")
+    spec = dataclasses.replace(OPEN_DEFAULTS[task], hub_config=hub_config, **given)
+    if spec.kind == "classification":
+        names, n = spec.label_names, spec.num_labels
+        if not names and not n:
+            raise DataError("data.task=classification needs data.num_labels or "
+                            "data.label_names (e.g. --set 'data.label_names=[neg, pos]')")
+        if names and n and len(names) != n:
+            raise DataError(f"data.num_labels={n} but data.label_names has {len(names)} "
+                            f"names {list(names)}")
+        if len(set(names)) != len(names):
+            raise DataError(f"data.label_names={list(names)} repeats a name")
+        spec = dataclasses.replace(spec, num_labels=n or len(names))
+    else:
+        split_template(spec.template)
+    if len(spec.splits) not in (1, 2):
+        raise DataError(f"data.splits={list(spec.splits)}: give (train, eval) split names, "
+                        f"or one (the eval set is then a fixed share of it)")
+    return spec
+
+
+def _spec_of(task: str | TaskSpec) -> TaskSpec:
+    if isinstance(task, TaskSpec):
+        return task
+    if task not in PRESETS:
+        raise DataError(f"unknown task {task!r}; allowed {sorted(PRESETS)} (open tasks "
+                        f"need their columns: data.task_spec)")
+    return PRESETS[task]
+
+
+# ----------------------------------------------------------------------------- templates
+
+
+def template_fields(template: str) -> list[str]:
+    """The columns a prompt template names, in order (``{instruction}`` -> "instruction")."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise DataError(f"data.template={template!r} is not a valid format string "
+                        f"({e}); write literal braces as {{{{ and }}}}") from None
+    return [f for _, f, _, _ in parsed if f is not None]
+
+
+def split_template(template: str) -> tuple[str, str]:
+    """(body, header) of a prompt template.
+
+    The header is the text after the template's last field, less its leading whitespace
+    (which stays with the body): it is tokenised on its own and always kept whole, so the
+    boundary between prompt and response is exact (dolly: ``"### Response:\\n"``).
+    """
+    fields = template_fields(template)
+    if not fields or any(not f.isidentifier() for f in fields):
+        raise DataError(f"data.template={template!r} must name the prompt's columns as "
+                        f"{{column}} fields, e.g. '### Instruction:\\n{{instruction}}\\n\\n"
+                        f"### Response:\\n'")
+    last = template.rindex("}") + 1
+    rest = template[last:]
+    header = rest.lstrip()
+    if not header:
+        raise DataError(f"data.template={template!r} must end with a response header "
+                        f"after its last field (e.g. '\\n\\n### Response:\\n')")
+    return template[:last] + rest[:len(rest) - len(header)], header
+
+
+def render_body(template: str, record: dict) -> tuple[str, bool]:
+    """The prompt body of a record, and whether every block of it was kept.
+
+    The body is cut into blocks at blank lines (``"\\n\\n"``); a block whose fields are all
+    blank in the record is left out (dolly's empty context).
+    """
+    body, _ = split_template(template)
+    text, whole = "", True
+    for block in re.split(r"(?<=\n\n)", body):
+        fields = template_fields(block)
+        if fields and not any(record[f].strip() for f in fields):
+            whole = False
+            continue
+        text += block.format(**{f: record[f] for f in fields})
+    return text, whole
+
+
+def dolly_prompt(instruction: str, context: str) -> str:
+    """The prompt body of a dolly record (without the response header)."""
+    return render_body(DOLLY_TEMPLATE, {"instruction": instruction, "context": context})[0]
+
+
 # ----------------------------------------------------------------------------- reading
+
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 def _looks_local(source: str) -> bool:
     return (source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
-            or source.endswith((".json", ".jsonl")))
+            or source.endswith(LOCAL_SUFFIXES))
 
 
-def _fields(task: str) -> list[str]:
-    return list(TEXT_FIELDS[task]) + (["label"] if NUM_LABELS[task] is not None else [])
+def _label_id(spec: TaskSpec, value: Any, where: str) -> int:
+    """The class id of a label value: an integer id, or one of ``spec.label_names``."""
+    col = spec.label_column
+    if isinstance(value, str) and value in spec.label_names:
+        return spec.label_names.index(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        names = f" or one of {list(spec.label_names)}" if spec.label_names else ""
+        raise DataError(f"{where}: {col} {value!r} is not an integer{names}")
+    if not 0 <= value < spec.num_labels:
+        raise DataError(f"{where}: unknown {col} {value} (allowed 0..{spec.num_labels - 1})")
+    return value
 
 
-def _check_record(rec: Any, task: str, where: str) -> dict:
-    """Validate one raw record (fields, types, label range); errors name ``where``."""
+def _check_record(rec: Any, spec: TaskSpec, where: str) -> dict:
+    """Validate one raw record (columns, types, label); errors name ``where`` and the column.
+
+    Returns the record, its label (classification) turned into a class id.
+    """
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    for name in TEXT_FIELDS[task]:
+    need = list(spec.columns) + ([spec.label_column] if spec.kind == "classification"
+                                 else [])
+    for name in need:
         if name not in rec:
-            raise DataError(f"{where}: missing field {name!r} ({task} records need "
-                            f"{_fields(task)}; this one has {sorted(rec)})")
+            keys = ("data.text_column, data.label_column" if spec.kind == "classification"
+                    else "data.template, data.response_column")
+            hint = (f"; for other columns use data.task={spec.kind} with {keys}"
+                    if spec.name in PRESETS else "")
+            raise DataError(f"{where}: missing field {name!r} ({spec.name} records need "
+                            f"{need}; this one has {sorted(rec)}){hint}")
+    for name in spec.columns:
         if not isinstance(rec[name], str):
             raise DataError(f"{where}: field {name!r} must be a string, got {rec[name]!r}")
-    num_labels = NUM_LABELS[task]
-    if num_labels is not None:
-        if "label" not in rec:
-            raise DataError(f"{where}: missing field 'label' ({task} records need "
-                            f"{_fields(task)}; this one has {sorted(rec)})")
-        label = rec["label"]
-        if isinstance(label, bool) or not isinstance(label, int):
-            raise DataError(f"{where}: label {label!r} is not an integer")
-        if not 0 <= label < num_labels:
-            raise DataError(f"{where}: unknown label {label} (allowed 0..{num_labels - 1})")
-    elif rec.get("category") is not None and rec["category"] not in DOLLY_CATEGORIES:
-        raise DataError(f"{where}: unknown category {rec['category']!r} "
-                        f"(allowed {list(DOLLY_CATEGORIES)})")
+    col = spec.label_column
+    if spec.kind == "classification":
+        label = _label_id(spec, rec[col], where)
+        return {**rec, col: label} if isinstance(rec[col], str) else rec
+    if col and rec.get(col) is not None and rec[col] not in spec.label_names:
+        raise DataError(f"{where}: unknown {col} {rec[col]!r} (allowed "
+                        f"{list(spec.label_names)})")
     return rec
 
 
-def read_jsonl(path: str | Path, task: str) -> list[dict]:
+def read_jsonl(path: str | Path, task: str | TaskSpec) -> list[dict]:
     """Read and validate a JSON Lines file of ``task`` records (blank lines are skipped).
 
     Raises:
         DataError: naming the file and the 1-based line number of a line that is not valid
-            JSON, not an object, lacks a field, or has a non-integer or unknown label.
+            JSON, not an object, lacks a column, or has a bad label.
     """
-    path = Path(path)
+    spec, path = _spec_of(task), Path(path)
     records = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -235,21 +443,107 @@ def read_jsonl(path: str | Path, task: str) -> list[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            records.append(_check_record(rec, task, where))
+            records.append(_check_record(rec, spec, where))
+    return records
+
+
+def read_csv(path: str | Path, task: str | TaskSpec) -> list[dict]:
+    """Read and validate a CSV file with a header line of column names.
+
+    Every cell is text: a label cell that is not one of the label names is read as an
+    integer id, and an empty category cell as no category.
+
+    Raises:
+        DataError: naming the file and the line of a missing column or bad value.
+    """
+    spec, path = _spec_of(task), Path(path)
+    col = spec.label_column
+    records = []
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        need = list(spec.columns) + ([col] if spec.kind == "classification" else [])
+        missing = [c for c in need if c not in header]
+        if missing:
+            raise DataError(f"{path}:1: no column {missing[0]!r} ({spec.name} needs {need}; "
+                            f"the header has {header})")
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row:
+                raise DataError(f"{where}: more cells than the {len(header)} columns")
+            cell = row.get(col)
+            if spec.kind == "classification" and cell not in spec.label_names:
+                if cell is not None and re.fullmatch(r"\s*[+-]?\d+\s*", cell):
+                    row[col] = int(cell)
+            elif col in row and not cell:
+                row[col] = None
+            records.append(_check_record(row, spec, where))
+    return records
+
+
+def read_parquet(path: str | Path, task: str | TaskSpec) -> list[dict]:
+    """Read and validate a Parquet file (needs ``pyarrow``: the ``parquet`` extra).
+
+    Raises:
+        DataError: pyarrow missing, or naming the file and the 0-based row of a bad record.
+    """
+    spec, path = _spec_of(task), Path(path)
+    try:
+        import pyarrow.parquet as pq  # deferred: only Parquet files need it
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install "
+                        f"'fedspine-jax[parquet]'") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
+    return [_check_record(r, spec, f"{path} row {i}") for i, r in enumerate(rows)]
+
+
+def read_file(path: str | Path, task: str | TaskSpec) -> list[dict]:
+    """The validated records of one local file, by its suffix (.jsonl / .json JSON Lines,
+    .csv, .parquet)."""
+    path = Path(path)
+    reader = {".jsonl": read_jsonl, ".json": read_jsonl, ".csv": read_csv,
+              ".parquet": read_parquet}.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unknown file type (allowed {', '.join(LOCAL_SUFFIXES)})")
+    records = reader(path, task)
     if not records:
         raise DataError(f"{path}: no records")
     return records
 
 
-def _read_hub(source: str, task: str, split: str) -> list[dict]:
+def _split_file(directory: Path, split: str, spec: TaskSpec) -> Path:
+    """The file of ``split`` in a local directory (``<split>.jsonl``, ``.csv``, ...)."""
+    found = [directory / f"{split}{s}" for s in LOCAL_SUFFIXES
+             if (directory / f"{split}{s}").is_file()]
+    if len(found) == 1:
+        return found[0]
+    if len(spec.splits) == 1 and not found:  # one split: the directory's only data file
+        files = sorted(f for f in directory.iterdir() if f.suffix.lower() in LOCAL_SUFFIXES)
+        if len(files) == 1:
+            return files[0]
+        raise DataError(f"{spec.name} source {str(directory)!r} must hold {split}.jsonl "
+                        f"(or .csv, .parquet) or exactly one data file, found "
+                        f"{[f.name for f in files]}")
+    want = ", ".join(s + ".jsonl" for s in spec.splits)
+    raise DataError(f"{spec.name} source {str(directory)!r} has "
+                    f"{'no' if not found else 'more than one'} {split}.jsonl / .csv / "
+                    f".parquet (expected {want}, or the same names in CSV or Parquet)")
+
+
+def _read_hub(source: str, spec: TaskSpec, split: str) -> list[dict]:
     try:
         import datasets  # deferred: only hub sources need it
     except ImportError:
-        raise DataError(f"data.source={source!r} is not a local directory, and reading it "
-                        f"from the Hugging Face hub needs the 'hub' extra: pip install "
-                        f"'fedspine-jax[hub]'") from None
-
-    config = task if source.rsplit("/", 1)[-1] == "glue" else None
+        raise DataError(f"data.source={source!r} is not a local directory or file, and "
+                        f"reading it from the Hugging Face hub needs the 'hub' extra: pip "
+                        f"install 'fedspine-jax[hub]'") from None
+    config = spec.hub_config
+    if config is None and spec.name in ("sst2", "mnli") and source.rsplit("/", 1)[-1] == "glue":
+        config = spec.name
     try:
         ds = datasets.load_dataset(source, config, split=split)
     except Exception as e:  # the hub raises many types; re-raise naming the source
@@ -259,64 +553,54 @@ def _read_hub(source: str, task: str, split: str) -> list[dict]:
     rows = ds.to_list() if hasattr(ds, "to_list") else list(ds)
     if not rows:
         raise DataError(f"hub data set {source!r} split {split!r}: no records")
-    return [_check_record(r, task, f"{source}[{split}] row {i}") for i, r in enumerate(rows)]
+    return [_check_record(r, spec, f"{source}[{split}] row {i}") for i, r in enumerate(rows)]
 
 
-def _split_dolly(records: list[dict]) -> tuple[list[dict], list[dict], np.ndarray, np.ndarray]:
-    """The fixed-seed train / eval split of dolly's single split (rows into ``records``)."""
+def _split_fixed(records: list[dict], name: str
+                 ) -> tuple[list[dict], list[dict], np.ndarray, np.ndarray]:
+    """The fixed-seed train / eval split of a single split (rows into ``records``)."""
     n = len(records)
     if n < 2:
-        raise DataError(f"dolly needs at least 2 records to split into train/eval, got {n}")
-    perm = np.random.default_rng(DOLLY_SPLIT_SEED).permutation(n)
-    n_eval = max(1, int(round(DOLLY_EVAL_FRACTION * n)))
+        raise DataError(f"{name} needs at least 2 records to split into train/eval, got {n}")
+    perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+    n_eval = max(1, int(round(EVAL_FRACTION * n)))
     eval_rows, train_rows = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
     return ([records[i] for i in train_rows], [records[i] for i in eval_rows],
             train_rows, eval_rows)
 
 
-def load_records(task: str, source: str) -> tuple[list[dict], list[dict]]:
+def load_records(task: str | TaskSpec, source: str) -> tuple[list[dict], list[dict]]:
     """The validated raw records of a task's train and eval splits.
 
     Args:
-        task: "sst2", "mnli" or "dolly".
-        source: a local directory laid out like ``shared/data/<task>`` or a hub data-set id.
+        task: a preset name ("sst2", "mnli", "dolly") or a :class:`TaskSpec`.
+        source: a local directory (``<split>.jsonl`` / ``.csv`` / ``.parquet`` per split),
+            one local file (a single split), or a hub data-set id.
 
     Returns:
-        (train records, eval records), each a list of dicts with the task's fields. For dolly
-        the records are those of the fixed-seed train / eval split (see the module note).
+        (train records, eval records), each a list of dicts with the task's columns
+        (classification labels as class ids). A single split is cut into train / eval with
+        a fixed seed (see the module note).
     """
-    train, ev, _, _ = _load_records(task, source)
+    train, ev, _, _ = _load_records(_spec_of(task), source)
     return train, ev
 
 
-def _load_records(task: str, source: str
+def _load_records(spec: TaskSpec, source: str
                   ) -> tuple[list[dict], list[dict], np.ndarray, np.ndarray]:
-    if task not in NUM_LABELS:
-        raise DataError(f"unknown task {task!r}; allowed {sorted(NUM_LABELS)}")
     path = Path(source).expanduser()
     if path.is_dir():
-        if task == "dolly":
-            files = sorted(path.glob("*.jsonl"))
-            if len(files) != 1:
-                raise DataError(f"dolly source {str(path)!r} must hold exactly one *.jsonl "
-                                f"file, found {[f.name for f in files]}")
-            splits = [read_jsonl(files[0], task)]
-        else:
-            splits = []
-            for split in SPLITS[task]:
-                f = path / f"{split}.jsonl"
-                if not f.is_file():
-                    raise DataError(f"{task} source {str(path)!r} has no {f.name} (expected "
-                                    f"{', '.join(s + '.jsonl' for s in SPLITS[task])})")
-                splits.append(read_jsonl(f, task))
+        splits = [read_file(_split_file(path, s, spec), spec) for s in spec.splits]
+    elif path.is_file():
+        splits = [read_file(path, spec)]
     elif _looks_local(source):
         raise DataError(f"data source {source!r} looks like a local path but is not a "
-                        f"directory; point data.source at the data (e.g. --set "
-                        f"data.source=../shared/data/{task})")
+                        f"directory or file; point data.source at the data (e.g. --set "
+                        f"data.source=../shared/data/sst2)")
     else:
-        splits = [_read_hub(source, task, split) for split in SPLITS[task]]
-    if task == "dolly":
-        return _split_dolly(splits[0])
+        splits = [_read_hub(source, spec, split) for split in spec.splits]
+    if len(splits) == 1:
+        return _split_fixed(splits[0], spec.name)
     train, ev = splits
     return train, ev, np.arange(len(train)), np.arange(len(ev))
 
@@ -341,19 +625,12 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
     raise DataError(f"length {length} exceeds the largest bucket {buckets[-1]}")
 
 
-def dolly_prompt(instruction: str, context: str) -> str:
-    """The prompt body of a dolly record (without the response header)."""
-    text = f"### Instruction:\n{instruction}\n\n"
-    if context.strip():
-        text += f"### Context:\n{context}\n\n"
-    return text
-
-
-def _dolly_group(rec: dict) -> int:
-    """Partition pseudo-label: the category index, else 8 + (has a context)."""
-    if rec.get("category") is not None:
-        return DOLLY_CATEGORIES.index(rec["category"])
-    return len(DOLLY_CATEGORIES) + int(bool(rec["context"].strip()))
+def _instruction_group(spec: TaskSpec, rec: dict, whole: bool) -> int:
+    """Partition pseudo-label of an instruction record: its category's index, else
+    ``len(label_names)`` + (every block of its prompt kept; dolly: has a context)."""
+    if spec.label_column and rec.get(spec.label_column) is not None:
+        return spec.label_names.index(rec[spec.label_column])
+    return len(spec.label_names) + int(whole)
 
 
 def _pad_rows(rows: list[list[int]], width: int, value: int) -> np.ndarray:
@@ -377,35 +654,36 @@ def _special_ids(tokenizer) -> tuple[list[int], int, int]:
     return bos, int(eos), int(pad if pad is not None else 0)
 
 
-def _encode_classification(tokenizer, task: str, records: list[dict], max_len: int,
+def _encode_classification(tokenizer, spec: TaskSpec, records: list[dict], max_len: int,
                            pad_id: int) -> dict[str, Any]:
-    if task == "sst2":
-        enc = tokenizer([r["sentence"] for r in records], truncation=True, max_length=max_len,
-                        return_attention_mask=False)
+    texts = [r[spec.text_column] for r in records]
+    if spec.text_pair_column:
+        enc = tokenizer(texts, [r[spec.text_pair_column] for r in records], truncation=True,
+                        max_length=max_len, return_attention_mask=False)
     else:
-        enc = tokenizer([r["premise"] for r in records], [r["hypothesis"] for r in records],
-                        truncation=True, max_length=max_len, return_attention_mask=False)
+        enc = tokenizer(texts, truncation=True, max_length=max_len,
+                        return_attention_mask=False)
     ids = enc["input_ids"]
     lengths = np.array([len(x) for x in ids], dtype=np.int32)
     width = int(lengths.max())
     tt = enc.get("token_type_ids")
-    labels = np.array([r["label"] for r in records], dtype=np.int32)
+    labels = np.array([r[spec.label_column] for r in records], dtype=np.int32)
     return dict(input_ids=_pad_rows(ids, width, pad_id),
                 token_type_ids=(_pad_rows(tt, width, 0) if tt is not None
                                 else np.zeros((len(ids), width), np.int32)),
                 labels=labels, loss_mask=None, lengths=lengths, groups=labels.copy())
 
 
-def _encode_dolly(tokenizer, records: list[dict], max_len: int, bos: list[int], eos: int,
-                  pad_id: int) -> dict[str, Any]:
+def _encode_instruction(tokenizer, spec: TaskSpec, records: list[dict], max_len: int,
+                        bos: list[int], eos: int, pad_id: int) -> dict[str, Any]:
     # Pieces longer than max_len are cut by the tokenizer already (a response cut there can
     # never keep its eos below, as the prompt header takes room too).
     kw = dict(add_special_tokens=False, truncation=True, max_length=max_len,
               return_attention_mask=False)
-    header = tokenizer(RESPONSE_HEADER, **kw)["input_ids"]
-    bodies = tokenizer([dolly_prompt(r["instruction"], r["context"]) for r in records],
-                       **kw)["input_ids"]
-    responses = tokenizer([r["response"] for r in records], **kw)["input_ids"]
+    header = tokenizer(split_template(spec.template)[1], **kw)["input_ids"]
+    rendered = [render_body(spec.template, r) for r in records]
+    bodies = tokenizer([body for body, _ in rendered], **kw)["input_ids"]
+    responses = tokenizer([r[spec.response_column] for r in records], **kw)["input_ids"]
     fixed = len(bos) + len(header)
     seqs, labels, masks = [], [], []
     for body, resp in zip(bodies, responses):
@@ -415,7 +693,7 @@ def _encode_dolly(tokenizer, records: list[dict], max_len: int, bos: list[int], 
         room = max_len - len(prompt)
         if room < 1:
             raise DataError(f"data.max_len={max_len} leaves no room for a response after the "
-                            f"dolly prompt template ({len(prompt)} tokens)")
+                            f"{spec.name} prompt template ({len(prompt)} tokens)")
         seq = prompt + resp[:room]
         seqs.append(seq)
         labels.append(seq[1:] + [pad_id])
@@ -425,28 +703,31 @@ def _encode_dolly(tokenizer, records: list[dict], max_len: int, bos: list[int], 
     return dict(input_ids=_pad_rows(seqs, width, pad_id), token_type_ids=None,
                 labels=_pad_rows(labels, width, pad_id), loss_mask=_pad_rows(masks, width, 0),
                 lengths=lengths,
-                groups=np.array([_dolly_group(r) for r in records], dtype=np.int32))
+                groups=np.array([_instruction_group(spec, r, whole)
+                                 for r, (_, whole) in zip(records, rendered)], dtype=np.int32))
 
 
-def encode(tokenizer, task: str, records: list[dict], max_len: int,
+def encode(tokenizer, task: str | TaskSpec, records: list[dict], max_len: int,
            buckets: tuple[int, ...], source_row: np.ndarray | None = None) -> Examples:
     """Tokenise validated records of ``task`` into :class:`Examples` (truncated to max_len).
 
     Args:
         tokenizer: any object with the Hugging Face tokenizer call interface.
-        task: "sst2" (single sentence), "mnli" (premise, hypothesis pair) or "dolly".
+        task: a preset name or a :class:`TaskSpec`: classification (a text, or a pair of
+            texts as two segments) or instruction (template, response).
         records: records as returned by :func:`load_records`.
         max_len: longest tokenised sequence kept.
         buckets: the padded lengths batches may take (see :func:`length_buckets`).
         source_row: (n,) rows of the records in their source split (default 0..n-1).
     """
+    spec = _spec_of(task)
     if not records:
-        raise DataError(f"{task}: no records to encode")
+        raise DataError(f"{spec.name}: no records to encode")
     bos, eos, pad_id = _special_ids(tokenizer)
-    if task == "dolly":
-        enc = _encode_dolly(tokenizer, records, max_len, bos, eos, pad_id)
+    if spec.kind == "instruction":
+        enc = _encode_instruction(tokenizer, spec, records, max_len, bos, eos, pad_id)
     else:
-        enc = _encode_classification(tokenizer, task, records, max_len, pad_id)
+        enc = _encode_classification(tokenizer, spec, records, max_len, pad_id)
     # Store at the width of the bucket covering the longest example: batching then slices.
     width = pick_bucket(int(enc["lengths"].max()), buckets)
 
@@ -480,26 +761,28 @@ def load_task(cfg_data: DataConfig, tokenizer, seed: int) -> TaskData:
     tokenising.
 
     Args:
-        cfg_data: the data section of the config (task, source, max_len, buckets, limits).
+        cfg_data: the data section of the config (task and its columns, source, max_len,
+            buckets, limits).
         tokenizer: any object with the Hugging Face tokenizer call interface.
         seed: the run's seed.
 
     Returns:
         The :class:`TaskData`.
     """
-    task = cfg_data.task
+    spec = task_spec(cfg_data)
     buckets = length_buckets(cfg_data)
-    train, ev, train_rows, eval_rows = _load_records(task, cfg_data.source)
+    train, ev, train_rows, eval_rows = _load_records(spec, cfg_data.source)
     rng = np.random.default_rng([seed, _STREAM_SUBSAMPLE])
     keep_train = _subsample(len(train), cfg_data.max_train_samples, rng)
     keep_eval = _subsample(len(ev), cfg_data.max_eval_samples, rng)
     return TaskData(
-        task=task,
-        train=encode(tokenizer, task, [train[i] for i in keep_train], cfg_data.max_len,
+        task=spec.name,
+        train=encode(tokenizer, spec, [train[i] for i in keep_train], cfg_data.max_len,
                      buckets, train_rows[keep_train]),
-        eval=encode(tokenizer, task, [ev[i] for i in keep_eval], cfg_data.max_len, buckets,
+        eval=encode(tokenizer, spec, [ev[i] for i in keep_eval], cfg_data.max_len, buckets,
                     eval_rows[keep_eval]),
-        num_labels=NUM_LABELS[task])
+        num_labels=spec.num_labels or None, label_names=spec.label_names
+        if spec.kind == "classification" else ())
 
 
 # ---------------------------------------------------------------------------- batching
@@ -536,13 +819,13 @@ def collate(examples: Examples, idx: np.ndarray, batch_size: int) -> dict[str, n
     Args:
         examples: the pool.
         idx: (k,) indices into ``examples``, 1 <= k <= batch_size; rows k..batch_size-1
-            repeat row 0 with ``example_mask`` (and dolly ``loss_mask``) 0.
+            repeat row 0 with ``example_mask`` (and instruction ``loss_mask``) 0.
         batch_size: B.
 
     Returns:
         int32 arrays: input_ids, attention_mask (B, L), token_type_ids (B, L)
         (classification), labels (B,) (classification) or (B, L) with loss_mask (B, L)
-        (dolly), example_mask (B,); L is the smallest bucket fitting the longest example;
+        (instruction), example_mask (B,); L is the smallest bucket fitting the longest example;
         token_index (T,) (classification, :func:`pack_index`).
     """
     idx = np.asarray(idx, dtype=np.int64)
@@ -658,9 +941,60 @@ def dirichlet_partition(groups: np.ndarray, num_devices: int, alpha: float, min_
     return [np.sort(p).astype(np.int64) for p in out]
 
 
+FLOWER_MAX_TRIES = 11
+
+
+def flower_dirichlet_partition(groups: np.ndarray, num_devices: int, alpha: float,
+                               min_size: int, seed: int) -> list[np.ndarray]:
+    """flwr-datasets' ``DirichletPartitioner`` algorithm (``self_balancing=False``).
+
+    ``DirichletPartitioner(num_partitions=N, partition_by=<label>, alpha=alpha,
+    min_partition_size=min_size, seed=seed)`` on a data set whose label column is
+    ``groups`` assigns the same example indices to each partition (its ``shuffle`` only
+    reorders a partition). With a generator ``default_rng(seed)``: for every class in
+    sorted order, its examples in data-set order are cut at ``floor(cumsum(Dir(alpha *
+    1_N)) * n_k)``; when some device ends below ``min_size``, the whole draw is repeated
+    with the generator's next state, up to 11 draws in all.
+
+    Args:
+        groups: (n,) int class or pseudo-label of each example.
+        num_devices: N.
+        alpha: Dirichlet concentration.
+        min_size: examples each device holds at least.
+        seed: the generator's seed (flwr-datasets' ``seed``).
+
+    Returns:
+        N sorted int64 index arrays, disjoint, covering 0..n-1.
+
+    Raises:
+        DataError: ``min_size`` still not met after 11 draws.
+    """
+    groups = np.asarray(groups)
+    if num_devices > len(groups):
+        raise DataError(f"cannot split {len(groups)} examples over {num_devices} devices")
+    rng = np.random.default_rng(seed)
+    alphas = np.full(num_devices, float(alpha))
+    for _ in range(FLOWER_MAX_TRIES):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_devices)]
+        for g in np.unique(groups):
+            idx = np.flatnonzero(groups == g)
+            cuts = (np.cumsum(rng.dirichlet(alphas)) * len(idx)).astype(int)[:-1]
+            for i, chunk in enumerate(np.split(idx, cuts)):
+                parts[i].append(chunk)
+        out = [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+        if min(len(p) for p in out) >= min_size:
+            return out
+    raise DataError(f"data.partition=flower_dirichlet: no draw of {FLOWER_MAX_TRIES} gave "
+                    f"every one of {num_devices} devices {min_size} samples at "
+                    f"dirichlet_alpha={alpha}; raise data.dirichlet_alpha or lower "
+                    f"data.min_samples_per_device")
+
+
 def partition(task_data: TaskData, num_devices: int, cfg_data: DataConfig,
               seed: int) -> list[DeviceData]:
-    """Dirichlet(``cfg_data.dirichlet_alpha``) split of ``task_data.train`` over devices.
+    """Dirichlet(``cfg_data.dirichlet_alpha``) split of ``task_data.train`` over devices
+    (``cfg_data.partition``: :func:`dirichlet_partition` or
+    :func:`flower_dirichlet_partition`).
 
     Each device then holds out ``round(holdout_fraction * n_i)`` random examples (at least
     one when the fraction is positive, and never all of them) for its local evaluation.
@@ -668,7 +1002,7 @@ def partition(task_data: TaskData, num_devices: int, cfg_data: DataConfig,
     Args:
         task_data: the loaded task.
         num_devices: N.
-        cfg_data: dirichlet_alpha, min_samples_per_device, holdout_fraction.
+        cfg_data: partition, dirichlet_alpha, min_samples_per_device, holdout_fraction.
         seed: the run's seed (the partition is a pure function of it).
 
     Returns:
@@ -676,9 +1010,14 @@ def partition(task_data: TaskData, num_devices: int, cfg_data: DataConfig,
         examples once.
     """
     rng = np.random.default_rng([seed, _STREAM_PARTITION])
-    shares = dirichlet_partition(task_data.train.groups, num_devices,
-                                 cfg_data.dirichlet_alpha, cfg_data.min_samples_per_device,
-                                 rng)
+    if cfg_data.partition == "flower_dirichlet":
+        shares = flower_dirichlet_partition(task_data.train.groups, num_devices,
+                                            cfg_data.dirichlet_alpha,
+                                            cfg_data.min_samples_per_device, seed)
+    else:
+        shares = dirichlet_partition(task_data.train.groups, num_devices,
+                                     cfg_data.dirichlet_alpha,
+                                     cfg_data.min_samples_per_device, rng)
     devices = []
     for idx in shares:
         n_hold = int(round(cfg_data.holdout_fraction * len(idx)))

@@ -232,7 +232,9 @@ DEFAULT_CONFIG = "sst2_minilm"  # a shipped config (fedspine_jax.config.config_p
 # what the end-of-run summary suggests to try the exported model on, per task
 EXAMPLE_INPUT = {"sst2": '--text "a gripping film"',
                  "mnli": '--text "A man plays a guitar." --text-pair "Someone makes music."',
-                 "dolly": '--text "Name three rivers in Europe."'}
+                 "dolly": '--text "Name three rivers in Europe."',
+                 "classification": '--text "<a text like your data>"',
+                 "instruction": '--text "<an instruction like your data>"'}
 
 
 def _q(path) -> str:

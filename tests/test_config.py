@@ -107,3 +107,33 @@ def test_resume_may_change_run_keys_only(tiny_config_path):
         for_resume(saved, other)
     # what a deployment's devices must share leaves the run keys out
     assert round_dict(saved) == round_dict(more) != round_dict(other)
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({"task": "sst2", "label_column": "y"}, "data.label_column='y' does not apply to the sst2"),
+    ({"task": "classification"}, "data.num_labels or data.label_names"),
+    ({"task": "classification", "label_names": [0, 1]}, "data.label_names=[0, 1]: expected"),
+    ({"task": "classification", "num_labels": 2, "splits": "train"}, "data.splits='train'"),
+    ({"task": "instruction", "template": "{q}"}, "must end with a response header"),
+    ({"task": "classification", "num_labels": 2, "partition": "flower"}, "data.partition"),
+])
+def test_data_task_keys_name_the_key(data, needle):
+    with pytest.raises(ConfigError) as e:
+        from_dict({"data": data})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_open_tasks_load_and_need_the_right_model(tiny_config_path):
+    cfg = load_config(tiny_config_path, [
+        "data.task=classification", "data.text_column=review", "data.label_column=stars",
+        "data.label_names=[bad, good]", "data.splits=[fit, dev]",
+        "data.partition=flower_dirichlet"])
+    d = cfg.data
+    assert (d.text_column, d.label_column, d.label_names, d.splits, d.partition) == (
+        "review", "stars", ("bad", "good"), ("fit", "dev"), "flower_dirichlet")
+    with pytest.raises(ConfigError, match="data.task=instruction is instruction tuning"):
+        load_config(tiny_config_path, ["data.task=instruction"])
+    cfg = load_config(tiny_config_path, [
+        "data.task=instruction", "model.arch=llama", "model.num_kv_heads=2",
+        r'data.template="Q: {question}\nA: "', "data.response_column=answer"])
+    assert cfg.data.template == "Q: {question}\nA: "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -170,7 +172,7 @@ def test_bad_record_names_file_and_line(tmp_path, task, bad, message):
             "dolly": '{"instruction": "i", "context": "", "response": "r"}'}[task]
     # Line 3 is bad (line 2 is blank, skipped but counted).
     _write(tmp_path, "train.jsonl" if task != "dolly" else "d.jsonl", [good, "", bad, good])
-    for split in D.SPLITS[task][1:]:
+    for split in D.PRESETS[task].splits[1:]:
         _write(tmp_path, f"{split}.jsonl", [good])
     with pytest.raises(D.DataError, match=message) as err:
         D.load_records(task, str(tmp_path))
@@ -365,7 +367,7 @@ def test_dolly_split_is_fixed_and_covers_the_file(shared_data, tokenizer):
     a = D.load_task(cfg, tokenizer, seed=0)
     b = D.load_task(cfg, tokenizer, seed=7)
     assert (a.eval.source_row == b.eval.source_row).all()  # independent of the run seed
-    assert len(a.eval) == round(n * D.DOLLY_EVAL_FRACTION)
+    assert len(a.eval) == round(n * D.EVAL_FRACTION)
     rows = np.concatenate([a.train.source_row, a.eval.source_row])
     assert sorted(rows.tolist()) == list(range(n))
     # No category in the local copy: pseudo-label 8 + (has context), both present.
@@ -498,3 +500,280 @@ def test_partition_holdout_is_disjoint(sst2_small):
     # No holdout when the fraction is 0.
     cfg0 = dataclasses.replace(cfg, holdout_fraction=0.0)
     assert all(len(d.holdout_idx) == 0 for d in D.partition(td, 8, cfg0, seed=0))
+
+
+# ---------------------------------------------------------------------------- open tasks
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def _same_examples(a: D.Examples, b: D.Examples, group_offset: int = 0) -> None:
+    for name in ("input_ids", "attention_mask", "token_type_ids", "labels", "loss_mask",
+                 "lengths", "groups", "source_row"):
+        x, y = getattr(a, name), getattr(b, name)
+        if name == "groups":
+            x = x + group_offset
+        assert (x is None and y is None) or np.array_equal(x, y), name
+
+
+def test_classification_columns_map_onto_the_sst2_preset(shared_data, tokenizer, tmp_path):
+    """SST-2 records renamed to other columns, labels written as names, in CSV and in JSON
+    Lines: the open task reads exactly what the preset reads from the original records."""
+    names = ["negative", "positive"]
+    raw = {s: _raw(shared_data / "sst2" / f"{s}.jsonl")[:300] for s in ("train", "validation")}
+    for split, recs in raw.items():
+        _write(tmp_path / "preset", f"{split}.jsonl", [json.dumps(r) for r in recs])
+        _write_csv(tmp_path / "csv" / f"{split}.csv", ["id", "review", "sentiment"],
+                   [[r["idx"], r["sentence"], names[r["label"]]] for r in recs])
+        _write(tmp_path / "jsonl", f"{split}.jsonl",
+               [json.dumps({"review": r["sentence"], "sentiment": r["label"]}) for r in recs])
+    kw = dict(max_len=32, length_buckets=(16,), max_train_samples=200)
+    want = D.load_task(DataConfig(task="sst2", source=str(tmp_path / "preset"), **kw),
+                       tokenizer, seed=0)
+    for source, labels in (("csv", dict(label_names=tuple(names))),
+                           ("jsonl", dict(num_labels=2))):
+        cfg = DataConfig(task="classification", source=str(tmp_path / source),
+                         text_column="review", label_column="sentiment", **labels, **kw)
+        got = D.load_task(cfg, tokenizer, seed=0)
+        assert got.task == "classification" and got.num_labels == 2
+        _same_examples(got.train, want.train)
+        _same_examples(got.eval, want.eval)
+    assert got.label_names == () and D.load_task(
+        dataclasses.replace(cfg, source=str(tmp_path / "csv"), num_labels=0,
+                            label_names=tuple(names)), tokenizer, 0).label_names == tuple(names)
+
+
+def test_pair_classification_maps_onto_the_mnli_preset(shared_data, tokenizer, tmp_path):
+    splits = {"train": "fit", "validation_matched": "dev"}
+    for split, new in splits.items():
+        recs = _raw(shared_data / "mnli" / f"{split}.jsonl")[:120]
+        _write(tmp_path / "preset", f"{split}.jsonl", [json.dumps(r) for r in recs])
+        _write_csv(tmp_path / "csv" / f"{new}.csv", ["claim", "evidence", "y"],
+                   [[r["premise"], r["hypothesis"], r["label"]] for r in recs])
+    kw = dict(max_len=48, length_buckets=(32,))
+    want = D.load_task(DataConfig(task="mnli", source=str(tmp_path / "preset"), **kw),
+                       tokenizer, seed=1)
+    cfg = DataConfig(task="classification", source=str(tmp_path / "csv"), splits=("fit", "dev"),
+                     text_column="claim", text_pair_column="evidence", label_column="y",
+                     num_labels=3, **kw)
+    got = D.load_task(cfg, tokenizer, seed=1)
+    _same_examples(got.train, want.train)
+    _same_examples(got.eval, want.eval)
+
+
+def test_instruction_template_maps_onto_the_dolly_preset(shared_data, tokenizer, tmp_path):
+    recs = _raw(next((shared_data / "dolly").glob("*.jsonl")))
+    kw = dict(max_len=96, length_buckets=(64,))
+    want = D.load_task(_cfg(shared_data, "dolly", **kw), tokenizer, seed=0)
+    # One file (a single split), other column names, the same template.
+    path = _write(tmp_path, "qa.jsonl", [json.dumps(
+        {"question": r["instruction"], "ctx": r["context"], "answer": r["response"]})
+        for r in recs])
+    template = "### Instruction:\n{question}\n\n### Context:\n{ctx}\n\n### Response:\n"
+    cfg = DataConfig(task="instruction", source=str(path), template=template,
+                     response_column="answer", **kw)
+    got = D.load_task(cfg, tokenizer, seed=0)
+    assert got.num_labels is None
+    # Pseudo-labels: dolly's follow its 8 categories, this task has none; same order.
+    _same_examples(got.train, want.train, group_offset=len(D.DOLLY_CATEGORIES))
+    _same_examples(got.eval, want.eval, group_offset=len(D.DOLLY_CATEGORIES))
+
+
+def test_instruction_with_its_own_template(shared_data, tmp_path):
+    """Another template: the header after the last field ends every prompt, the response
+    (+ eos) is exactly what the loss sees, and a record's category groups it."""
+    recs = [{"q": f"question {k}", "a": f"answer {k}", "topic": ["x", "y", ""][k % 3]}
+            for k in range(30)]
+    _write_csv(tmp_path / "train.csv", ["q", "a", "topic"],
+               [[r["q"], r["a"], r["topic"]] for r in recs])
+    cfg = DataConfig(task="instruction", source=str(tmp_path / "train.csv"),
+                     template="Q: {q}\nA: ", response_column="a", label_column="topic",
+                     label_names=("x", "y"), max_len=64, length_buckets=(32,))
+    tok = CharTokenizer()
+    td = D.load_task(cfg, tok, seed=0)
+    ex = td.train
+    for i in range(len(ex)):
+        rec = recs[ex.source_row[i]]
+        n = ex.lengths[i]
+        assert tok.decode(ex.input_ids[i, :n]) == f"Q: {rec['q']}\nA: {rec['a']}"
+        assert ex.input_ids[i, 0] == 1 and ex.input_ids[i, n - 1] == 2  # bos ... eos
+        on = np.flatnonzero(ex.loss_mask[i])
+        assert tok.decode(ex.labels[i, on]) == rec["a"] and ex.labels[i, on[-1]] == 2
+        assert ex.groups[i] == {"x": 0, "y": 1, "": 3}[rec["topic"]]
+    assert len(td.eval) == round(30 * D.EVAL_FRACTION)
+
+
+@pytest.mark.parametrize("header,rows,keys,message", [
+    (["review", "sentiment"], [["good", "positive"], ["bad", "meh"]], {},
+     r"x\.csv:3: sentiment 'meh' is not an integer or one of \['negative', 'positive'\]"),
+    (["review", "sentiment"], [["good", "1"], ["bad", "2"]], {},
+     r"x\.csv:3: unknown sentiment 2 \(allowed 0\.\.1\)"),
+    (["text", "sentiment"], [["good", "1"]], {},
+     r"x\.csv:1: no column 'review'"),
+    (["review", "sentiment"], [["good", "1", "extra"]], {},
+     r"x\.csv:2: more cells than the 2 columns"),
+    (["review", "sentiment"], [["good", "1"], ["bad"]], {},
+     r"x\.csv:3: sentiment None is not an integer"),
+])
+def test_bad_csv_names_file_line_and_column(tmp_path, header, rows, keys, message):
+    _write_csv(tmp_path / "x.csv", header, rows)
+    cfg = DataConfig(task="classification", source=str(tmp_path / "x.csv"),
+                     text_column="review", label_column="sentiment",
+                     label_names=("negative", "positive"), **keys)
+    with pytest.raises(D.DataError, match=message) as err:
+        D.load_records(D.task_spec(cfg), cfg.source)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_jsonl_of_an_open_task_names_line_and_column(tmp_path):
+    _write(tmp_path, "train.jsonl", ['{"t": "a", "y": 0}', '{"t": "b", "y": 4}'])
+    _write(tmp_path, "validation.jsonl", ['{"t": "c", "y": 1}'])
+    cfg = DataConfig(task="classification", source=str(tmp_path), text_column="t",
+                     label_column="y", num_labels=3)
+    with pytest.raises(D.DataError, match=r"train\.jsonl:2: unknown y 4 \(allowed 0\.\.2\)"):
+        D.load_records(D.task_spec(cfg), cfg.source)
+    cfg = dataclasses.replace(cfg, text_column="text")
+    with pytest.raises(D.DataError, match=r"train\.jsonl:1: missing field 'text'"):
+        D.load_records(D.task_spec(cfg), cfg.source)
+
+
+@pytest.mark.parametrize("keys,message", [
+    (dict(task="sst2", text_column="review"), "data.text_column='review' does not apply"),
+    (dict(task="classification"), "needs data.num_labels or data.label_names"),
+    (dict(task="classification", num_labels=3, label_names=("a", "b")), "data.num_labels=3"),
+    (dict(task="classification", label_names=("a", "a")), "repeats a name"),
+    (dict(task="classification", num_labels=2, splits=("a", "b", "c")), "data.splits"),
+    (dict(task="instruction", template="no fields"), "must name the prompt's columns"),
+    (dict(task="instruction", template="Q: {q}"), "must end with a response header"),
+    (dict(task="instruction", template="Q: {q"), "not a valid format string"),
+])
+def test_task_keys_are_checked(keys, message):
+    with pytest.raises(D.DataError, match=message):
+        D.task_spec(DataConfig(**keys))
+
+
+def test_parquet_without_pyarrow_is_one_line_naming_the_extra(tmp_path):
+    if importlib.util.find_spec("pyarrow") is not None:
+        pytest.skip("pyarrow is installed")
+    (tmp_path / "train.parquet").write_bytes(b"PAR1")
+    with pytest.raises(D.DataError, match=r"train\.parquet: reading Parquet needs pyarrow: "
+                                          r"pip install 'fedspine-jax\[parquet\]'"):
+        D.load_records("dolly", str(tmp_path / "train.parquet"))
+
+
+def test_parquet_reads_like_jsonl(shared_data, tokenizer, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    recs = _raw(shared_data / "sst2" / "validation.jsonl")[:100]
+    pq.write_table(pa.Table.from_pylist(
+        [{"body": r["sentence"], "stars": r["label"]} for r in recs]), tmp_path / "x.parquet")
+    spec = D.task_spec(DataConfig(task="classification", source=str(tmp_path / "x.parquet"),
+                                  text_column="body", label_column="stars", num_labels=2))
+    train, ev = D.load_records(spec, str(tmp_path / "x.parquet"))
+    got = sorted((r["body"], r["stars"]) for r in train + ev)
+    assert got == sorted((r["sentence"], r["label"]) for r in recs)
+    pq.write_table(pa.Table.from_pylist([{"body": "a", "stars": 0}, {"body": "b", "stars": 7}]),
+                   tmp_path / "bad.parquet")
+    with pytest.raises(D.DataError, match=r"bad\.parquet row 1: unknown stars 7"):
+        D.load_records(spec, str(tmp_path / "bad.parquet"))
+
+
+def test_open_task_hub_id_goes_to_load_dataset(monkeypatch):
+    """A hub id with its configuration name reaches ``datasets.load_dataset`` with the
+    task's splits (no hub here: a stand-in module answers the call)."""
+    import types
+
+    datasets = types.ModuleType("datasets")
+    monkeypatch.setitem(sys.modules, "datasets", datasets)
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return [{"content": f"text {split}", "rating": "good"}]
+
+    datasets.load_dataset = fake_load_dataset
+    cfg = DataConfig(task="classification", source="someone/reviews", hub_config="en",
+                     splits=("train", "test"), text_column="content", label_column="rating",
+                     label_names=("bad", "good"))
+    train, ev = D.load_records(D.task_spec(cfg), cfg.source)
+    assert calls == [("someone/reviews", "en", "train"), ("someone/reviews", "en", "test")]
+    assert train[0]["rating"] == 1 and ev[0]["content"] == "text test"
+    monkeypatch.setitem(sys.modules, "datasets", None)  # an import of it fails
+    with pytest.raises(D.DataError, match=r"needs the 'hub' extra"):
+        D.load_records(D.task_spec(cfg), cfg.source)
+
+
+# -------------------------------------------------------------- partitions as in Flower
+
+
+@pytest.mark.parametrize("alpha,n_dev,min_size", [(0.3, 10, 5), (1.0, 7, 20), (100.0, 4, 1)])
+def test_flower_dirichlet_invariants(alpha, n_dev, min_size):
+    groups = np.random.default_rng(5).integers(0, 4, size=900)
+    parts = D.flower_dirichlet_partition(groups, n_dev, alpha, min_size, seed=42)
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(900))
+    assert min(len(p) for p in parts) >= min_size
+    again = D.flower_dirichlet_partition(groups, n_dev, alpha, min_size, seed=42)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    other = D.flower_dirichlet_partition(groups, n_dev, alpha, min_size, seed=43)
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+
+
+def test_flower_dirichlet_gives_up_after_eleven_draws():
+    groups = np.repeat(np.arange(2), 50)
+    with pytest.raises(D.DataError, match="no draw of 11"):
+        D.flower_dirichlet_partition(groups, 20, 0.01, 5, seed=0)
+
+
+@pytest.mark.parametrize("labels,n_dev,alpha,min_size,seed", [
+    ("sst2", 10, 0.5, 10, 42),
+    ("sst2", 30, 0.5, 10, 1),    # Flower redraws 8 times before every device has 10
+    ("sst2", 30, 0.5, 10, 2),    # ... and gives up here after 11 draws
+    ("mnli", 8, 1.0, 10, 0),
+    ("mnli", 5, 1000.0, 1, 123),
+])
+def test_flower_dirichlet_equals_flwr_datasets(shared_data, labels, n_dev, alpha, min_size,
+                                               seed):
+    """Our flower_dirichlet partitions equal flwr-datasets' DirichletPartitioner's (same
+    seed, alpha, min_partition_size) on real labels, and both give up on the same draws
+    (skipped without flwr-datasets)."""
+    pytest.importorskip("flwr_datasets")
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    split = "train" if labels == "sst2" else "validation_matched"
+    y = np.array([r["label"] for r in _raw(shared_data / labels / f"{split}.jsonl")[:3000]])
+    part = DirichletPartitioner(num_partitions=n_dev, partition_by="label", alpha=alpha,
+                                min_partition_size=min_size, self_balancing=False, seed=seed)
+    part.dataset = Dataset.from_dict({"label": y.tolist(), "row": list(range(len(y)))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Flower warns on each redraw
+        try:
+            want = [np.sort(part.load_partition(i)["row"]) for i in range(n_dev)]
+        except ValueError as e:  # Flower's "max number of attempts"
+            assert "max number of attempts" in str(e)
+            with pytest.raises(D.DataError, match="no draw of 11"):
+                D.flower_dirichlet_partition(y, n_dev, alpha, min_size, seed)
+            return
+    ours = D.flower_dirichlet_partition(y, n_dev, alpha, min_size, seed)
+    assert [len(p) for p in ours] == [len(p) for p in want]
+    assert all(np.array_equal(a, b) for a, b in zip(ours, want))
+
+
+def test_partition_option_flower_dirichlet(sst2_small):
+    cfg, td = sst2_small
+    fl = dataclasses.replace(cfg, partition="flower_dirichlet", min_samples_per_device=5)
+    devs = D.partition(td, 6, fl, seed=11)
+    shares = D.flower_dirichlet_partition(td.train.groups, 6, fl.dirichlet_alpha, 5, 11)
+    for d, share in zip(devs, shares):
+        assert np.array_equal(np.sort(np.concatenate([d.train_idx, d.holdout_idx])), share)
+        assert len(np.intersect1d(d.train_idx, d.holdout_idx)) == 0
