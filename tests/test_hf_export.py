@@ -278,3 +278,14 @@ def test_export_cli_peft_and_hf(minilm_run, tmp_path, capsys):
     np.testing.assert_allclose(np.asarray(back(ids, mask)), want, atol=1e-4)
     assert main(["export", str(run), "--hf", str(tmp_path / "x")]) == 2
     assert "--hf needs --device-id" in capsys.readouterr().err
+
+
+def test_transformers_refuses_per_layer_pruned_heads(tmp_path):
+    pytest.importorskip("torch")
+    from transformers import AutoModelForSequenceClassification
+
+    model = _pruned("bert", [[1, 0, 1, 1], [0, 1, 0, 0]], np.ones((2, 48)))
+    out = export_hf(model, tmp_path / "bert")
+    assert COMPACT_KEY in json.loads((out / "config.json").read_text())
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForSequenceClassification.from_pretrained(str(out))
