@@ -4,7 +4,11 @@ compaction + LoRA merge -> ONNX (jax2onnx) -> verified in ONNX Runtime -> Tensor
 
 * ``onnx_export`` -- :func:`export_model` (any pruned model), the traced graphs, the
   verification against JAX;
-* ``run`` -- a device's model from a run directory (:func:`export_run_device`);
+* ``run`` -- a device's model from a run directory (:func:`export_run_device`), and the
+  run's results for the Hugging Face ecosystem (:func:`export_run_peft`,
+  :func:`export_run_hf`);
+* ``hf`` -- :func:`export_peft` (a PEFT LoRA adapter) and :func:`export_hf` (a pruned,
+  merged model as a ``save_pretrained`` directory);
 * ``graph`` -- TensorRT-friendly graph passes, external data;
 * ``metadata`` -- what an exported file says about itself (I/O, labels, tokenizer);
 * ``tensorrt`` -- :func:`build_engine` and the equivalent ``trtexec`` command;
@@ -20,7 +24,9 @@ _EXPORTS = {"ExportError": "onnx_export", "ExportResult": "onnx_export",
             "sample_inputs": "onnx_export", "export_run_device": "run",
             "load_run": "run", "device_model": "run", "build_engine": "tensorrt",
             "TensorRTUnavailable": "tensorrt", "trtexec_command": "tensorrt",
-            "ModelMeta": "metadata", "MetadataError": "metadata"}
+            "ModelMeta": "metadata", "MetadataError": "metadata",
+            "export_peft": "hf", "export_hf": "hf", "HFExportError": "hf",
+            "export_run_peft": "run", "export_run_hf": "run"}
 
 
 def __getattr__(name: str):

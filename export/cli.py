@@ -6,6 +6,8 @@
     fedspine export runs/sst2 --device-id 3 --out dev3.onnx --engine dev3.plan --fp16 \\
         --min-shape batch=1,seq=1 --opt-shape batch=8,seq=64 --max-shape batch=32,seq=128
     fedspine export dev3.onnx --engine dev3.plan          # engine from an exported file
+    fedspine export runs/sst2 --peft adapter/              # global LoRA + head for PEFT
+    fedspine export runs/sst2 --device-id 3 --hf dev3/    # pruned, merged, save_pretrained
 
 The ONNX export always verifies itself against the JAX model (max abs difference
 printed; it fails above ``export.tolerance``). ``--engine`` needs the ``tensorrt``
@@ -26,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-id", type=int, help="the device whose model to export (run "
                    "directories)")
     p.add_argument("--out", help="the .onnx file to write (run directories)")
+    p.add_argument("--peft", metavar="DIR", help="write the run's global LoRA and task head "
+                   "as a PEFT adapter directory (for peft.PeftModel.from_pretrained on the "
+                   "run's pretrained model)")
+    p.add_argument("--hf", metavar="DIR", help="write the device's pruned model, LoRA "
+                   "merged, as a save_pretrained-style directory (with --device-id)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override a value of the run's config, "
                    "e.g. data.source=<the data on this machine> (repeatable)")
@@ -61,9 +68,12 @@ def run_cli(args) -> int:
             if not args.engine:
                 return _err("an .onnx source needs --engine (the file is already exported)")
             onnx_path = src
+        elif args.peft or args.hf:
+            return _run_hf(src, args)
         else:
             if args.device_id is None or not args.out:
-                return _err("exporting from a run directory needs --device-id and --out")
+                return _err("exporting from a run directory needs --device-id and --out "
+                            "(or --peft DIR, or --device-id and --hf DIR)")
             from fedspine_jax.export.run import export_run_device
 
             kw = {}
@@ -93,4 +103,27 @@ def run_cli(args) -> int:
         return 3
     except (ExportError, FileNotFoundError, ValueError) as e:
         return _err(str(e))
+    return 0
+
+
+def _run_hf(src: Path, args) -> int:
+    """``--peft DIR`` and / or ``--device-id I --hf DIR`` from a run directory."""
+    from fedspine_jax.export.run import export_run_hf, export_run_peft
+
+    if args.out or args.engine:
+        return _err("--peft / --hf write Hugging Face directories; give --out / --engine "
+                    "in a separate export")
+    if args.hf and args.device_id is None:
+        return _err("--hf needs --device-id (whose pruned model to write)")
+    if args.peft:
+        path, info = export_run_peft(src, args.peft, args.overrides)
+        print(f"wrote PEFT adapter {path} (round {info['round']}, rank {info['rank']}, "
+              f"alpha {info['alpha']:g}, targets {', '.join(info['targets'])}); load it "
+              f"with peft.PeftModel.from_pretrained(<the base model>, {str(path)!r})")
+    if args.hf:
+        path, dm = export_run_hf(src, args.device_id, args.hf, args.overrides)
+        print(f"wrote {path}/config.json + model.safetensors: device {args.device_id}, "
+              f"{100 * dm.source['heads_kept']:.0f}% of heads and "
+              f"{100 * dm.source['channels_kept']:.0f}% of FFN channels kept, LoRA merged; "
+              f"load it with fedspine_jax.models.load_pretrained({str(path)!r}, ...)")
     return 0

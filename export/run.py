@@ -101,3 +101,35 @@ def export_run_device(run_dir: str | Path, device_id: int, out: str | Path, over
     cfg, s, state, extra, step = load_run(run_dir, overrides)
     dm = device_model(s, state, device_id, run=str(run_dir), step=step)
     return export_device(dm, out, cfg, **kw)
+
+
+def export_run_peft(run_dir: str | Path, out: str | Path, overrides=()) -> tuple[Path, dict]:
+    """``fedspine export RUN_DIR --peft DIR``: the run's global LoRA (at the global rank)
+    and task head as a PEFT adapter of the run's pretrained model. Returns the directory
+    and ``{"round", "rank", "alpha", "targets"}``."""
+    from fedspine_jax.export.hf import HFExportError, export_peft
+    from fedspine_jax.models.state import set_head, set_lora
+
+    cfg, s, state, extra, step = load_run(run_dir, overrides)
+    if cfg.model.source == "random":
+        raise HFExportError("model.source=random has no Hugging Face base model for a PEFT "
+                            "adapter; export the device's model with --hf instead")
+    set_lora(s.model, state.lora)
+    if state.head:
+        set_head(s.model, state.head)
+    base = cfg.model.source
+    path = export_peft(s.model, out, base_model=base)
+    a = s.model.cfg
+    return path, {"round": step, "rank": a.lora_rank, "alpha": a.lora_alpha,
+                  "targets": a.lora_targets}
+
+
+def export_run_hf(run_dir: str | Path, device_id: int, out: str | Path, overrides=()
+                  ) -> tuple[Path, DeviceModel]:
+    """``fedspine export RUN_DIR --device-id I --hf DIR``: the device's pruned model with
+    its LoRA merged, as a ``save_pretrained``-style directory (with the tokenizer)."""
+    from fedspine_jax.export.hf import export_hf
+
+    cfg, s, state, extra, step = load_run(run_dir, overrides)
+    dm = device_model(s, state, device_id, run=str(run_dir), step=step)
+    return export_hf(dm.model, out, tokenizer=dm.tokenizer), dm

@@ -108,8 +108,12 @@ class LoRAConfig:
     rank: int = _f(8, lo=0, hi=1024)
     # LoRA alpha; the adapter's output is scaled by alpha / r.
     alpha: float = _f(16.0, lo=0.0)
-    # Linears that carry LoRA: attention (q, k, v, o) and FFN (fc1, fc2 / gate, up, down).
+    # Linears that carry LoRA: our names, attention (q, k, v, o) and FFN (fc1, fc2 / gate,
+    # up, down), or PEFT's module names (query, key, value, dense for BERT / RoBERTa;
+    # q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj for LLaMA; all-linear).
     targets: tuple = _f(("q", "k", "v", "o", "fc1", "fc2", "gate", "up", "down"))
+    # Dropout on the LoRA branch's input during local training (PEFT's lora_dropout).
+    dropout: float = _f(0.0, lo=0.0, hi=0.9)
     # Ranks the scheduler may assign to a device (sorted, each <= rank).
     rank_choices: tuple = _f((2, 4, 8))
     # Std of the Gaussian initialisation of the `a` factor (and of rows added by grow).

@@ -21,6 +21,7 @@ from fedspine_jax import data, heterogeneity
 from fedspine_jax.config import Config
 from fedspine_jax.federation import Federation
 from fedspine_jax.models import ArchConfig, build_model, load_pretrained, load_tokenizer
+from fedspine_jax.models.hf_names import resolve_targets
 from fedspine_jax.models.state import set_head, set_lora, set_masks
 from fedspine_jax.train import evaluate
 
@@ -43,6 +44,7 @@ def build_model_for(cfg: Config, num_labels: int | None):
     m = cfg.model
     targets = cfg.lora.targets
     if m.source == "random":
+        targets = resolve_targets(m.arch, targets)
         heads = m.num_heads
         arch = ArchConfig(
             arch=m.arch, vocab_size=m.vocab_size, hidden_size=m.hidden_size,
@@ -53,10 +55,11 @@ def build_model_for(cfg: Config, num_labels: int | None):
             rope_theta=m.rope_theta, pad_token_id=1 if m.arch == "roberta" else 0,
             num_labels=num_labels or 0, lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
             lora_targets=tuple(targets), lora_init_std=cfg.lora.init_std,
-            norm_eps=1e-6 if m.arch == "llama" else 1e-12)
+            lora_dropout=cfg.lora.dropout, norm_eps=1e-6 if m.arch == "llama" else 1e-12)
         return build_model(arch, m.seed)
     model, _ = load_pretrained(m.source, num_labels=num_labels, lora_rank=cfg.lora.rank,
                                lora_alpha=cfg.lora.alpha, lora_targets=tuple(targets),
+                               lora_dropout=cfg.lora.dropout, lora_init_std=cfg.lora.init_std,
                                seed=m.seed, with_tokenizer=False)
     return model
 

@@ -351,6 +351,7 @@ def model_arch(cfg: Config):
     import json
 
     from fedspine_jax.models.arch import ArchConfig
+    from fedspine_jax.models.hf_names import resolve_targets
     from fedspine_jax.models.loading import ModelLoadError, arch_from_hf, resolve
 
     m, lora = cfg.model, cfg.lora
@@ -358,6 +359,7 @@ def model_arch(cfg: Config):
           "lora_targets": tuple(lora.targets)}
     if m.source == "random":
         heads = m.num_heads
+        kw["lora_targets"] = resolve_targets(m.arch, lora.targets)
         return ArchConfig(arch=m.arch, vocab_size=m.vocab_size, hidden_size=m.hidden_size,
                           num_layers=m.num_layers, num_heads=heads,
                           num_kv_heads=m.num_kv_heads if m.arch == "llama" else heads,

@@ -92,20 +92,31 @@ class LocalRoundResult:
 # Loss
 
 
-def loss_fn(model, batch: dict) -> jax.Array:
+def loss_fn(model, batch: dict, dropout_key: jax.Array | None = None) -> jax.Array:
     """Mean loss of a batch: classification cross-entropy weighted by ``example_mask``, or
     causal-LM cross-entropy on the response tokens (``labels`` are already shifted, see
-    ``data``), weighted by ``loss_mask * example_mask``."""
+    ``data``), weighted by ``loss_mask * example_mask``. ``dropout_key``: LoRA dropout
+    (training steps only)."""
     w = batch["example_mask"].astype(jnp.float32)
     if model.cfg.is_decoder:
-        logits = model(batch["input_ids"], batch["attention_mask"])
+        logits = model(batch["input_ids"], batch["attention_mask"], dropout_key=dropout_key)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
         tw = batch["loss_mask"].astype(jnp.float32) * w[:, None]
         return jnp.sum(ce * tw) / jnp.maximum(jnp.sum(tw), 1.0)
     logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                   batch.get("token_index"))
+                   batch.get("token_index"), dropout_key=dropout_key)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def dropout_key(batch: dict, step: jax.Array) -> jax.Array:
+    """The LoRA-dropout key of a training step: the step count and a checksum of the
+    batch's token ids folded into a fixed key, so a step's dropout is reproducible (exact
+    resume) and differs across steps, batches and devices without carrying a seed."""
+    ids = batch["input_ids"].astype(jnp.uint32)
+    pos = jnp.arange(1, ids.shape[-1] + 1, dtype=jnp.uint32)
+    checksum = jnp.sum(ids * pos, dtype=jnp.uint32)
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(0), step), checksum)
 
 
 # ---------------------------------------------------------------------------------------
@@ -261,9 +272,11 @@ def train_step(spec: StepSpec, state: StepState, frozen: Frozen, batch: dict
       the state after the step, and ``{"loss": scalar}`` (the loss before the update).
     """
     graphdef, masks, rest = spec.graphdef, frozen.masks, frozen.rest
+    key = dropout_key(batch, state.step)
 
     def f(tr, mk):
-        return loss_fn(nnx.merge(graphdef, tr, mk, rest), batch)
+        model = nnx.merge(graphdef, tr, mk, rest)
+        return loss_fn(model, batch, key if model.cfg.lora_dropout > 0 else None)
 
     loss, (grads, mask_grads) = jax.value_and_grad(f, argnums=(0, 1))(state.trainable, masks)
     grads_model = nnx.merge(graphdef, grads, masks, rest)

@@ -212,8 +212,9 @@ def test_classifier_last_layer_on_the_first_row_is_exact(arch, monkeypatch):
     got_logits, got, got_flops = logits_grads_flops()
     full_layer = EncoderLayer.__call__
     monkeypatch.setattr(EncoderLayer, "__call__",
-                        lambda self, x, bias, first_only=False, packing=None:
-                        full_layer(self, x, bias, packing=packing))
+                        lambda self, x, bias, first_only=False, packing=None,
+                        dropout_key=None: full_layer(self, x, bias, packing=packing,
+                                                     dropout_key=dropout_key))
     ref_logits, ref, ref_flops = logits_grads_flops()
     np.testing.assert_allclose(got_logits, ref_logits, rtol=1e-5, atol=1e-6)
     assert [p for p, _ in got] == [p for p, _ in ref]

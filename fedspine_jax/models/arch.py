@@ -33,6 +33,7 @@ class ArchConfig:
     lora_alpha: float = 16.0       # LoRA output scaling alpha / r
     lora_targets: tuple = ("q", "k", "v", "o", "fc1", "fc2", "gate", "up", "down")
     lora_init_std: float = 0.02    # std of the Gaussian `a` factor
+    lora_dropout: float = 0.0      # dropout on a LoRA branch's input, training only (PEFT's)
     init_std: float = 0.02         # std of random-init frozen weights and the task head
     # Compacted models only (None for a full model):
     layer_kv_index: tuple | None = None   # per layer: tuple (kept query head -> kept kv head)

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedspine_jax.models.arch import ArchConfig
-from fedspine_jax.models.layers import NEG_INF, MLP, Attention, RMSNorm, rope_tables
+from fedspine_jax.models.layers import NEG_INF, MLP, Attention, RMSNorm, rope_tables, \
+    split_key
 
 
 class DecoderLayer(nnx.Module):
@@ -23,10 +24,11 @@ class DecoderLayer(nnx.Module):
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg, layer, rngs=rngs)
 
-    def __call__(self, x, bias, rope, cache=None, cache_pos=None):
-        h, cache = self.attn(self.norm1(x), bias, rope, cache, cache_pos)
+    def __call__(self, x, bias, rope, cache=None, cache_pos=None, dropout_key=None):
+        ka, km = split_key(dropout_key, 2)
+        h, cache = self.attn(self.norm1(x), bias, rope, cache, cache_pos, dropout_key=ka)
         x = x + h
-        return x + self.mlp(self.norm2(x)), cache
+        return x + self.mlp(self.norm2(x), km), cache
 
 
 class Decoder(nnx.Module):
@@ -47,8 +49,11 @@ class Decoder(nnx.Module):
             return x @ self.embed.embedding[...].T
         return x @ self.lm_head[...]
 
-    def __call__(self, input_ids, attention_mask=None):
-        """input_ids, attention_mask: (B, L) -> next-token logits (B, L, vocab)."""
+    def __call__(self, input_ids, attention_mask=None, dropout_key=None):
+        """input_ids, attention_mask: (B, L) -> next-token logits (B, L, vocab).
+
+        ``dropout_key``: LoRA dropout (``cfg.lora_dropout``), given by training steps only.
+        """
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         l = input_ids.shape[1]
@@ -58,8 +63,8 @@ class Decoder(nnx.Module):
         allowed = causal[None, None] & (attention_mask[:, None, None, :] > 0)
         bias = jnp.where(allowed, 0.0, NEG_INF)
         x = self.embed(input_ids)
-        for layer in self.layers:
-            x, _ = layer(x, bias, rope)
+        for layer, key in zip(self.layers, split_key(dropout_key, len(self.layers))):
+            x, _ = layer(x, bias, rope, dropout_key=key)
         return self._logits(x)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedspine_jax.models.arch import ArchConfig
-from fedspine_jax.models.layers import NEG_INF, MLP, Attention, Packing
+from fedspine_jax.models.layers import NEG_INF, MLP, Attention, Packing, split_key
 from fedspine_jax.models.lora import HeadParam, LoRALinear
 
 
@@ -40,16 +40,19 @@ class EncoderLayer(nnx.Module):
         self.mlp = MLP(cfg, layer, rngs=rngs)
         self.ln2 = nnx.LayerNorm(d, epsilon=cfg.norm_eps, rngs=rngs)
 
-    def __call__(self, x_bld, bias, first_only: bool = False, packing: Packing | None = None):
+    def __call__(self, x_bld, bias, first_only: bool = False, packing: Packing | None = None,
+                 dropout_key=None):
         """x: (B, L, D) -> (B, L, D), or packed (T, D) -> (T, D) with ``packing``; with
         ``first_only`` (B, 1, D), the first token's row alone (its attention still reads
-        every token)."""
+        every token). ``dropout_key``: LoRA dropout (training steps only)."""
+        ka, km = split_key(dropout_key, 2)
         x_q = x_bld
         if first_only:
             x_q = x_bld[:, :1] if packing is None else x_bld[packing.first][:, None]
-        attn = self.attn(x_bld, bias, queries=x_q if first_only else None, packing=packing)[0]
+        attn = self.attn(x_bld, bias, queries=x_q if first_only else None, packing=packing,
+                         dropout_key=ka)[0]
         x = self.ln1(x_q + attn)
-        return self.ln2(x + self.mlp(x))
+        return self.ln2(x + self.mlp(x, km))
 
 
 def _head_linear(d_in, d_out, cfg, rngs):
@@ -89,11 +92,13 @@ class Encoder(nnx.Module):
         # iota rather than arange + broadcast: also traces with symbolic (B, L) (ONNX export)
         return jax.lax.broadcasted_iota(jnp.int32, input_ids_bl.shape, 1)
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, token_index=None):
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, token_index=None,
+                 dropout_key=None):
         """input_ids, attention_mask, token_type_ids: (B, L) int -> see class docstring.
 
         ``token_index``: optional (T,) int32 packed-token positions (``data.pack_index`` of
         the attention mask): compute on the real tokens only (module docstring).
+        ``dropout_key``: LoRA dropout (``cfg.lora_dropout``), given by training steps only.
         """
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -108,11 +113,11 @@ class Encoder(nnx.Module):
         x = self.ln_emb(x)
         bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, NEG_INF)
         n = len(self.layers)
-        for i, layer in enumerate(self.layers):
+        for i, (layer, key) in enumerate(zip(self.layers, split_key(dropout_key, n))):
             # Only the first token reaches the classifier: the last layer computes its row
             # alone (exact; see the module docstring).
             x = layer(x, bias, first_only=self.classifier is not None and i == n - 1,
-                      packing=packing)
+                      packing=packing, dropout_key=key)
         if self.classifier is None:
             return x if packing is None else packing.unpack(x)
         first = x[:, 0]

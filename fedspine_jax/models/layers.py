@@ -73,7 +73,8 @@ def _linear(cfg: ArchConfig, name: str, d_in: int, d_out: int, use_bias: bool,
             rngs: nnx.Rngs) -> LoRALinear:
     return LoRALinear(d_in, d_out, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                       lora=name in cfg.lora_targets, use_bias=use_bias,
-                      init_std=cfg.init_std, lora_init_std=cfg.lora_init_std, rngs=rngs)
+                      init_std=cfg.init_std, lora_init_std=cfg.lora_init_std,
+                      dropout=cfg.lora_dropout, rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -86,6 +87,11 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
         return x * jax.lax.rsqrt(var + self.eps) * self.scale[...]
+
+
+def split_key(key: jax.Array | None, n: int) -> tuple:
+    """``n`` independent keys from ``key`` (LoRA dropout), or ``n`` Nones without one."""
+    return (None,) * n if key is None else tuple(jax.random.split(key, n))
 
 
 def rope_tables(positions_bl: jax.Array, head_dim: int, theta: float):
@@ -122,7 +128,7 @@ class Attention(nnx.Module):
         self.head_mask = Mask(jnp.ones((self.num_heads,)))
 
     def __call__(self, x_bld, bias_bqk, rope=None, cache=None, cache_pos=None, queries=None,
-                 packing=None):
+                 packing=None, dropout_key=None):
         """Self-attention.
 
         Args:
@@ -135,6 +141,7 @@ class Attention(nnx.Module):
             values always come from every row of ``x_bld``. Not with ``rope`` or ``cache``.
           packing: optional :class:`Packing` of ``x_bld``'s rows; the output is packed too
             (unless ``queries`` is given). Not with ``rope`` or ``cache``.
+          dropout_key: optional key of the LoRA dropout (training steps only).
         Returns:
           (B, Q, D) output (T, D packed) and the updated cache (or None).
         """
@@ -147,7 +154,8 @@ class Attention(nnx.Module):
             out = jnp.zeros_like(x_q)
             return (out + self.o.bias[...] if self.o.bias is not None else out), cache
         dh = self.head_dim
-        q, k, v = self.q(x_q), self.k(x_bld), self.v(x_bld)
+        kq, kk, kv, ko = split_key(dropout_key, 4)
+        q, k, v = self.q(x_q, kq), self.k(x_bld, kk), self.v(x_bld, kv)
         if packing is not None:                 # onto the (B, L) grid, zeros at padding
             k, v = packing.unpack(k), packing.unpack(v)
             q = packing.unpack(q) if queries is None else q
@@ -176,7 +184,7 @@ class Attention(nnx.Module):
         ctx = ctx.transpose(0, 2, 1, 3).reshape(b, lq, self.num_heads * dh)
         if packing is not None and queries is None:
             ctx = packing.pack(ctx)                             # (T, H*dh)
-        return self.o(ctx), cache
+        return self.o(ctx, ko), cache
 
 
 class MLP(nnx.Module):
@@ -198,8 +206,11 @@ class MLP(nnx.Module):
             self.fc2 = _linear(cfg, "fc2", f, d, True, rngs)
         self.channel_mask = Mask(jnp.ones((f,)))
 
-    def __call__(self, x_bld):
+    def __call__(self, x_bld, dropout_key=None):
+        """x: (..., D) -> (..., D); ``dropout_key``: LoRA dropout (training steps only)."""
         m = self.channel_mask[...]
         if self.gated:
-            return self.down(jax.nn.silu(self.gate(x_bld)) * self.up(x_bld) * m)
-        return self.fc2(jax.nn.gelu(self.fc1(x_bld), approximate=False) * m)
+            kg, ku, kd = split_key(dropout_key, 3)
+            return self.down(jax.nn.silu(self.gate(x_bld, kg)) * self.up(x_bld, ku) * m, kd)
+        k1, k2 = split_key(dropout_key, 2)
+        return self.fc2(jax.nn.gelu(self.fc1(x_bld, k1), approximate=False) * m, k2)

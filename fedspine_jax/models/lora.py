@@ -98,8 +98,19 @@ def _lora_branch_bwd(res, dy):
 lora_branch.defvjp(_lora_branch_fwd, _lora_branch_bwd)
 
 
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout of ``x`` (any shape) at ``rate``; the identity without a key."""
+    if key is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 class LoRALinear(nnx.Module):
-    """``y = x @ w (+ bias) + (alpha / r) * (x @ a) @ b``.
+    """``y = x @ w (+ bias) + (alpha / r) * (drop(x) @ a) @ b``.
+
+    ``drop`` is PEFT's ``lora_dropout`` on the branch's input: applied only when a call
+    passes a ``dropout_key`` (training steps), the identity otherwise.
 
     Args:
       d_in, d_out: kernel shape ``(d_in, d_out)``.
@@ -107,15 +118,18 @@ class LoRALinear(nnx.Module):
       alpha: LoRA alpha.
       use_bias: add a bias ``(d_out,)``.
       init_std: std of the random-init kernel; lora_init_std: std of ``a``.
+      dropout: the LoRA branch's input dropout rate (training only).
       param_type: variable type of kernel and bias (``nnx.Param`` frozen, ``HeadParam``).
     """
 
     def __init__(self, d_in: int, d_out: int, *, rank: int = 0, alpha: float = 16.0,
                  lora: bool = True, use_bias: bool = True, init_std: float = 0.02,
-                 lora_init_std: float = 0.02, param_type=nnx.Param, rngs: nnx.Rngs):
+                 lora_init_std: float = 0.02, dropout: float = 0.0, param_type=nnx.Param,
+                 rngs: nnx.Rngs):
         self.kernel = param_type(init_std * jax.random.normal(rngs.params(), (d_in, d_out)))
         self.bias = param_type(jnp.zeros((d_out,))) if use_bias else None
         self.alpha = float(alpha)
+        self.dropout = float(dropout)
         if lora:
             self.lora_a = nnx.LoRAParam(
                 lora_init_std * jax.random.normal(rngs.params(), (d_in, rank)))
@@ -128,13 +142,14 @@ class LoRALinear(nnx.Module):
     def rank(self) -> int:
         return 0 if self.lora_a is None else int(self.lora_a.shape[1])
 
-    def __call__(self, x_bli: jax.Array) -> jax.Array:
-        """x: (..., d_in) -> (..., d_out)."""
+    def __call__(self, x_bli: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """x: (..., d_in) -> (..., d_out); ``dropout_key``: LoRA dropout (training)."""
         y = x_bli @ self.kernel[...]
         if self.bias is not None:
             y = y + self.bias[...]
         if self.rank > 0:
-            y = y + lora_branch(x_bli, self.lora_a[...], self.lora_b[...]) * lora_scale(
+            x_in = dropout(x_bli, self.dropout, dropout_key)
+            y = y + lora_branch(x_in, self.lora_a[...], self.lora_b[...]) * lora_scale(
                 self.alpha, self.rank)
         return y
 
