@@ -7,10 +7,14 @@ structurally -- in every layer the given fraction of attention heads and of FFN 
 weight magnitude -- then physically compacted with ``compaction.compact`` (the exporter's
 path). Back ends:
 
-* ``ort``   -- the file ``fedspine export`` writes (opset 17, verified against JAX here),
-  run by the inference runtime's ONNX Runtime back end (``device_runtime.inference``: CPU
-  provider, all graph optimisations, one intra-op thread per core, idle workers sleep
-  instead of spinning);
+* ``ort``   -- what the inference runtime serves on a CPU from ``fedspine export``'s files:
+  the fused CPU graph (``<name>.cpu.onnx``, ``export.cpu_graph``; verified against JAX
+  here), run by its ONNX Runtime back end (``device_runtime.inference``: CPU provider, all
+  graph optimisations, one intra-op thread per core, idle workers sleep instead of
+  spinning);
+* ``ort_portable`` -- the portable graph (``<name>.onnx``, the one TensorRT gets), dense;
+* ``ort_int8`` -- the INT8 CPU graph (``fedspine export --int8``: dynamically quantized
+  weights, ``export.quantize``);
 * ``jax``   -- the compacted model's forward under ``jax.jit`` (XLA CPU);
 * ``torch`` -- the peer: Hugging Face ``AutoModelForSequenceClassification`` in eager mode
   (``torch.inference_mode``) from the same local weights, dense only.
@@ -33,15 +37,23 @@ its model from the full pretrained one (load, mask, compact), whose freed host m
 allocator keeps: its figures include the unpruned model and do not shrink with pruning.
 
 Ratios against the peer are taken **in the same run**: ``ort_pruned50_vs_dense`` (target
-<= 0.55, the paper reports 51.4 % on RoBERTa) and ``ort_dense_vs_torch`` (target <= 1.0).
-The machine is shared: the 1-minute load average at start and end is printed.
+<= 0.55, the paper reports 51.4 % on RoBERTa), ``ort_dense_vs_torch`` (target <= 0.6) and
+``ort_int8_pruned50_vs_torch`` (target <= 0.3). The machine is shared: the 1-minute load
+average at start and end is printed, and the CPU (``/proc/cpuinfo`` model name and its
+VNNI / AVX-512 / AMX flags) that every row ran on.
+
+**Accuracy** (``--run DIR --device-id I``): the MiniLM above has a random head, so INT8's
+accuracy is measured on a trained, pruned model instead -- a run's device model, exported
+with ``--int8``: SST-2 validation accuracy (every sentence) of its fp32 CPU graph and of
+its INT8 graph (target: within 0.5 points).
 
 ``--gpu`` runs the ONNX Runtime rows with the CUDA execution provider (and torch on CUDA,
 JAX on its default device); it needs ``onnxruntime-gpu`` and has not been run on this
 project's CPU-only machines.
 
     python benchmarks/inference.py [--batches 1 32 128] [--seq 64] [--ratios 0.3 0.5]
-                                   [--budget-s 3] [--gpu] [--keep DIR]
+                                   [--budget-s 3] [--gpu] [--keep DIR] [--skip-memory]
+                                   [--run RUN_DIR --device-id I [--set KEY=VALUE]]
 
 Prints one JSON object (progress on stderr). 2.5-4 minutes on a 2-core CPU (load 1.5-3).
 """
@@ -136,12 +148,16 @@ def load_call(backend: str, spec: dict, name: str):
     """A function ``feeds -> logits`` running model ``name`` on ``backend``."""
     from fedspine_jax.models.loading import resolve
 
-    if backend == "ort":  # the inference runtime's own ONNX Runtime back end
-        from fedspine_jax.device_runtime.inference import OrtBackend
+    if backend.startswith("ort"):  # the inference runtime's own ONNX Runtime back end
+        from fedspine_jax.device_runtime.inference import OrtBackend, serving_graph
+        from fedspine_jax.export import metadata
 
         providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if spec["gpu"]
                      else ["CPUExecutionProvider"])
-        ort_backend = OrtBackend(Path(spec["onnx"][name]), providers)
+        path = Path(spec["onnx"][name])
+        path = {"ort": serving_graph(path, providers), "ort_portable": path,
+                "ort_int8": metadata.graph_path(path, metadata.CPU_INT8)}[backend]
+        ort_backend = OrtBackend(path, providers)
         if spec["gpu"] and "CUDAExecutionProvider" not in ort_backend.providers:
             raise SystemExit("--gpu: this onnxruntime has no CUDA execution provider "
                              "(pip install onnxruntime-gpu)")
@@ -213,7 +229,7 @@ def child_latency(spec: dict) -> dict:
 
 
 def _import_backend(backend: str) -> None:
-    if backend == "ort":
+    if backend.startswith("ort"):
         import onnxruntime  # noqa: F401
 
         from fedspine_jax.device_runtime import inference  # noqa: F401
@@ -243,6 +259,47 @@ def child_memory(spec: dict) -> dict:
 
 
 # ---------------------------------------------------------------- the parent
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """The CPU every row ran on: /proc/cpuinfo's model name and its int8 / bf16 flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model_name": platform.processor(), "flags": []}
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                 if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
+                  if ln.startswith("flags")), [])
+    return {"model_name": name, "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def sst2_accuracy(run: str, device_id: int, out_dir: Path, overrides: list) -> dict:
+    """SST-2 validation accuracy of a run's device model: the fp32 CPU graph and the INT8
+    one (``fedspine export --int8``), every validation sentence, batch 32."""
+    from fedspine_jax.device_runtime.inference import load
+    from fedspine_jax.export.run import export_run_device
+
+    r = export_run_device(run, device_id, out_dir / "device.onnx", overrides, int8=True)
+    rows = [json.loads(x) for x in SST2.read_text().splitlines() if x.strip()]
+    texts, labels = [x["sentence"] for x in rows], np.array([x["label"] for x in rows])
+    out = {"run": run, "device_id": device_id, "examples": len(rows),
+           "params": r.meta.params, "dense_params": r.meta.dense_params,
+           "heads_per_layer": list(r.meta.heads), "channels_per_layer": list(r.meta.channels),
+           "int8_vs_fp32_on_verification_inputs": {
+               "max_abs_diff": r.int8_check.max_abs_diff,
+               "argmax_agreement": r.int8_check.argmax_agreement}}
+    preds = {}
+    for kind, path in (("fp32", r.cpu_path), ("int8", r.int8_path)):
+        preds[kind] = load(path).logits(texts, batch_size=32).argmax(1)
+        out[f"{kind}_accuracy"] = round(float((preds[kind] == labels).mean()), 4)
+        out[f"{kind}_file_mib"] = round(path.stat().st_size / 2**20, 2)
+    out["int8_minus_fp32_points"] = round(100 * (out["int8_accuracy"] - out["fp32_accuracy"]),
+                                          2)
+    out["same_label"] = round(float((preds["fp32"] == preds["int8"]).mean()), 4)
+    return out
+
 def run_child(kind: str, spec: dict, gpu: bool):
     env = dict(os.environ)
     if not gpu:
@@ -266,6 +323,12 @@ def main() -> None:
                    help="timing budget per (model, back end, batch) after the minimum repeats")
     p.add_argument("--gpu", action="store_true", help="ONNX Runtime CUDA provider (untested)")
     p.add_argument("--keep", help="write the exported ONNX files here (default: a temp dir)")
+    p.add_argument("--run", help="a run directory whose trained, pruned device model's SST-2 "
+                   "validation accuracy is measured in fp32 and INT8")
+    p.add_argument("--device-id", type=int, default=0, help="with --run (default 0)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="with --run: override a value of the run's config (repeatable)")
+    p.add_argument("--skip-memory", action="store_true", help="latency (and accuracy) only")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -285,12 +348,17 @@ def main() -> None:
     for name, ratio in ratios.items():
         model, tok = pruned_minilm(ratio)
         r = export_model(model, out_dir / f"minilm_{name}.onnx", tokenizer=tok, task="sst2",
-                         max_len=args.seq, sample=inputs(tok, 8, args.seq))
+                         max_len=args.seq, sample=inputs(tok, 8, args.seq), int8=True)
         exported[name] = {"file_mib": round(r.bytes / 2**20, 2), "params": r.meta.params,
                           "dense_params": r.meta.dense_params,
                           "heads_per_layer": r.meta.heads[0],
                           "channels_per_layer": r.meta.channels[0],
                           "max_abs_diff_vs_jax": r.max_abs_diff,
+                          "cpu_graph_max_abs_diff_vs_jax": max(r.cpu_checks.values()),
+                          "cpu_graph_fused_ops": r.fusions["fused"],
+                          "cpu_graph_file_mib": round(r.cpu_path.stat().st_size / 2**20, 2),
+                          "int8_file_mib": round(r.int8_path.stat().st_size / 2**20, 2),
+                          "int8_vs_fp32_max_abs_diff": r.int8_check.max_abs_diff,
                           "export_s": round(sum(r.seconds.values()), 1)}
         print(f"exported {name}: {r.bytes / 2**20:.1f} MiB, max abs diff vs JAX "
               f"{r.max_abs_diff:.2g}", file=sys.stderr)
@@ -298,10 +366,12 @@ def main() -> None:
               "onnx": {m: str(out_dir / f"minilm_{m}.onnx") for m in ratios},
               "min_repeats": args.min_repeats, "max_repeats": args.max_repeats,
               "budget_s": args.budget_s}
-    jobs = [("ort", m) for m in ratios] + [("jax", m) for m in ratios] + [("torch", "dense")]
+    jobs = ([("ort", m) for m in ratios] + [("ort_portable", "dense")]
+            + [("ort_int8", m) for m in ratios] + [("jax", m) for m in ratios]
+            + [("torch", "dense")])
     latency = run_child("latency", {**common, "jobs": jobs}, args.gpu)
     memory: dict = {}
-    for backend, m in jobs:
+    for backend, m in [] if args.skip_memory else jobs:
         memory.setdefault(backend, {})[m] = run_child(
             "memory", {**common, "backend": backend, "model": m}, args.gpu)
         print(f"{backend}/{m}: " + ", ".join(
@@ -318,14 +388,31 @@ def main() -> None:
         r.update({f"jax_{m}_vs_dense": lat("jax", m, b) / lat("jax", "dense", b)
                   for m in ratios if m != "dense"})
         r["ort_dense_vs_torch"] = lat("ort", "dense", b) / lat("torch", "dense", b)
+        r["ort_portable_dense_vs_torch"] = (lat("ort_portable", "dense", b)
+                                            / lat("torch", "dense", b))
+        r["ort_dense_vs_portable"] = lat("ort", "dense", b) / lat("ort_portable", "dense", b)
+        r.update({f"ort_int8_{m}_vs_torch": lat("ort_int8", m, b) / lat("torch", "dense", b)
+                  for m in ratios})
+        r.update({f"ort_int8_{m}_vs_fp32": lat("ort_int8", m, b) / lat("ort", m, b)
+                  for m in ratios})
         r["jax_dense_vs_torch"] = lat("jax", "dense", b) / lat("torch", "dense", b)
         table[str(b)] = {k: round(v, 3) for k, v in r.items()}
     half = "ort_pruned50_vs_dense"
     targets = {
         "ort_pruned50_le_0.55x_dense": {b: v[half] <= 0.55 for b, v in table.items()
                                         if half in v},
-        "ort_dense_le_torch": {b: v["ort_dense_vs_torch"] <= 1.0 for b, v in table.items()},
+        "ort_dense_le_0.6x_torch": {b: v["ort_dense_vs_torch"] <= 0.6
+                                    for b, v in table.items()},
+        "ort_int8_pruned50_le_0.3x_torch": {b: v["ort_int8_pruned50_vs_torch"] <= 0.3
+                                            for b, v in table.items()
+                                            if "ort_int8_pruned50_vs_torch" in v},
     }
+    accuracy = None
+    if args.run:
+        accuracy = sst2_accuracy(args.run, args.device_id, out_dir, args.overrides)
+        targets["int8_within_0.5_points_of_fp32"] = abs(
+            accuracy["int8_minus_fp32_points"]) <= 0.5
+        print(f"accuracy: {accuracy}", file=sys.stderr)
     import jax
     import onnxruntime
     import torch
@@ -334,12 +421,13 @@ def main() -> None:
         "benchmark": "inference", "model": "minilm-l6 (+2-label head)", "seq": args.seq,
         "device": "gpu" if args.gpu else "cpu",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "cpu": cpu_info(),
                     "load_average_1m_at_start": round(load_start, 2),
                     "load_average_1m_at_end": round(os.getloadavg()[0], 2),
                     "onnxruntime": onnxruntime.__version__, "jax": jax.__version__,
                     "torch": torch.__version__},
         "models": exported, "latency": latency, "peak_memory_mib": memory,
-        "ratios": table, "targets": targets,
+        "ratios": table, "targets": targets, "sst2_accuracy": accuracy,
         "wall_s": round(time.perf_counter() - t_start, 1)}
     print(json.dumps(out, indent=2))
 

@@ -7,7 +7,9 @@ Design note
 * ``*.plan`` / ``*.engine`` -> **TensorRT** (the engine plus its ``<engine>.json``
   metadata sidecar, written by ``fedspine export --engine``);
 * ``*.onnx`` -> **ONNX Runtime**, with the CUDA execution provider when this onnxruntime
-  has it, else the CPU one;
+  has it, else the CPU one; on the CPU it serves the export's fused CPU graph
+  (``<name>.cpu.onnx``, ``export.cpu_graph``) when that lies beside the portable file, and
+  runs an ``.int8.onnx`` (``fedspine export --int8``) when given one;
 * a run directory (``fedspine simulate`` / ``fedspine server --out``) plus a device id ->
   **JAX**: that device's model compacted with the LoRA merged, jitted.
 
@@ -46,6 +48,27 @@ class InferenceError(UserError, RuntimeError):
 # back ends: run(feeds) -> outputs in meta.outputs order
 
 
+def default_providers() -> list[str]:
+    """ONNX Runtime's execution providers: CUDA when this onnxruntime has it, else CPU."""
+    import onnxruntime as ort
+
+    return (["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if "CUDAExecutionProvider" in ort.get_available_providers()
+            else ["CPUExecutionProvider"])
+
+
+def serving_graph(path: Path, providers: list[str]) -> Path:
+    """The graph of an export to run with ``providers``: on the CPU alone, the fused
+    CPU graph (``<name>.cpu.onnx``) when it lies beside a portable ``<name>.onnx``; the
+    given file otherwise (CUDA runs the portable graph, as TensorRT does)."""
+    cpu = metadata.graph_path(path, metadata.CPU)
+    if (list(providers) == ["CPUExecutionProvider"] and cpu.is_file()
+            and not path.name.endswith(tuple(metadata.GRAPHS[k] for k in (
+                metadata.CPU, metadata.CPU_INT8)))):
+        return cpu
+    return path
+
+
 class OrtBackend:
     """ONNX Runtime; ``providers`` default: CUDA when available, else CPU."""
 
@@ -55,10 +78,7 @@ class OrtBackend:
         except ImportError:
             raise InferenceError("running .onnx models needs onnxruntime: "
                                  "pip install 'fedspine-jax[export]'") from None
-        if providers is None:
-            providers = (["CUDAExecutionProvider", "CPUExecutionProvider"]
-                         if "CUDAExecutionProvider" in ort.get_available_providers()
-                         else ["CPUExecutionProvider"])
+        providers = default_providers() if providers is None else providers
         so = ort.SessionOptions()
         so.log_severity_level = 3
         # Idle workers sleep rather than spin between operators: on a shared or
@@ -73,6 +93,7 @@ class OrtBackend:
             raise InferenceError(f"cannot load {str(path)!r} with ONNX Runtime: it is not a "
                                  f"valid ONNX model or its external data is missing "
                                  f"({type(e).__name__}: {str(e).strip()[:300]})") from None
+        self.path = path
         self.providers = self.session.get_providers()
         self.name = "onnxruntime-" + ("cuda" if "CUDAExecutionProvider" in self.providers
                                       else "cpu")
@@ -380,7 +401,12 @@ def load(model: str | Path, *, device_id: int | None = None, overrides=(),
         elif p.suffix == ".onnx":
             if p.stat().st_size == 0:
                 raise InferenceError(f"{str(p)!r} is empty")
-            backend = OrtBackend(p, providers, threads)
+            try:
+                providers = default_providers() if providers is None else providers
+            except ImportError:
+                raise InferenceError("running .onnx models needs onnxruntime: "
+                                     "pip install 'fedspine-jax[export]'") from None
+            backend = OrtBackend(serving_graph(p, providers), providers, threads)
         else:
             raise InferenceError(f"cannot tell how to run {str(p)!r}: give a TensorRT engine "
                                  f"({'/'.join(ENGINE_SUFFIXES)}), an .onnx file or a run "

@@ -8,6 +8,11 @@
     fedspine export dev3.onnx --engine dev3.plan          # engine from an exported file
     fedspine export runs/sst2 --peft adapter/              # global LoRA + head for PEFT
     fedspine export runs/sst2 --device-id 3 --hf dev3/    # pruned, merged, save_pretrained
+    fedspine export runs/sst2 --device-id 3 --out dev3.onnx --int8   # + dev3.int8.onnx
+
+An encoder's export writes two verified graphs: ``dev3.onnx`` (portable: TensorRT, CUDA)
+and ``dev3.cpu.onnx`` (ONNX Runtime's fused ops, served on CPUs); ``--int8`` adds
+``dev3.int8.onnx``, the CPU graph with int8 weights.
 
 The ONNX export always verifies itself against the JAX model (max abs difference
 printed; it fails above ``export.tolerance``). ``--engine`` needs the ``tensorrt``
@@ -39,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, help="ONNX opset (default: the run's export.opset)")
     p.add_argument("--tolerance", type=float,
                    help="max abs difference ONNX Runtime vs JAX (default: export.tolerance)")
+    p.add_argument("--int8", action="store_true", help="also write the INT8 CPU graph "
+                   "(<out>.int8.onnx: dynamically quantized weights, ONNX Runtime)")
     p.add_argument("--engine", help="also build a TensorRT engine here (.plan)")
     p.add_argument("--fp16", action="store_true", help="TensorRT: allow FP16 kernels")
     for which in ("min", "opt", "max"):
@@ -62,9 +69,9 @@ def run_cli(args) -> int:
     onnx_path = None
     try:
         if src.suffix == ".onnx":
-            if args.out or args.device_id is not None:
-                return _err("--out / --device-id are for run directories; with an .onnx "
-                            "source give --engine")
+            if args.out or args.device_id is not None or args.int8:
+                return _err("--out / --device-id / --int8 are for run directories; with "
+                            "an .onnx source give --engine")
             if not args.engine:
                 return _err("an .onnx source needs --engine (the file is already exported)")
             onnx_path = src
@@ -81,6 +88,7 @@ def run_cli(args) -> int:
                 kw["opset"] = args.opset
             if args.tolerance is not None:
                 kw["tolerance"] = args.tolerance
+            kw["int8"] = args.int8
             res = export_run_device(src, args.device_id, args.out, args.overrides, **kw)
             m = res.meta
             print(f"wrote {', '.join(str(f) for f in res.files)}: {res.bytes / 2**20:.2f} MiB, "
@@ -92,6 +100,15 @@ def run_cli(args) -> int:
             for name, diff in res.checks.items():
                 print(f"verified in ONNX Runtime vs JAX: {name}: max abs diff {diff:.3g} "
                       f"(outputs up to {res.scales[name]:.3g})")
+            if res.cpu_path is not None:
+                print(f"wrote the CPU graph {res.cpu_path} (fused: "
+                      f"{', '.join(f'{k} x{v}' for k, v in res.fusions['fused'].items())}); "
+                      f"verified vs JAX: max abs diff {max(res.cpu_checks.values()):.3g}")
+            if res.int8_path is not None:
+                c = res.int8_check
+                print(f"wrote the INT8 CPU graph {res.int8_path}: vs the fp32 CPU graph max "
+                      f"abs diff {c.max_abs_diff:.3g}, same label on {c.argmax_agreement:.0%} "
+                      f"of {c.rows} inputs")
             onnx_path = res.path
         if args.engine:
             path = build_engine(onnx_path, args.engine, fp16=args.fp16,

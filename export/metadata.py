@@ -31,6 +31,14 @@ FORMAT_VERSION = 1
 LABEL_NAMES = {"sst2": ("negative", "positive"),
                "mnli": ("entailment", "neutral", "contradiction")}
 
+# The graphs one export writes (``graph`` in the metadata) and their file names:
+# ``portable`` (plain ONNX, for TensorRT and any runtime) is ``model.onnx``; ``cpu`` (ONNX
+# Runtime's fused contrib ops, ``export.cpu_graph``) is ``model.cpu.onnx`` beside it;
+# ``cpu-int8`` (the CPU graph with dynamically quantized weights, ``export.quantize``) is
+# ``model.int8.onnx``.
+PORTABLE, CPU, CPU_INT8 = "portable", "cpu", "cpu-int8"
+GRAPHS = {PORTABLE: ".onnx", CPU: ".cpu.onnx", CPU_INT8: ".int8.onnx"}
+
 # ONNX dimension names (trtexec / TensorRT profiles refer to them).
 BATCH, SEQ, CACHE = "batch", "seq", "cache"
 
@@ -80,6 +88,7 @@ class ModelMeta:
     num_heads: int = 0             # query heads of an unpruned layer
     intermediate_size: int = 0     # FFN channels of an unpruned layer
     source: dict = dataclasses.field(default_factory=dict)  # run, device_id, round, rank, ...
+    graph: str = PORTABLE          # portable | cpu | cpu-int8 (see GRAPHS)
     format: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -108,6 +117,13 @@ class ModelMeta:
     @property
     def is_decoder(self) -> bool:
         return self.kind == "causal_lm"
+
+
+def graph_path(portable: str | Path, kind: str) -> Path:
+    """The file of graph ``kind`` (:data:`GRAPHS`) of the export ``portable``
+    (``dev3.onnx`` -> ``dev3.cpu.onnx`` / ``dev3.int8.onnx``)."""
+    portable = Path(portable)
+    return portable.with_name(portable.name[:-len(".onnx")] + GRAPHS[kind])
 
 
 def sha256_file(path: str | Path, block: int = 1 << 20) -> str:

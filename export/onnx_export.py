@@ -39,6 +39,13 @@ any graph that an opset cannot express.
 ``MatMul``, removes empty matmuls of fully pruned FFNs and dead nodes; ``graph.save`` writes
 external data above 2 GiB of weights; the file carries its metadata (``metadata``).
 
+**The CPU graph.** An encoder's export also writes ``<name>.cpu.onnx`` beside the portable
+file: the same graph with ONNX Runtime's fused contrib ops (attention, skip-LayerNorm,
+bias-GELU; ``export.cpu_graph``), verified against JAX like the portable one. The inference
+runtime serves it on CPUs and the portable graph everywhere else (TensorRT, CUDA);
+``int8=True`` adds ``<name>.int8.onnx``, its weights quantized to int8
+(``export.quantize``). A decoder has only the portable graph.
+
 **Verification** (every export): ONNX Runtime (CPU) runs the file on real tokenised inputs
 at two shapes and the outputs are compared with the JAX forward of the compacted model;
 a decoder is checked on the prefill (against ``Decoder.__call__``) and on greedy decode
@@ -105,6 +112,11 @@ class ExportResult:
         JAX output (the verification criterion is relative above 1, see :func:`verify`).
       graph: what the graph passes changed.
       seconds: wall time of conversion and of verification.
+      cpu_path: the CPU-serving graph (``.cpu.onnx``, encoders only, else None);
+        cpu_files: its files; cpu_checks: its verification against JAX (as ``checks``);
+        fusions: ``export.cpu_graph.build``'s report (rewrites, fused op counts).
+      int8_path: the INT8 CPU graph (``.int8.onnx``, with ``int8=True``) and int8_check:
+        its ``export.quantize.Int8Check`` against the fp32 CPU graph.
     """
     path: Path
     files: list
@@ -115,6 +127,12 @@ class ExportResult:
     scales: dict
     graph: dict
     seconds: dict
+    cpu_path: Path | None = None
+    cpu_files: list = dataclasses.field(default_factory=list)
+    cpu_checks: dict = dataclasses.field(default_factory=dict)
+    fusions: dict = dataclasses.field(default_factory=dict)
+    int8_path: Path | None = None
+    int8_check: object = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -446,7 +464,7 @@ def verify(path: str | Path, small, meta: ModelMeta, sample: dict[str, np.ndarra
 def export_model(model, out: str | Path, *, tokenizer, task: str | None = None,
                  max_len: int | None = None, sample: dict | None = None,
                  opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE,
-                 source: dict | None = None,
+                 source: dict | None = None, int8: bool = False,
                  external_threshold: int = graph.EXTERNAL_DATA_THRESHOLD) -> ExportResult:
     """Export a pruned model to a verified ONNX file.
 
@@ -462,6 +480,7 @@ def export_model(model, out: str | Path, *, tokenizer, task: str | None = None,
         :func:`examples_sample`); default: :data:`DEFAULT_TEXTS` tokenised.
       opset: ONNX opset (see the module note). tolerance: max abs difference allowed.
       source: provenance stored in the metadata (run, device id, round, rank, ...).
+      int8: also write the INT8 CPU graph (``export.quantize``; encoders only).
       external_threshold: weights of this many bytes or more go to external data.
     Returns:
       :class:`ExportResult`. Raises :class:`ExportError` (files removed) when the graph
@@ -499,22 +518,56 @@ def export_model(model, out: str | Path, *, tokenizer, task: str | None = None,
     proto.producer_name = "fedspine-jax"
     proto.doc_string = (f"FedSpine {meta.kind} ({meta.arch}), compacted with the LoRA merged; "
                         f"{meta.params:,} of {meta.dense_params:,} parameters")
-    del proto.metadata_props[:]
-    for k, v in metadata.props(meta, metadata.tokenizer_files(tokenizer)).items():
-        proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    if int8 and meta.is_decoder:
+        raise ExportError("--int8 is for encoders (classifiers); decoders have no CPU graph")
+    tok_files = metadata.tokenizer_files(tokenizer)
+    _set_props(proto, meta, tok_files)
     files = graph.save(proto, out, external_threshold)
+    cpu_files, fusions = [], {}
+    cpu_path = metadata.graph_path(out, metadata.CPU)
+    for kind in (metadata.CPU, metadata.CPU_INT8):  # no stale graphs of an earlier export
+        for p in graph.model_files(metadata.graph_path(out, kind)):
+            p.unlink(missing_ok=True)
+    if not meta.is_decoder:
+        from fedspine_jax.export import cpu_graph
+
+        fused, fusions = cpu_graph.build(proto, small.cfg.num_heads, small.cfg.hidden_size)
+        _set_props(fused, dataclasses.replace(meta, graph=metadata.CPU), tok_files)
+        cpu_files = graph.save(fused, cpu_path, external_threshold)
+        del fused
     del proto
     t1 = time.perf_counter()
     if sample is None:
         sample = sample_inputs(tokenizer, meta)
+    written = files + cpu_files
     try:
         checks, scales = verify(out, small, meta, sample, tolerance)
+        cpu_checks = verify(cpu_path, small, meta, sample, tolerance)[0] if cpu_files else {}
+        int8_path, int8_check = None, None
+        if int8:
+            from fedspine_jax.export import quantize
+
+            int8_path = metadata.graph_path(out, metadata.CPU_INT8)
+            int8_files, int8_check = quantize.write_int8(cpu_path, int8_path, sample)
+            written += int8_files
     except ExportError:
-        for f in files:
+        for f in written:
             f.unlink(missing_ok=True)
         raise
     t2 = time.perf_counter()
     return ExportResult(path=out, files=files, bytes=sum(f.stat().st_size for f in files),
                         meta=meta, max_abs_diff=max(checks.values()), checks=checks,
                         scales=scales, graph=report,
-                        seconds={"convert": t1 - t0, "verify": t2 - t1})
+                        seconds={"convert": t1 - t0, "verify": t2 - t1},
+                        cpu_path=cpu_path if cpu_files else None, cpu_files=cpu_files,
+                        cpu_checks=cpu_checks, fusions=fusions, int8_path=int8_path,
+                        int8_check=int8_check)
+
+
+def _set_props(proto, meta: ModelMeta, tok_files: dict) -> None:
+    """Replace ``proto``'s metadata entries by ``meta`` and the tokenizer files."""
+    import onnx
+
+    del proto.metadata_props[:]
+    for k, v in metadata.props(meta, tok_files).items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))

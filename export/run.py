@@ -88,7 +88,7 @@ def device_model(s: experiment.Setup, state, device_id: int, *, run: str = "",
 
 def export_device(dm: DeviceModel, out: str | Path, cfg: Config, **kw) -> ExportResult:
     """Export a :class:`DeviceModel` with the run's ``export`` settings (``kw`` overrides
-    ``opset`` / ``tolerance`` / ``external_threshold``)."""
+    ``opset`` / ``tolerance`` / ``external_threshold`` / ``int8``)."""
     kw.setdefault("opset", cfg.export.opset)
     kw.setdefault("tolerance", cfg.export.tolerance)
     return export_model(dm.model, out, tokenizer=dm.tokenizer, task=dm.task,

@@ -199,6 +199,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, fp16: bool =
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     meta, entries = read_onnx_meta(onnx_path)
+    if meta.graph != metadata.PORTABLE:
+        raise ExportError(f"{onnx_path.name} is the {meta.graph} graph (ONNX Runtime contrib "
+                          f"ops TensorRT cannot parse): build the engine from the portable "
+                          f"{onnx_path.name[:-len(metadata.GRAPHS[meta.graph])]}.onnx "
+                          f"beside it")
     prof = profile(meta, min_shape, opt_shape, max_shape)
     if not available():
         raise TensorRTUnavailable("the tensorrt Python package is not installed here",

@@ -163,6 +163,58 @@ def test_infer_cli_gives_the_jax_labels(enc_export, encoder, tok, tmp_path, caps
         assert r["label"] == max(r["probs"], key=r["probs"].get)
 
 
+def test_cpu_graph_is_fused_verified_and_served_on_cpu(enc_export, encoder, tok):
+    r = enc_export
+    assert r.cpu_path == r.path.with_name("enc.cpu.onnx") and r.cpu_path.is_file()
+    assert max(r.cpu_checks.values()) <= 1e-4 and len(r.cpu_checks) == 2
+    # heads (4, 1, 0), channels (48, 10, 0): two attention blocks, two FFNs, and the
+    # embedding LayerNorm + two per layer (the pruned layer keeps its residual LayerNorms)
+    assert r.fusions["rewrites"]["attention"] == 2 and r.fusions["rewrites"]["gelu"] == 2
+    assert r.fusions["rewrites"]["layernorm"] == 7
+    fused = r.fusions["fused"]
+    assert fused["MultiHeadAttention"] == 2 and fused["BiasGelu"] == 2
+    assert fused["SkipLayerNormalization"] >= 4
+    cpu = onnx.load(str(r.cpu_path))
+    assert sum(n.op_type == "Softmax" for n in cpu.graph.node) == 0
+    portable_domains = {n.domain for n in onnx.load(str(r.path)).graph.node}
+    assert portable_domains <= {"", "ai.onnx"}  # TensorRT's graph keeps standard ops
+    pred = load(r.path)  # CPU only here: the runtime serves the fused graph
+    assert pred.backend.path == r.cpu_path and pred.meta.graph == "cpu"
+    feeds = _enc_inputs(tok, TEXTS)
+    ref = np.asarray(encoder(*[jnp.asarray(feeds[k]) for k in
+                               ("input_ids", "attention_mask", "token_type_ids")]))
+    np.testing.assert_allclose(pred.logits(TEXTS, batch_size=4), ref, rtol=0, atol=1e-4)
+    with pytest.raises(ExportError, match="build the engine from the portable enc.onnx"):
+        tensorrt.build_engine(r.cpu_path, r.path.with_name("x.plan"))
+
+
+def test_int8_graph_agrees_with_fp32(tok, tmp_path):
+    from fedspine_jax.models import load_pretrained
+
+    model, mtok = load_pretrained("minilm-l6", num_labels=2)
+    texts = TEXTS * 3
+    sample = _enc_inputs(mtok, texts)
+    r = export_model(model, tmp_path / "m.onnx", tokenizer=mtok, task="sst2", max_len=64,
+                     sample=sample, int8=True)
+    assert r.int8_path == tmp_path / "m.int8.onnx"
+    q = onnx.load(str(r.int8_path))
+    ops = {n.op_type for n in q.graph.node}
+    assert "MatMulInteger" in ops and "MultiHeadAttention" in ops
+    assert r.int8_path.stat().st_size < 0.4 * r.cpu_path.stat().st_size
+    c = r.int8_check
+    assert c.rows == len(texts) and c.argmax_agreement >= 0.8
+    fp32 = load(r.cpu_path).logits(texts)
+    int8 = load(r.int8_path)
+    assert int8.meta.graph == "cpu-int8"
+    got = int8.logits(texts)
+    assert np.abs(got - fp32).max() == pytest.approx(c.max_abs_diff, abs=1e-4)
+    assert c.max_abs_diff > 0  # the weights are int8 now, not a copy of the fp32 graph
+    # a later export without --int8 removes the now stale INT8 graph
+    export_model(model, tmp_path / "m.onnx", tokenizer=mtok, task="sst2", max_len=64,
+                 sample=sample)
+    assert not r.int8_path.exists()
+
+
 # ---------------------------------------------------------------------------------------
 # the decoder
 
