@@ -11,19 +11,22 @@ environment of :mod:`fedspine_jax.sweep_env`. The agents are exactly
 :func:`~fedspine_jax.bandit.reward` (Eq. 3); this module only wires them to the
 environment.
 
-*Batching.* :class:`~fedspine_jax.bandit.BanditParams` are static (pytree metadata), so
-cells of different configurations cannot share one traced program. Decision: group the
-cells by configuration (and fleet size, the only shape that varies), rather than slip
-traced discounts or deltas into the params: metadata holding tracers breaks JAX's trace
-caches (they compare metadata of different traces) and is exactly what pytree metadata
-must not hold. Each group is one jitted program, a ``jax.vmap`` over its seeds x fleets of
-a ``lax.scan`` over rounds, and its cell axis is sharded over a 1-D mesh of every local
-device (``NamedSharding``; the cell axis is padded to a multiple of the device count with
-copies of the last cell, which are dropped). Cells are independent, so results do not
-depend on the number of devices. A sweep therefore compiles once per configuration: the
-programs are traced one after the other and compiled in a thread pool (XLA compiles
-outside the GIL), so compilation uses every core and overlaps the runs of earlier groups.
-Seeds, fleets and rounds are what a configuration scales in at no compile cost.
+*Batching: configurations as data.* The bandit's hyperparameters are array leaves of
+:class:`~fedspine_jax.bandit.BanditParams` (discount, delta, exploration, the pruning
+schedule, the reward variant as a traced switch, the rank set padded to the sweep's longest
+with a count of valid ranks), so a configuration is a row of a stacked params pytree, and a
+*cell* (configuration x seed x fleet) is one index of a single ``jax.vmap`` axis. A sweep
+compiles **one program per distinct fleet size** (the agent axis ``N`` is the only shape
+that differs between cells; for the preset fleets, all of ``federation.num_devices``
+devices, that is one program), however many configurations, seeds and fleets it holds:
+everything else a cell needs (params, device types, distance groups, key) is data. The
+program is a ``jax.vmap`` over a chunk of cells of a ``lax.scan`` over rounds; every
+chunk of a fleet size has the same number of cells (the last is padded with copies of
+its last cell, which are dropped) so all chunks reuse the one compiled program, and a
+chunk holds at most :data:`CHUNK_AGENTS` agents so memory stays bounded for sweeps of any
+size. The cell axis is sharded over a 1-D mesh of every local device (``NamedSharding``;
+chunks are a multiple of the device count). Cells are independent, so results do not
+depend on the number of devices or on the chunking.
 
 *Randomness.* Cell ``(seed s, fleet f)`` uses ``fold_in(fold_in(key(federation.seed), s),
 f)`` in every configuration: all configurations meet the same power modes, bandwidths and
@@ -62,10 +65,8 @@ import dataclasses
 import functools
 import itertools
 import json
-import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -81,6 +82,9 @@ from fedspine_jax.config import (Config, ConfigError, apply_overrides, from_dict
 
 FORMAT = "fedspine-sweep/1"
 _CELLS = "cells"  # name of the mesh axis the cells are sharded over
+# Agents (cells x devices) per chunk of a sweep program: bounds its memory (the bandit state
+# is ~1.6 kB per agent at capacity 64, the trajectory ~2 kB per agent at 100 rounds).
+CHUNK_AGENTS = 1 << 15
 
 
 # ---------------------------------------------------------------------- the sweep spec
@@ -114,14 +118,36 @@ class FleetSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Range:
+    """A continuous range of a hyperparameter, for a random search.
+
+    Attributes:
+        low, high: the bounds (``low < high``).
+        log: draw log-uniformly (for a scale that spans decades, e.g. ``exploration``);
+            otherwise uniformly.
+    """
+
+    low: float
+    high: float
+    log: bool = False
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``n`` float64 values in ``[low, high]``."""
+        if self.log:
+            return np.exp(rng.uniform(np.log(self.low), np.log(self.high), n))
+        return rng.uniform(self.low, self.high, n)
+
+
+@dataclasses.dataclass(frozen=True)
 class SweepSpec:
     """The search space and the cells of a sweep (the ``sweep:`` section of a config).
 
     Attributes:
-        search: ``grid`` (every combination) or ``random`` (``samples`` combinations of
-            the grid drawn without replacement with ``federation.seed``).
+        search: ``grid`` (every combination) or ``random`` (``samples`` configurations
+            drawn with ``federation.seed``: see :meth:`points`).
         samples: configurations drawn by a random search.
-        discount, delta, exploration: values of ``bandit.*`` to try.
+        discount, delta, exploration: values of ``bandit.*`` to try, or (random search
+            only) a :class:`Range` each.
         rank_choices: rank sets (``lora.rank_choices``) to try.
         reward: reward variants (``bandit.reward``) the agents learn from.
         seeds: seeds per configuration and fleet.
@@ -134,9 +160,9 @@ class SweepSpec:
 
     search: str = "grid"
     samples: int = 8
-    discount: tuple[float, ...] = (0.9, 0.99)
-    delta: tuple[float, ...] = (0.1,)
-    exploration: tuple[float, ...] = (0.003, 0.03, 0.3)
+    discount: tuple[float, ...] | Range = (0.9, 0.99)
+    delta: tuple[float, ...] | Range = (0.1,)
+    exploration: tuple[float, ...] | Range = (0.003, 0.03, 0.3)
     rank_choices: tuple[tuple[int, ...], ...] = ((2, 4, 8),)
     reward: tuple[str, ...] = ("log",)
     seeds: int = 4
@@ -146,11 +172,23 @@ class SweepSpec:
     env: str = ""
 
     def points(self, seed: int) -> list[Point]:
-        """The configurations to run, in grid order."""
-        grid = [Point(*v) for v in itertools.product(
-            self.discount, self.delta, self.exploration, self.rank_choices, self.reward)]
+        """The configurations to run.
+
+        A grid search runs every combination, in grid order. A random search over lists
+        only draws ``samples`` distinct grid points (all of them if the grid is smaller);
+        with a :class:`Range` among the parameters it draws every parameter of every
+        sample independently: a range uniformly (log-uniformly if ``log``), a list one of
+        its values uniformly. Both are reproducible from ``seed``.
+        """
+        rng = np.random.default_rng(seed)
+        axes = (self.discount, self.delta, self.exploration, self.rank_choices, self.reward)
+        if any(isinstance(a, Range) for a in axes):
+            cols = [a.draw(rng, self.samples).tolist() if isinstance(a, Range)
+                    else [a[i] for i in rng.integers(0, len(a), self.samples)] for a in axes]
+            return [Point(*v) for v in zip(*cols)]
+        grid = [Point(*v) for v in itertools.product(*axes)]
         if self.search == "random" and self.samples < len(grid):
-            pick = np.random.default_rng(seed).choice(len(grid), self.samples, replace=False)
+            pick = rng.choice(len(grid), self.samples, replace=False)
             grid = [grid[i] for i in sorted(pick.tolist())]
         return grid
 
@@ -183,6 +221,15 @@ class Point:
                        lora={"rank_choices": self.rank_choices,
                              "rank": max(base.lora.rank, max(self.rank_choices))})
 
+    def params(self, base: Config, num_ranks: int, reward: str | None = None
+               ) -> bandit.BanditParams:
+        """This configuration's bandit params (host arrays), the rank set padded to
+        ``num_ranks``; ``reward`` replaces the variant (the score's, module note)."""
+        cfg = self.config(base)
+        if reward is not None:
+            cfg = replace(cfg, bandit={"reward": reward})
+        return bandit.BanditParams.from_config(cfg, num_ranks)
+
     def as_dict(self) -> dict:
         return {"discount": self.discount, "delta": self.delta,
                 "exploration": self.exploration, "rank_choices": list(self.rank_choices),
@@ -207,6 +254,24 @@ def _values(key: str, raw, kind, lo=None, hi=None, choices=None) -> tuple:
     if len(set(out)) != len(out):
         raise ConfigError(f"sweep.{key}={raw!r}: values repeat")
     return tuple(out)
+
+
+def _range(key: str, raw, lo: float, hi: float | None) -> Range:
+    """Validate ``sweep.key: {low: x, high: y, log: bool}``; errors name the key."""
+    if isinstance(raw, Range):
+        return raw
+    bad = sorted(set(raw) - {"low", "high", "log"})
+    if bad or not {"low", "high"} <= set(raw):
+        raise ConfigError(f"sweep.{key}={raw!r}: a range is {{low: x, high: y, log: false}}")
+    low, high = (_values(key, [raw[k]], float, lo, hi)[0] for k in ("low", "high"))
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"sweep.{key}.log={log!r}: expected true or false")
+    if not low < high:
+        raise ConfigError(f"sweep.{key}: low={low} must be below high={high}")
+    if log and low <= 0:
+        raise ConfigError(f"sweep.{key}: a log range needs low > 0 (got {low})")
+    return Range(low, high, log)
 
 
 def _int(key: str, v, lo: int) -> int:
@@ -273,11 +338,18 @@ def spec_from_dict(raw: dict | None, base: Config) -> SweepSpec:
     env = get("env")
     if not isinstance(env, str):
         raise ConfigError(f"sweep.env={env!r}: expected a path (or empty)")
+    def floats(key, lo, hi=None):
+        v = get(key)
+        if isinstance(v, (dict, Range)):
+            if search != "random":
+                raise ConfigError(f"sweep.{key}: a range needs sweep.search=random")
+            return _range(key, v, lo, hi)
+        return _values(key, v, float, lo, hi)
+
     spec = SweepSpec(
         search=search, samples=_int("samples", get("samples"), 1),
-        discount=_values("discount", get("discount"), float, 0.0, 1.0),
-        delta=_values("delta", get("delta"), float, 0.0, 2.0),
-        exploration=_values("exploration", get("exploration"), float, 0.0),
+        discount=floats("discount", 0.0, 1.0), delta=floats("delta", 0.0, 2.0),
+        exploration=floats("exploration", 0.0),
         rank_choices=rank_sets,
         reward=_values("reward", get("reward"), str, choices=("paper", "log")),
         seeds=_int("seeds", get("seeds"), 1), fleets=fleets, score=score,
@@ -317,17 +389,18 @@ class Trajectory(NamedTuple):
     waiting: jax.Array    # (T,) Eq. 1
 
 
-def rollout(cfg: Config, score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_env.Hardware,
-            device_type: jax.Array, distance_group: jax.Array, key: jax.Array, rounds: int
-            ) -> Trajectory:
+def rollout(cfg: Config, params: bandit.BanditParams, score: bandit.BanditParams,
+            env: sweep_env.EnvParams, hw: sweep_env.Hardware, device_type: jax.Array,
+            distance_group: jax.Array, key: jax.Array, rounds: int) -> Trajectory:
     """One fleet of S-UCB agents for ``rounds`` rounds (``lax.scan``); jit- and vmap-able.
 
     Each round: :func:`bandit.select` -> :func:`sweep_env.sample_round` ->
-    :func:`bandit.reward` (Eq. 3 with ``cfg``'s variant) -> :func:`bandit.update`.
+    :func:`bandit.reward` (Eq. 3 with the configuration's variant) -> :func:`bandit.update`.
 
     Args:
-        cfg: the configuration's config (bandit, rank set, pruning schedule).
-        score_cfg: ``cfg`` with the score variant (module note, Scores).
+        cfg: the base config (``bandit.capacity``).
+        params: the configuration's bandit params (scalar leaves, may be traced).
+        score: ``params`` with the score variant (module note, Scores).
         env, hw: the synthetic environment.
         device_type, distance_group: int ``(N,)``.
         key: the cell's key (raw ``uint32 (2,)`` or typed).
@@ -337,9 +410,8 @@ def rollout(cfg: Config, score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_
         A :class:`Trajectory`.
     """
     k_init, k_select, k_mode, k_noise = jax.random.split(key, 4)
-    state = bandit.init(cfg, device_type.shape[0], k_init)
+    state = bandit.init(cfg, device_type.shape[0], k_init, params=params)
     modes = sweep_env.power_modes(hw, k_mode, device_type, rounds)      # (T, N)
-    same = cfg.bandit.reward == score_cfg.bandit.reward
 
     def step(state, xs):
         t, mode = xs
@@ -348,19 +420,19 @@ def rollout(cfg: Config, score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_
         out = sweep_env.sample_round(env, hw, device_type, distance_group, mode, p, r, t,
                                      k_noise)
         dp = p - last_p
-        rew = bandit.reward(out.loss_drop, dp, out.importance, out.time, cfg)
+        rew = bandit.reward(out.loss_drop, dp, out.importance, out.time, params)
         state = bandit.update(state, rew)
-        score = rew if same else bandit.reward(out.loss_drop, dp, out.importance, out.time,
-                                               score_cfg)
+        scored = bandit.reward(out.loss_drop, dp, out.importance, out.time, score)
         waiting = jnp.mean(jnp.max(out.time) - out.time)  # Eq. 1
         return state, Trajectory(p=p, last_p=last_p, r=r, mode=mode, time=out.time,
-                                 reward=jnp.sum(score), waiting=waiting)
+                                 reward=jnp.sum(scored), waiting=waiting)
 
     _, traj = jax.lax.scan(step, state, (jnp.arange(1, rounds + 1, dtype=jnp.int32), modes))
     return traj
 
 
-def hindsight_regret(score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_env.Hardware,
+def hindsight_regret(cfg: Config, score: bandit.BanditParams, env: sweep_env.EnvParams,
+                     hw: sweep_env.Hardware,
                      arm_u: tuple[float, ...], arm_r: tuple[int, ...], device_type: jax.Array,
                      distance_group: jax.Array, traj: Trajectory) -> jax.Array:
     """Per-round regret (Eq. 7) of a cell against each device's best fixed arm in hindsight.
@@ -369,14 +441,15 @@ def hindsight_regret(score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_env.
     headroom taken, as in S-UCB's arm space, so a fixed arm's pruning ratio follows
     ``p^t = p_lo + u (p_hi - p_lo)`` with ``[p_lo, p_hi]`` from :func:`bandit.p_bounds`
     at the arm's own ``p^{t-1}``. An arm's mean reward in round ``t`` is
-    :func:`bandit.reward` (``score_cfg``) of the plug-in mean loss drop, importance and
+    :func:`bandit.reward` (``score``) of the plug-in mean loss drop, importance and
     time (:func:`sweep_env.mean_outcome`, realised power mode), against the fleet's
     realised mean time with the device's own time replaced by the arm's. The played arms
     are evaluated the same way. Two passes: the arms' totals give each device's best arm,
     then the best arm's and the played arm's per-round rewards are differenced.
 
     Args:
-        score_cfg: config of the score reward (and the pruning schedule).
+        cfg: the base config (``bandit.capacity``).
+        score: bandit params of the score reward and the pruning schedule.
         env, hw: the synthetic environment.
         arm_u, arm_r: the grid's u values and ranks (static).
         device_type, distance_group: int ``(N,)``.
@@ -391,7 +464,7 @@ def hindsight_regret(score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_env.
     r_g = jnp.tile(jnp.asarray(arm_r, jnp.int32), len(arm_u))            # (G,)
     # p_bounds reads only the params, round and last_p of a state: a one-agent template
     # whose round / last_p are replaced by the arms' ((N, G) or (N,)).
-    template = bandit.init(score_cfg, 1, jax.random.PRNGKey(0))
+    template = bandit.init(cfg, 1, jax.random.PRNGKey(0), params=score)
 
     def fixed_p(last_p, t, u):
         lo, hi = bandit.p_bounds(template.replace(
@@ -406,7 +479,7 @@ def hindsight_regret(score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_env.
         mean = fleet_mean + (t_arm - own) / n
         times = jnp.stack([t_arm, 2.0 * mean - t_arm], axis=-1)
         return bandit.reward(loss[..., None], dp[..., None], imp[..., None], times,
-                             score_cfg)[..., 0]
+                             score)[..., 0]
 
     ts = jnp.arange(1, rounds + 1, dtype=jnp.int32)
     dt_col, dg_col = device_type[:, None], distance_group[:, None]
@@ -439,19 +512,23 @@ def hindsight_regret(score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_env.
     return regret
 
 
-def cell_metrics(cfg: Config, score_cfg: Config, hw: sweep_env.Hardware,
-                 arm_u: tuple[float, ...], arm_r: tuple[int, ...], rounds: int,
-                 env: sweep_env.EnvParams, device_type: jax.Array, distance_group: jax.Array,
-                 key: jax.Array) -> dict[str, jax.Array]:
+def cell_metrics(cfg: Config, hw: sweep_env.Hardware, arm_u: tuple[float, ...],
+                 arm_r: tuple[int, ...], rounds: int, env: sweep_env.EnvParams,
+                 params: bandit.BanditParams, score: bandit.BanditParams,
+                 device_type: jax.Array, distance_group: jax.Array, key: jax.Array
+                 ) -> dict[str, jax.Array]:
     """A cell's per-round figures: :func:`rollout` then :func:`hindsight_regret`.
+
+    ``cfg`` is the base config (capacity); ``params`` / ``score`` the configuration's
+    bandit params and their score variant (scalar leaves).
 
     Returns:
         ``reward``, ``regret``, ``waiting``: float32 ``(T,)`` (the first two summed over
         devices); ``p_type``, ``r_type``: float32 ``(T, 3)``, mean p and r per device type
         (``heterogeneity.TX2, NX, AGX``; NaN for a type the fleet lacks).
     """
-    traj = rollout(cfg, score_cfg, env, hw, device_type, distance_group, key, rounds)
-    regret = hindsight_regret(score_cfg, env, hw, arm_u, arm_r, device_type, distance_group,
+    traj = rollout(cfg, params, score, env, hw, device_type, distance_group, key, rounds)
+    regret = hindsight_regret(cfg, score, env, hw, arm_u, arm_r, device_type, distance_group,
                               traj)
     mask = device_type[None, :, None] == jnp.arange(len(het.TYPE_NAMES))[None, None, :]
     count = jnp.sum(mask, axis=1).astype(jnp.float32)                   # (1, K)
@@ -471,17 +548,20 @@ def device_mesh() -> Mesh:
     return Mesh(np.array(jax.devices()), (_CELLS,))
 
 
-def group_program(cfg: Config, score_cfg: Config, hw: sweep_env.Hardware,
-                  arm_u: tuple[float, ...], arm_r: tuple[int, ...], rounds: int, mesh: Mesh):
-    """The jitted program of one group: :func:`cell_metrics` vmapped over cells.
+def group_program(cfg: Config, hw: sweep_env.Hardware, arm_u: tuple[float, ...],
+                  arm_r: tuple[int, ...], rounds: int, mesh: Mesh):
+    """The jitted program of a sweep: :func:`cell_metrics` vmapped over cells.
 
-    Called as ``program(env, device_type (B, N), distance_group (B, N), keys (B, 2))``
-    with ``B`` a multiple of ``mesh.size``; the cell axis is sharded over ``mesh``.
+    Called as ``program(env, params, score, device_type (B, N), distance_group (B, N),
+    keys (B, 2))`` with ``params`` / ``score`` :class:`~fedspine_jax.bandit.BanditParams`
+    of leading axis ``B`` (one configuration per cell) and ``B`` a multiple of
+    ``mesh.size``; the cell axis is sharded over ``mesh``. Compiles once per
+    ``(B, N, K)`` (``K`` the padded rank-set length), whatever the params' values.
     """
-    cell = functools.partial(cell_metrics, cfg, score_cfg, hw, arm_u, arm_r, rounds)
+    cell = functools.partial(cell_metrics, cfg, hw, arm_u, arm_r, rounds)
     shard, rep = NamedSharding(mesh, P(_CELLS)), NamedSharding(mesh, P())
-    return jax.jit(jax.vmap(cell, in_axes=(None, 0, 0, 0)),
-                   in_shardings=(rep, shard, shard, shard), out_shardings=shard)
+    return jax.jit(jax.vmap(cell, in_axes=(None, 0, 0, 0, 0, 0)),
+                   in_shardings=(rep, shard, shard, shard, shard, shard), out_shardings=shard)
 
 
 def _cell_key(seed: int, s: int, f: int) -> np.ndarray:
@@ -489,13 +569,21 @@ def _cell_key(seed: int, s: int, f: int) -> np.ndarray:
     return np.asarray(key, np.uint32)
 
 
-def _shard_cells(mesh: Mesh, *arrays: np.ndarray) -> list[jax.Array]:
-    """Pad the cell axis to a multiple of the device count (copies of the last cell) and
-    shard it over ``mesh``."""
-    pad = (-arrays[0].shape[0]) % mesh.size
+def _shard_cells(mesh: Mesh, size: int, tree):
+    """Pad the cell axis of every leaf of ``tree`` (host arrays) to ``size`` cells with
+    copies of the last cell and shard it over ``mesh``."""
     shard = NamedSharding(mesh, P(_CELLS))
-    return [jax.device_put(np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]), shard)
-            for x in arrays]
+
+    def put(x):
+        pad = size - x.shape[0]
+        return jax.device_put(np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]), shard)
+
+    return jax.tree.map(put, tree)
+
+
+def _stack(trees: list):
+    """Stack a list of pytrees of host arrays along a new leading axis."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *trees)
 
 
 def _nan_to_none(x: np.ndarray) -> list:
@@ -540,7 +628,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str |
         env: the synthetic environment's surfaces.
         out: output directory (created; files are overwritten).
         env_name: how the results name the environment (a file name, not a path).
-        progress: show a tqdm bar over the groups (configuration x fleet size).
+        progress: show a tqdm bar over the chunks of cells.
 
     Returns:
         The ``results.json`` content plus a ``timing`` entry (not written to the file, so
@@ -557,49 +645,52 @@ def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str |
     fleets = [(f, f.build(cfg)) for f in spec.fleets]
     sizes = sorted({fl.num_devices for _, fl in fleets})
     points = spec.points(seed)
+    k = max(len(pt.rank_choices) for pt in points)
+    # Configurations as data: one row of params per configuration (host arrays).
+    params = _stack([pt.params(cfg, k) for pt in points])
+    scores = _stack([pt.params(cfg, k, reward=spec.score) for pt in points])
+    keys = {(s, fi): _cell_key(seed, s, fi) for s in range(spec.seeds)
+            for fi in range(len(fleets))}
     env_d = jax.device_put(env, NamedSharding(mesh, P()))
     t0 = time.perf_counter()
-    # One job per configuration and fleet size. Each job's program is traced and lowered
-    # here (Python) and compiled in a thread pool (XLA releases the GIL), so configurations
-    # compile in parallel on every core while earlier ones run.
-    jobs = []
-    n_jobs = len(points) * len(sizes)
+    # One program per fleet size, run over chunks of cells of one shape.
+    plan = []
+    for n in sizes:
+        mine = [fi for fi, (_, fl) in enumerate(fleets) if fl.num_devices == n]
+        cell_ids = [(c, s, fi) for c in range(len(points)) for s in range(spec.seeds)
+                    for fi in mine]
+        chunk = min(len(cell_ids), max(1, CHUNK_AGENTS // n))
+        chunk += (-chunk) % mesh.size
+        plan.append((n, cell_ids, chunk))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_jobs, desc="sweep", unit="group")
-    with ThreadPoolExecutor(max(1, min(n_jobs, os.cpu_count() or 1))) as pool:
-        for point in points:
-            pcfg = point.config(cfg)
-            score_cfg = replace(pcfg, bandit={"reward": spec.score})
-            for n in sizes:
-                mine = [(fi, f, fl) for fi, (f, fl) in enumerate(fleets) if fl.num_devices == n]
-                combos = [(s, f.name) for s in range(spec.seeds) for _, f, _ in mine]
-                arrays = _shard_cells(
-                    mesh, np.stack([fl.device_type for _ in range(spec.seeds)
-                                    for _, _, fl in mine]).astype(np.int32),
-                    np.stack([fl.distance_group for _ in range(spec.seeds)
-                              for _, _, fl in mine]).astype(np.int32),
-                    np.stack([_cell_key(seed, s, fi) for s in range(spec.seeds)
-                              for fi, _, _ in mine]))
-                lowered = group_program(pcfg, score_cfg, hw, arm_u, arm_r, rounds,
-                                        mesh).lower(env_d, *arrays)
-                jobs.append((point, n, combos, arrays, pool.submit(lowered.compile)))
-                if bar is not None:
-                    bar.set_postfix_str(f"traced {len(jobs)}/{n_jobs}")
-        cells: dict[Point, list] = {pt: [] for pt in points}
-        for point, n, combos, arrays, compiled in jobs:
-            res = compiled.result()(env_d, *arrays)
-            res = {k: np.asarray(v)[:len(combos)] for k, v in res.items()}  # drop the padding
-            for i, (s, name) in enumerate(combos):
-                cells[point].append({"fleet": name, "seed": s, "n": n,
-                                     **{k: v[i] for k, v in res.items()}})
+        bar = tqdm(total=sum(-(-len(ids) // ch) for _, ids, ch in plan), desc="sweep",
+                   unit="chunk")
+    cells: dict[Point, list] = {pt: [] for pt in points}
+    for n, cell_ids, chunk in plan:
+        program = group_program(cfg, hw, arm_u, arm_r, rounds, mesh)
+        pending = []
+        for lo in range(0, len(cell_ids), chunk):
+            ids = cell_ids[lo:lo + chunk]
+            c_idx = np.array([c for c, _, _ in ids])
+            args = _shard_cells(mesh, chunk, (
+                jax.tree.map(lambda x: x[c_idx], params),
+                jax.tree.map(lambda x: x[c_idx], scores),
+                np.stack([fleets[fi][1].device_type for _, _, fi in ids]).astype(np.int32),
+                np.stack([fleets[fi][1].distance_group for _, _, fi in ids]).astype(np.int32),
+                np.stack([keys[s, fi] for _, s, fi in ids])))
+            pending.append((ids, program(env_d, *args)))  # dispatched asynchronously
+        for ids, res in pending:
+            res = {name: np.asarray(v)[:len(ids)] for name, v in res.items()}  # drop padding
+            for i, (c, s, fi) in enumerate(ids):
+                cells[points[c]].append({"fleet": fleets[fi][0].name, "seed": s, "n": n,
+                                         **{name: v[i] for name, v in res.items()}})
             if bar is not None:
-                bar.set_postfix_str(point.label)
                 bar.update(1)
-        if bar is not None:
-            bar.close()
+    if bar is not None:
+        bar.close()
     results = [_summarise(pt, cells[pt], spec.fleets) for pt in points]
     wall = time.perf_counter() - t0
     results.sort(key=lambda r: (-r["cumulative_reward"], r["regret"]))
@@ -621,7 +712,8 @@ def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str |
     plot(doc, out)
     agent_rounds = len(points) * spec.seeds * sum(fl.num_devices for _, fl in fleets) * rounds
     return {**doc, "timing": {"wall_s": wall, "agent_rounds": agent_rounds,
-                              "devices": mesh.size, "platform": jax.devices()[0].platform}}
+                              "programs": len(plan), "devices": mesh.size,
+                              "platform": jax.devices()[0].platform}}
 
 
 def markdown_table(doc: dict) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+from fedspine_jax import bandit
 from fedspine_jax import heterogeneity as het
 from fedspine_jax import sweep, sweep_env
 from fedspine_jax.cli import main
@@ -105,6 +106,77 @@ def test_results_identical_on_1_and_4_devices(sweep_runs):
     assert (out1 / "results.json").read_bytes() == (out4 / "results.json").read_bytes()
 
 
+# ---------------------------------------------------------------- configurations as data
+GRID = {
+    "federation": {"rounds": 10, "num_devices": 4, "seed": 5},
+    "pruning": {"target_ratio": 0.5, "target_round": 4},
+    "bandit": {"capacity": 8},
+    "sweep": {"discount": [0.9, 0.99], "delta": [0.1, 0.4], "exploration": [0.01, 0.3],
+              "rank_choices": [[2, 4, 8, 16], [4, 8]], "reward": ["log", "paper"],
+              "seeds": 2, "fleets": [{"agx": 1, "nx": 1, "tx2": 2}], "u_grid": 3},
+}
+
+
+def _compiles(fn) -> tuple[object, int]:
+    """``fn()`` and the number of XLA compilations it requested (cache hits included)."""
+    from jax import monitoring
+
+    seen = []
+
+    def on_event(event, **_):
+        if event == "/jax/compilation_cache/compile_requests_use_cache":
+            seen.append(event)
+
+    assert jax.config.jax_compilation_cache_dir  # conftest: every compile is then an event
+    monitoring.register_event_listener(on_event)
+    try:
+        return fn(), len(seen)
+    finally:
+        monitoring.unregister_event_listener(on_event)
+
+
+def test_grid_is_one_program_and_matches_each_configuration_alone(tmp_path):
+    """A grid of 32 configurations compiles as many programs as one of 2 (one per fleet
+    size), and every configuration's figures equal those of a sweep of it alone."""
+    cfg, spec = sweep.load_sweep(None, [f"{s}.{k}={json.dumps(v)}"
+                                        for s, d in GRID.items() for k, v in d.items()])
+    env = sweep_env.default_params()
+
+    def run(sp, name):
+        return sweep.run_sweep(cfg, sp, env, tmp_path / name, progress=False)
+
+    small = sweep.spec_from_dict({**GRID["sweep"], "discount": [0.9], "delta": [0.1],
+                                  "exploration": [0.01], "reward": ["log"]}, cfg)
+    run(small, "warm")  # the small eager programs (keys, host transfers) compile here
+    doc_small, n_small = _compiles(lambda: run(small, "small"))
+    doc, n_grid = _compiles(lambda: run(spec, "grid"))
+    assert len(doc["results"]) == 32 and len(doc_small["results"]) == 2
+    assert doc["timing"]["programs"] == doc_small["timing"]["programs"] == 1
+    assert 1 <= n_grid <= n_small
+    by_label = {r["label"]: r for r in doc["results"]}
+    assert len(by_label) == 32
+    # Alone: the shortest rank set unpadded, the paper reward, a large delta.
+    for point in (sweep.Point(0.9, 0.4, 0.3, (4, 8), "paper"),
+                  sweep.Point(0.99, 0.1, 0.01, (2, 4, 8, 16), "log")):
+        alone_spec = sweep.spec_from_dict({
+            **GRID["sweep"], "discount": [point.discount], "delta": [point.delta],
+            "exploration": [point.exploration], "rank_choices": [list(point.rank_choices)],
+            "reward": [point.reward]}, cfg)
+        alone = run(alone_spec, "alone")["results"][0]
+        mine = by_label[point.label]
+        for key in ("cumulative_reward", "waiting_time_s"):
+            np.testing.assert_allclose(mine[key], alone[key], rtol=1e-5, err_msg=key)
+        for key in ("p_by_type", "r_by_type"):
+            for t in het.TYPE_NAMES:
+                np.testing.assert_allclose(np.array(mine["curves"][key][t], float),
+                                           np.array(alone["curves"][key][t], float),
+                                           rtol=1e-5, err_msg=key)
+        if set(point.rank_choices) == set(spec.all_ranks):  # same regret arm grid
+            np.testing.assert_allclose(mine["regret"], alone["regret"], rtol=1e-4, atol=1e-6)
+    # The configurations really differ (the grid is not one configuration repeated).
+    assert len({round(r["cumulative_reward"], 9) for r in doc["results"]}) > 16
+
+
 # ---------------------------------------------------------------- the regret, by reference
 def _log_reward(loss, dp, imp, t_arm, mean, cfg):
     """Eq. 3's "log" variant written out (the guards of bandit.reward)."""
@@ -145,10 +217,11 @@ def test_hindsight_regret_matches_a_numpy_reference(arm_space):
     group = np.array([0, 1, 2, 3], np.int32)
     arm_u, arm_r = (0.0, 0.5, 1.0), (2, 4, 8)
     rounds = 8
-    traj = jax.jit(lambda k: sweep.rollout(cfg, cfg, env, hw, dtype, group, k, rounds))(
+    prm = bandit.BanditParams.from_config(cfg)
+    traj = jax.jit(lambda k: sweep.rollout(cfg, prm, prm, env, hw, dtype, group, k, rounds))(
         jax.random.PRNGKey(0))
     regret = np.asarray(jax.jit(lambda tr: sweep.hindsight_regret(
-        cfg, env, hw, arm_u, arm_r, dtype, group, tr))(traj))
+        cfg, prm, env, hw, arm_u, arm_r, dtype, group, tr))(traj))
     tr = jax.tree.map(lambda x: np.asarray(x, np.float64), traj)
     mode = np.asarray(traj.mode)
     n = len(dtype)
@@ -354,6 +427,37 @@ def test_sweep_spec_grid_random_and_errors(tmp_path):
             sweep.load_sweep(path, [bad])
     with pytest.raises(ConfigError, match="federation.bogus"):
         sweep.load_sweep(path, ["federation.bogus=1"])
+
+
+def test_random_search_over_continuous_ranges():
+    cfg = from_dict({})
+    raw = {"search": "random", "samples": 400,
+           "discount": {"low": 0.9, "high": 1.0}, "delta": [0.1, 0.2],
+           "exploration": {"low": 1e-3, "high": 1.0, "log": True},
+           "rank_choices": [[2, 4], [4, 8, 16]], "reward": ["log", "paper"]}
+    spec = sweep.spec_from_dict(raw, cfg)
+    assert spec.exploration == sweep.Range(1e-3, 1.0, True)
+    points = spec.points(0)
+    assert len(points) == 400 and points == spec.points(0) and points != spec.points(1)
+    disc = np.array([p.discount for p in points])
+    expl = np.array([p.exploration for p in points])
+    assert disc.min() >= 0.9 and disc.max() <= 1.0 and abs(disc.mean() - 0.95) < 0.01
+    assert expl.min() >= 1e-3 and expl.max() <= 1.0
+    # Log-uniform: each decade holds about a third of the draws (uniform: 0.1 % in the
+    # first); the geometric midpoint splits them in half.
+    decades = np.histogram(np.log10(expl), bins=[-3, -2, -1, 0])[0] / len(expl)
+    assert np.all(np.abs(decades - 1 / 3) < 0.08), decades
+    assert {p.delta for p in points} == {0.1, 0.2}
+    assert {p.rank_choices for p in points} == {(2, 4), (4, 8, 16)}
+    assert {p.reward for p in points} == {"log", "paper"}
+    for bad, match in [({**raw, "search": "grid"}, "needs sweep.search=random"),
+                       ({**raw, "discount": {"low": 0.99, "high": 0.9}}, "below"),
+                       ({**raw, "exploration": {"low": 0.0, "high": 1.0, "log": True}},
+                        "log range"),
+                       ({**raw, "delta": {"low": 0.1, "hi": 0.2}}, "sweep.delta"),
+                       ({**raw, "discount": {"low": 0.5, "high": 1.5}}, "sweep.discount")]:
+        with pytest.raises(ConfigError, match=match):
+            sweep.spec_from_dict(bad, cfg)
 
 
 def test_sweep_config_file_is_valid(tiny_config_path):
