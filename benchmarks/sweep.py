@@ -123,8 +123,8 @@ def check_peer(cfg, env, hw) -> dict:
     n = 64
     k = rng.integers(0, 3, n).astype(np.int32)
     g = rng.integers(0, 4, n).astype(np.int32)
-    mode = np.minimum((rng.random(n) * sweep_env.NUM_MODES[k]).astype(np.int32),
-                      sweep_env.NUM_MODES[k] - 1)
+    mode = np.minimum((rng.random(n) * het.NUM_MODES[k]).astype(np.int32),
+                      het.NUM_MODES[k] - 1)
     p = rng.uniform(0, 0.5, n).astype(np.float32)
     r = rng.choice([2, 4, 8, 16], n).astype(np.int32)
     t = 7

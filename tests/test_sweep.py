@@ -200,7 +200,7 @@ def _surfaces(env, dtype, p, r, t):
 def _mean_arm(env, hw, dtype, group, mode, p, r, t):
     """Plug-in mean (loss drop, importance, time) of arms, in NumPy float64."""
     y = _surfaces(env, dtype, p, r, t)
-    thr = (np.asarray(het.PEAK_FLOPS)[dtype] * sweep_env.MODE_TABLE[dtype, mode]
+    thr = (np.asarray(het.PEAK_FLOPS)[dtype] * het.MODE_TABLE[dtype, mode]
            * hw.efficiency)
     bw = np.asarray(het.MEAN_BANDWIDTH_MBPS)[group] * het.BYTES_PER_MBIT
     time = np.maximum(y[..., 2], 0) / thr + np.maximum(y[..., 3], 0) / bw
@@ -274,7 +274,7 @@ def test_environment_uses_the_device_model_of_heterogeneity():
     for t in range(1, 13):
         mode = modes[t - 1]
         out = step(mode, t)
-        assert np.all((0 <= mode) & (mode < sweep_env.NUM_MODES[dtype]))
+        assert np.all((0 <= mode) & (mode < het.NUM_MODES[dtype]))
         loss, imp, time = _mean_arm(env, hw, dtype, group, mode, p.astype(np.float64), r, t)
         mult = np.array([het.MODE_MULTIPLIERS[k][m] for k, m in zip(dtype, mode)])
         flops = _surfaces(env, dtype, p, r, t)[:, 2]
@@ -288,6 +288,39 @@ def test_environment_uses_the_device_model_of_heterogeneity():
     for e in range(3):
         assert np.all(modes[4 * e: 4 * e + 4] == modes[4 * e])
     assert any(not np.array_equal(modes[0], modes[4 * e]) for e in (1, 2))
+
+
+@pytest.mark.parametrize("clock", ["flops", "paper_regime"])
+def test_sweep_clock_is_the_simulators_for_the_same_trace(clock):
+    """One device model: for the simulator's own trace (modes, bandwidths) of a fleet,
+    the sweep environment's completion times are heterogeneity.completion_time's."""
+    cfg = from_dict({"federation": {"num_devices": 12},
+                     "devices": {"scenario": "high", "clock": clock, "efficiency": 0.2,
+                                 "mode_redraw_every": 3, "bandwidth_noise": 0.3}})
+    fleet = het.build_fleet(cfg)
+    hw = sweep_env.Hardware.from_config(cfg)
+    assert hw.compute_scale == fleet.compute_scale
+    assert (clock == "paper_regime") == (fleet.compute_scale != 1.0)
+    rng = np.random.default_rng(0)
+    times = jax.jit(lambda *a: sweep_env.round_times(hw, *a))
+    for t in range(7):
+        trace = het.round_trace(fleet, t)
+        flops = rng.uniform(1e11, 1e13, fleet.num_devices)
+        nbytes = rng.uniform(1e5, 1e7, fleet.num_devices)
+        want = het.completion_time(fleet, t, flops, nbytes, 0.0)
+        got = times(fleet.device_type.astype(np.int32), trace.mode.astype(np.int32),
+                    trace.bandwidth.astype(np.float32), flops.astype(np.float32),
+                    nbytes.astype(np.float32))
+        np.testing.assert_allclose(got.compute_time, want.comp, rtol=2e-6)
+        np.testing.assert_allclose(got.comm_time, want.comm, rtol=2e-6)
+        np.testing.assert_allclose(got.time, want.total, rtol=2e-6)
+    # The environment's own bandwidth draw is heterogeneity's function of the same normals.
+    z = rng.standard_normal(fleet.num_devices)
+    np.testing.assert_allclose(
+        het.bandwidth_from_noise(fleet.distance_group, jnp.asarray(z, jnp.float32),
+                                 cfg.devices.bandwidth_noise, xp=jnp),
+        het.bandwidth_from_noise(fleet.distance_group, z, cfg.devices.bandwidth_noise),
+        rtol=2e-6)
 
 
 def test_noise_and_bandwidth_spread():
