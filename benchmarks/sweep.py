@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from fedspine_jax import bandit, sweep, sweep_env
 from fedspine_jax import heterogeneity as het
-from fedspine_jax.config import Config, replace
+from fedspine_jax.config import Config, load_sweep, replace
 
 
 def _numpy_agent_class():
@@ -165,16 +165,16 @@ def end_to_end(args) -> dict:
     env = sweep_env.default_params()
 
     def run(overrides: list[str]) -> dict:
-        cfg, spec = sweep.load_sweep(config, overrides)
+        cfg, spec = load_sweep(config, overrides)
         with tempfile.TemporaryDirectory() as out:
             t = sweep.run_sweep(cfg, spec, env, out, progress=False)["timing"]
-        return {"configurations": len(spec.points(cfg.federation.seed)),
+        return {"configurations": len(sweep.points(spec, cfg.federation.seed)),
                 "agent_rounds": t["agent_rounds"], "wall_s": round(t["wall_s"], 2),
                 "agent_rounds_per_s": round(t["agent_rounds"] / t["wall_s"]),
                 "programs": t["programs"]}
 
-    _, grid_spec = sweep.load_sweep(config)
-    first = grid_spec.points(0)[0]
+    _, grid_spec = load_sweep(config)
+    first = sweep.points(grid_spec, 0)[0]
     one = run([f"sweep.discount=[{first.discount}]", f"sweep.delta=[{first.delta}]",
                f"sweep.exploration=[{first.exploration}]",
                f"sweep.rank_choices=[{list(first.rank_choices)}]",

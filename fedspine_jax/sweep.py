@@ -77,7 +77,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fedspine_jax import bandit, heterogeneity as het, sweep_env
-from fedspine_jax.config import (Config, ConfigError, apply_overrides, from_dict, read_config,
+from fedspine_jax.config import (Config, FleetSpec, Range, SweepConfig, load_sweep,
                                  replace)
 
 FORMAT = "fedspine-sweep/1"
@@ -87,115 +87,9 @@ _CELLS = "cells"  # name of the mesh axis the cells are sharded over
 CHUNK_AGENTS = 1 << 15
 
 
-# ---------------------------------------------------------------------- the sweep spec
-
-
-@dataclasses.dataclass(frozen=True)
-class FleetSpec:
-    """A fleet composition: a preset of paper section 5.3 or per-type counts.
-
-    Attributes:
-        name: label in the results (the preset's name, or ``agx=3,nx=3,tx2=4``).
-        scenario: ``low`` / ``medium`` / ``high`` (``federation.num_devices`` devices) or
-            ``custom`` (the counts below).
-        counts: ``(agx, nx, tx2)`` for ``custom``.
-    """
-
-    name: str
-    scenario: str
-    counts: tuple[int, int, int] = (0, 0, 0)
-
-    def build(self, cfg: Config) -> het.Fleet:
-        """The devices, built by :func:`fedspine_jax.heterogeneity.build_fleet`."""
-        if self.scenario == "custom":
-            agx, nx, tx2 = self.counts
-            cfg = replace(cfg, devices={"scenario": "custom", "num_agx": agx, "num_nx": nx,
-                                        "num_tx2": tx2},
-                          federation={"num_devices": agx + nx + tx2})
-        else:
-            cfg = replace(cfg, devices={"scenario": self.scenario})
-        return het.build_fleet(cfg)
-
-
-@dataclasses.dataclass(frozen=True)
-class Range:
-    """A continuous range of a hyperparameter, for a random search.
-
-    Attributes:
-        low, high: the bounds (``low < high``).
-        log: draw log-uniformly (for a scale that spans decades, e.g. ``exploration``);
-            otherwise uniformly.
-    """
-
-    low: float
-    high: float
-    log: bool = False
-
-    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """``n`` float64 values in ``[low, high]``."""
-        if self.log:
-            return np.exp(rng.uniform(np.log(self.low), np.log(self.high), n))
-        return rng.uniform(self.low, self.high, n)
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepSpec:
-    """The search space and the cells of a sweep (the ``sweep:`` section of a config).
-
-    Attributes:
-        search: ``grid`` (every combination) or ``random`` (``samples`` configurations
-            drawn with ``federation.seed``: see :meth:`points`).
-        samples: configurations drawn by a random search.
-        discount, delta, exploration: values of ``bandit.*`` to try, or (random search
-            only) a :class:`Range` each.
-        rank_choices: rank sets (``lora.rank_choices``) to try.
-        reward: reward variants (``bandit.reward``) the agents learn from.
-        seeds: seeds per configuration and fleet.
-        fleets: fleet compositions.
-        score: the reward variant every cell is scored with (module note, Scores).
-        u_grid: values of the headroom fraction u in the regret's arm grid.
-        env: JSON file of environment parameters (``fedspine sweep --calibrate``);
-            empty: the built-in surfaces of :func:`sweep_env.default_params`.
-    """
-
-    search: str = "grid"
-    samples: int = 8
-    discount: tuple[float, ...] | Range = (0.9, 0.99)
-    delta: tuple[float, ...] | Range = (0.1,)
-    exploration: tuple[float, ...] | Range = (0.003, 0.03, 0.3)
-    rank_choices: tuple[tuple[int, ...], ...] = ((2, 4, 8),)
-    reward: tuple[str, ...] = ("log",)
-    seeds: int = 4
-    fleets: tuple[FleetSpec, ...] = (FleetSpec("high", "high"),)
-    score: str = "log"
-    u_grid: int = 11
-    env: str = ""
-
-    def points(self, seed: int) -> list[Point]:
-        """The configurations to run.
-
-        A grid search runs every combination, in grid order. A random search over lists
-        only draws ``samples`` distinct grid points (all of them if the grid is smaller);
-        with a :class:`Range` among the parameters it draws every parameter of every
-        sample independently: a range uniformly (log-uniformly if ``log``), a list one of
-        its values uniformly. Both are reproducible from ``seed``.
-        """
-        rng = np.random.default_rng(seed)
-        axes = (self.discount, self.delta, self.exploration, self.rank_choices, self.reward)
-        if any(isinstance(a, Range) for a in axes):
-            cols = [a.draw(rng, self.samples).tolist() if isinstance(a, Range)
-                    else [a[i] for i in rng.integers(0, len(a), self.samples)] for a in axes]
-            return [Point(*v) for v in zip(*cols)]
-        grid = [Point(*v) for v in itertools.product(*axes)]
-        if self.search == "random" and self.samples < len(grid):
-            pick = rng.choice(len(grid), self.samples, replace=False)
-            grid = [grid[i] for i in sorted(pick.tolist())]
-        return grid
-
-    @property
-    def all_ranks(self) -> tuple[int, ...]:
-        """Every rank of every rank set: the rank axis of the regret's arm grid."""
-        return tuple(sorted({r for rc in self.rank_choices for r in rc}))
+# ---------------------------------------------------------------------- the search space
+# The sweep section is parsed and validated by fedspine_jax.config (SweepConfig, Range,
+# FleetSpec, load_sweep); this module turns it into configurations and fleets.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,142 +130,50 @@ class Point:
                 "reward": self.reward}
 
 
-def _values(key: str, raw, kind, lo=None, hi=None, choices=None) -> tuple:
-    """Validate a list of values of ``sweep.key``; errors name the key."""
-    if not isinstance(raw, (list, tuple)) or not raw:
-        raise ConfigError(f"sweep.{key}={raw!r}: expected a non-empty list")
-    out = []
-    for v in raw:
-        ok = (isinstance(v, kind) and not isinstance(v, bool)) or (
-            kind is float and isinstance(v, int) and not isinstance(v, bool))
-        if not ok:
-            raise ConfigError(f"sweep.{key}: {v!r} is not a {kind.__name__}")
-        if choices is not None and v not in choices:
-            raise ConfigError(f"sweep.{key}: {v!r} not in {list(choices)}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise ConfigError(f"sweep.{key}: {v!r} out of range [{lo}, {hi}]")
-        out.append(kind(v))
-    if len(set(out)) != len(out):
-        raise ConfigError(f"sweep.{key}={raw!r}: values repeat")
-    return tuple(out)
+def points(spec: SweepConfig, seed: int) -> list[Point]:
+    """The configurations of a sweep.
 
-
-def _range(key: str, raw, lo: float, hi: float | None) -> Range:
-    """Validate ``sweep.key: {low: x, high: y, log: bool}``; errors name the key."""
-    if isinstance(raw, Range):
-        return raw
-    bad = sorted(set(raw) - {"low", "high", "log"})
-    if bad or not {"low", "high"} <= set(raw):
-        raise ConfigError(f"sweep.{key}={raw!r}: a range is {{low: x, high: y, log: false}}")
-    low, high = (_values(key, [raw[k]], float, lo, hi)[0] for k in ("low", "high"))
-    log = raw.get("log", False)
-    if not isinstance(log, bool):
-        raise ConfigError(f"sweep.{key}.log={log!r}: expected true or false")
-    if not low < high:
-        raise ConfigError(f"sweep.{key}: low={low} must be below high={high}")
-    if log and low <= 0:
-        raise ConfigError(f"sweep.{key}: a log range needs low > 0 (got {low})")
-    return Range(low, high, log)
-
-
-def _int(key: str, v, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ConfigError(f"sweep.{key}={v!r}: expected an integer >= {lo}")
-    return v
-
-
-def _fleet(v) -> FleetSpec:
-    if isinstance(v, str):
-        if v not in het.SCENARIOS:
-            raise ConfigError(f"sweep.fleets: {v!r} is not one of {sorted(het.SCENARIOS)} "
-                              f"or a mapping of counts {{agx: n, nx: n, tx2: n}}")
-        return FleetSpec(v, v)
-    if isinstance(v, dict):
-        bad = sorted(set(v) - {"agx", "nx", "tx2"})
-        if bad:
-            raise ConfigError(f"sweep.fleets: unknown device type {bad[0]!r} "
-                              f"(allowed: agx, nx, tx2)")
-        counts = tuple(_int(f"fleets.{k}", v.get(k, 0), 0) for k in ("agx", "nx", "tx2"))
-        if sum(counts) < 1:
-            raise ConfigError(f"sweep.fleets: {v!r} has no devices")
-        name = ",".join(f"{k}={c}" for k, c in zip(("agx", "nx", "tx2"), counts) if c)
-        return FleetSpec(name, "custom", counts)
-    raise ConfigError(f"sweep.fleets: {v!r} is neither a preset name nor a mapping")
-
-
-def spec_from_dict(raw: dict | None, base: Config) -> SweepSpec:
-    """Build and validate a :class:`SweepSpec` from the ``sweep:`` mapping.
-
-    Missing keys take the defaults; unknown keys and bad values raise
-    :class:`~fedspine_jax.config.ConfigError` naming ``sweep.<key>``.
+    A grid search runs every combination, in grid order. A random search over lists only
+    draws ``spec.samples`` distinct grid points (all of them if the grid is smaller); with
+    a :class:`~fedspine_jax.config.Range` among the parameters it draws every parameter of
+    every sample independently: a range uniformly (log-uniformly if ``log``), a list one of
+    its values uniformly. Both are reproducible from ``seed``.
     """
-    raw = dict(raw or {})
-    default = SweepSpec()
-    known = {f.name for f in dataclasses.fields(SweepSpec)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"unknown key sweep.{unknown[0]}; allowed keys of 'sweep': "
-                          f"{sorted(known)}")
-
-    def get(k):
-        return raw.get(k, getattr(default, k))
-
-    search = get("search")
-    if search not in ("grid", "random"):
-        raise ConfigError(f"sweep.search={search!r}: allowed values are ['grid', 'random']")
-    rank_sets = get("rank_choices")
-    if not isinstance(rank_sets, (list, tuple)) or not rank_sets:
-        raise ConfigError(f"sweep.rank_choices={rank_sets!r}: expected a list of rank lists")
-    rank_sets = tuple(_values("rank_choices", rs, int, lo=1) for rs in rank_sets)
-    for rs in rank_sets:
-        if list(rs) != sorted(rs):
-            raise ConfigError(f"sweep.rank_choices: {list(rs)} must be sorted")
-    fleets = get("fleets")
-    if isinstance(fleets, (str, dict)) or not fleets:
-        raise ConfigError(f"sweep.fleets={fleets!r}: expected a non-empty list")
-    fleets = tuple(f if isinstance(f, FleetSpec) else _fleet(f) for f in fleets)
-    if len({f.name for f in fleets}) != len(fleets):
-        raise ConfigError("sweep.fleets: fleets repeat")
-    score = get("score")
-    if score not in ("paper", "log"):
-        raise ConfigError(f"sweep.score={score!r}: allowed values are ['paper', 'log']")
-    env = get("env")
-    if not isinstance(env, str):
-        raise ConfigError(f"sweep.env={env!r}: expected a path (or empty)")
-    def floats(key, lo, hi=None):
-        v = get(key)
-        if isinstance(v, (dict, Range)):
-            if search != "random":
-                raise ConfigError(f"sweep.{key}: a range needs sweep.search=random")
-            return _range(key, v, lo, hi)
-        return _values(key, v, float, lo, hi)
-
-    spec = SweepSpec(
-        search=search, samples=_int("samples", get("samples"), 1),
-        discount=floats("discount", 0.0, 1.0), delta=floats("delta", 0.0, 2.0),
-        exploration=floats("exploration", 0.0),
-        rank_choices=rank_sets,
-        reward=_values("reward", get("reward"), str, choices=("paper", "log")),
-        seeds=_int("seeds", get("seeds"), 1), fleets=fleets, score=score,
-        u_grid=_int("u_grid", get("u_grid"), 1), env=env)
-    for pt in spec.points(base.federation.seed):  # every cell's config must validate
-        pt.config(base)
-    return spec
+    rng = np.random.default_rng(seed)
+    axes = (spec.discount, spec.delta, spec.exploration, spec.rank_choices, spec.reward)
+    if any(isinstance(a, Range) for a in axes):
+        cols = [_draw(a, rng, spec.samples).tolist() if isinstance(a, Range)
+                else [a[i] for i in rng.integers(0, len(a), spec.samples)] for a in axes]
+        return [Point(*v) for v in zip(*cols)]
+    grid = [Point(*v) for v in itertools.product(*axes)]
+    if spec.search == "random" and spec.samples < len(grid):
+        pick = rng.choice(len(grid), spec.samples, replace=False)
+        grid = [grid[i] for i in sorted(pick.tolist())]
+    return grid
 
 
-def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
-               ) -> tuple[Config, SweepSpec]:
-    """A config file with an optional ``sweep:`` section (the search space).
+def _draw(r: Range, rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` float64 values in ``[r.low, r.high]``, log-uniform if ``r.log``."""
+    if r.log:
+        return np.exp(rng.uniform(np.log(r.low), np.log(r.high), n))
+    return rng.uniform(r.low, r.high, n)
 
-    Every other section is the base :class:`~fedspine_jax.config.Config` of all cells
-    (``federation.rounds`` rounds, ``federation.num_devices`` devices for the presets,
-    ``pruning`` schedule, ``devices`` knobs). ``--set`` overrides apply to both, e.g.
-    ``--set sweep.seeds=8``.
-    """
-    raw = apply_overrides(read_config(path) if path is not None else {}, overrides)
-    sweep_raw = raw.pop("sweep", None)
-    cfg = from_dict(raw)
-    return cfg, spec_from_dict(sweep_raw, cfg)
+
+def all_ranks(spec: SweepConfig) -> tuple[int, ...]:
+    """Every rank of every rank set: the rank axis of the regret's arm grid."""
+    return tuple(sorted({r for rc in spec.rank_choices for r in rc}))
+
+
+def build_fleet(fleet: FleetSpec, cfg: Config) -> het.Fleet:
+    """The devices of a fleet composition (:func:`fedspine_jax.heterogeneity.build_fleet`)."""
+    if fleet.scenario == "custom":
+        agx, nx, tx2 = fleet.counts
+        cfg = replace(cfg, devices={"scenario": "custom", "num_agx": agx, "num_nx": nx,
+                                    "num_tx2": tx2},
+                      federation={"num_devices": agx + nx + tx2})
+    else:
+        cfg = replace(cfg, devices={"scenario": fleet.scenario})
+    return het.build_fleet(cfg)
 
 
 # ---------------------------------------------------------------------- one cell
@@ -618,7 +420,7 @@ def _summarise(point: Point, cells: list[dict], fleets: list[FleetSpec]) -> dict
     }
 
 
-def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str | Path,
+def run_sweep(cfg: Config, spec: SweepConfig, env: sweep_env.EnvParams, out: str | Path,
               env_name: str = "builtin", progress: bool = True) -> dict:
     """Run every configuration of ``spec`` on its seeds x fleets; write ``out``.
 
@@ -641,14 +443,14 @@ def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str |
     rounds, seed = cfg.federation.rounds, cfg.federation.seed
     arm_u = tuple(float(u) for u in np.linspace(0.0, 1.0, spec.u_grid)) if spec.u_grid > 1 \
         else (1.0,)
-    arm_r = spec.all_ranks
-    fleets = [(f, f.build(cfg)) for f in spec.fleets]
+    arm_r = all_ranks(spec)
+    fleets = [(f, build_fleet(f, cfg)) for f in spec.fleets]
     sizes = sorted({fl.num_devices for _, fl in fleets})
-    points = spec.points(seed)
-    k = max(len(pt.rank_choices) for pt in points)
+    configs = points(spec, seed)
+    k = max(len(pt.rank_choices) for pt in configs)
     # Configurations as data: one row of params per configuration (host arrays).
-    params = _stack([pt.params(cfg, k) for pt in points])
-    scores = _stack([pt.params(cfg, k, reward=spec.score) for pt in points])
+    params = _stack([pt.params(cfg, k) for pt in configs])
+    scores = _stack([pt.params(cfg, k, reward=spec.score) for pt in configs])
     keys = {(s, fi): _cell_key(seed, s, fi) for s in range(spec.seeds)
             for fi in range(len(fleets))}
     env_d = jax.device_put(env, NamedSharding(mesh, P()))
@@ -657,7 +459,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str |
     plan = []
     for n in sizes:
         mine = [fi for fi, (_, fl) in enumerate(fleets) if fl.num_devices == n]
-        cell_ids = [(c, s, fi) for c in range(len(points)) for s in range(spec.seeds)
+        cell_ids = [(c, s, fi) for c in range(len(configs)) for s in range(spec.seeds)
                     for fi in mine]
         chunk = min(len(cell_ids), max(1, CHUNK_AGENTS // n))
         chunk += (-chunk) % mesh.size
@@ -668,7 +470,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str |
 
         bar = tqdm(total=sum(-(-len(ids) // ch) for _, ids, ch in plan), desc="sweep",
                    unit="chunk")
-    cells: dict[Point, list] = {pt: [] for pt in points}
+    cells: dict[Point, list] = {pt: [] for pt in configs}
     for n, cell_ids, chunk in plan:
         program = group_program(cfg, hw, arm_u, arm_r, rounds, mesh)
         pending = []
@@ -685,13 +487,13 @@ def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str |
         for ids, res in pending:
             res = {name: np.asarray(v)[:len(ids)] for name, v in res.items()}  # drop padding
             for i, (c, s, fi) in enumerate(ids):
-                cells[points[c]].append({"fleet": fleets[fi][0].name, "seed": s, "n": n,
+                cells[configs[c]].append({"fleet": fleets[fi][0].name, "seed": s, "n": n,
                                          **{name: v[i] for name, v in res.items()}})
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-    results = [_summarise(pt, cells[pt], spec.fleets) for pt in points]
+    results = [_summarise(pt, cells[pt], spec.fleets) for pt in configs]
     wall = time.perf_counter() - t0
     results.sort(key=lambda r: (-r["cumulative_reward"], r["regret"]))
     for i, r in enumerate(results):
@@ -710,7 +512,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str |
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "results.md").write_text(markdown_table(doc))
     plot(doc, out)
-    agent_rounds = len(points) * spec.seeds * sum(fl.num_devices for _, fl in fleets) * rounds
+    agent_rounds = len(configs) * spec.seeds * sum(fl.num_devices for _, fl in fleets) * rounds
     return {**doc, "timing": {"wall_s": wall, "agent_rounds": agent_rounds,
                               "programs": len(plan), "devices": mesh.size,
                               "platform": jax.devices()[0].platform}}

@@ -17,7 +17,8 @@ from fedspine_jax import bandit
 from fedspine_jax import heterogeneity as het
 from fedspine_jax import sweep, sweep_env
 from fedspine_jax.cli import main
-from fedspine_jax.config import Config, ConfigError, dump_config, from_dict
+from fedspine_jax.config import (Config, ConfigError, Range, dump_config, from_dict, load_sweep,
+                                 sweep_from_dict)
 
 F = len(sweep_env.FEATURES)
 
@@ -138,15 +139,15 @@ def _compiles(fn) -> tuple[object, int]:
 def test_grid_is_one_program_and_matches_each_configuration_alone(tmp_path):
     """A grid of 32 configurations compiles as many programs as one of 2 (one per fleet
     size), and every configuration's figures equal those of a sweep of it alone."""
-    cfg, spec = sweep.load_sweep(None, [f"{s}.{k}={json.dumps(v)}"
+    cfg, spec = load_sweep(None, [f"{s}.{k}={json.dumps(v)}"
                                         for s, d in GRID.items() for k, v in d.items()])
     env = sweep_env.default_params()
 
     def run(sp, name):
         return sweep.run_sweep(cfg, sp, env, tmp_path / name, progress=False)
 
-    small = sweep.spec_from_dict({**GRID["sweep"], "discount": [0.9], "delta": [0.1],
-                                  "exploration": [0.01], "reward": ["log"]}, cfg)
+    small = sweep_from_dict({**GRID["sweep"], "discount": [0.9], "delta": [0.1],
+                                  "exploration": [0.01], "reward": ["log"]})
     run(small, "warm")  # the small eager programs (keys, host transfers) compile here
     doc_small, n_small = _compiles(lambda: run(small, "small"))
     doc, n_grid = _compiles(lambda: run(spec, "grid"))
@@ -158,10 +159,10 @@ def test_grid_is_one_program_and_matches_each_configuration_alone(tmp_path):
     # Alone: the shortest rank set unpadded, the paper reward, a large delta.
     for point in (sweep.Point(0.9, 0.4, 0.3, (4, 8), "paper"),
                   sweep.Point(0.99, 0.1, 0.01, (2, 4, 8, 16), "log")):
-        alone_spec = sweep.spec_from_dict({
+        alone_spec = sweep_from_dict({
             **GRID["sweep"], "discount": [point.discount], "delta": [point.delta],
             "exploration": [point.exploration], "rank_choices": [list(point.rank_choices)],
-            "reward": [point.reward]}, cfg)
+            "reward": [point.reward]})
         alone = run(alone_spec, "alone")["results"][0]
         mine = by_label[point.label]
         for key in ("cumulative_reward", "waiting_time_s"):
@@ -171,7 +172,7 @@ def test_grid_is_one_program_and_matches_each_configuration_alone(tmp_path):
                 np.testing.assert_allclose(np.array(mine["curves"][key][t], float),
                                            np.array(alone["curves"][key][t], float),
                                            rtol=1e-5, err_msg=key)
-        if set(point.rank_choices) == set(spec.all_ranks):  # same regret arm grid
+        if set(point.rank_choices) == set(sweep.all_ranks(spec)):  # same regret arm grid
             np.testing.assert_allclose(mine["regret"], alone["regret"], rtol=1e-4, atol=1e-6)
     # The configurations really differ (the grid is not one configuration repeated).
     assert len({round(r["cumulative_reward"], 9) for r in doc["results"]}) > 16
@@ -437,19 +438,19 @@ def test_sweep_spec_grid_random_and_errors(tmp_path):
         "sweep": {"discount": [0.9, 0.99, 1.0], "exploration": [0.01, 0.1],
                   "rank_choices": [[2, 4], [4, 8, 16]], "reward": ["log", "paper"],
                   "fleets": ["high", {"agx": 1, "tx2": 2}]}}))
-    cfg, spec = sweep.load_sweep(path)
-    assert cfg.federation.num_devices == 10 and spec.all_ranks == (2, 4, 8, 16)
-    points = spec.points(0)
+    cfg, spec = load_sweep(path)
+    assert cfg.federation.num_devices == 10 and sweep.all_ranks(spec) == (2, 4, 8, 16)
+    points = sweep.points(spec, 0)
     assert len(points) == 3 * 2 * 2 * 2 and len(set(points)) == len(points)
     assert [f.name for f in spec.fleets] == ["high", "agx=1,tx2=2"]
-    assert spec.fleets[1].build(cfg).num_devices == 3
+    assert sweep.build_fleet(spec.fleets[1], cfg).num_devices == 3
     pcfg = points[-1].config(cfg)
     assert pcfg.lora.rank_choices == (4, 8, 16) and pcfg.lora.rank == 16
     assert pcfg.bandit.reward == "paper" and pcfg.bandit.discount == 1.0
-    _, rnd = sweep.load_sweep(path, ["sweep.search=random", "sweep.samples=5"])
-    picked = rnd.points(0)
-    assert len(picked) == 5 and set(picked) <= set(points) and picked == rnd.points(0)
-    assert picked != rnd.points(1)
+    _, rnd = load_sweep(path, ["sweep.search=random", "sweep.samples=5"])
+    picked = sweep.points(rnd, 0)
+    assert len(picked) == 5 and set(picked) <= set(points) and picked == sweep.points(rnd, 0)
+    assert picked != sweep.points(rnd, 1)
     for bad, match in [("sweep.colour=1", "sweep.colour"),
                        ("sweep.reward=[log, best]", "sweep.reward"),
                        ("sweep.fleets=[{agx: 1, orin: 2}]", "orin"),
@@ -457,9 +458,9 @@ def test_sweep_spec_grid_random_and_errors(tmp_path):
                        ("sweep.discount=[1.5]", "sweep.discount"),
                        ("sweep.seeds=0", "sweep.seeds")]:
         with pytest.raises(ConfigError, match=match):
-            sweep.load_sweep(path, [bad])
+            load_sweep(path, [bad])
     with pytest.raises(ConfigError, match="federation.bogus"):
-        sweep.load_sweep(path, ["federation.bogus=1"])
+        load_sweep(path, ["federation.bogus=1"])
 
 
 def test_random_search_over_continuous_ranges():
@@ -468,10 +469,10 @@ def test_random_search_over_continuous_ranges():
            "discount": {"low": 0.9, "high": 1.0}, "delta": [0.1, 0.2],
            "exploration": {"low": 1e-3, "high": 1.0, "log": True},
            "rank_choices": [[2, 4], [4, 8, 16]], "reward": ["log", "paper"]}
-    spec = sweep.spec_from_dict(raw, cfg)
-    assert spec.exploration == sweep.Range(1e-3, 1.0, True)
-    points = spec.points(0)
-    assert len(points) == 400 and points == spec.points(0) and points != spec.points(1)
+    spec = sweep_from_dict(raw)
+    assert spec.exploration == Range(1e-3, 1.0, True)
+    points = sweep.points(spec, 0)
+    assert len(points) == 400 and points == sweep.points(spec, 0) and points != sweep.points(spec, 1)
     disc = np.array([p.discount for p in points])
     expl = np.array([p.exploration for p in points])
     assert disc.min() >= 0.9 and disc.max() <= 1.0 and abs(disc.mean() - 0.95) < 0.01
@@ -490,15 +491,15 @@ def test_random_search_over_continuous_ranges():
                        ({**raw, "delta": {"low": 0.1, "hi": 0.2}}, "sweep.delta"),
                        ({**raw, "discount": {"low": 0.5, "high": 1.5}}, "sweep.discount")]:
         with pytest.raises(ConfigError, match=match):
-            sweep.spec_from_dict(bad, cfg)
+            sweep_from_dict(bad)
 
 
 def test_sweep_config_file_is_valid(tiny_config_path):
-    cfg, spec = sweep.load_sweep(tiny_config_path.parent / "sweep.yaml")
-    points = spec.points(cfg.federation.seed)
+    cfg, spec = load_sweep(tiny_config_path.parent / "sweep.yaml")
+    points = sweep.points(spec, cfg.federation.seed)
     assert len(points) >= 8 and spec.seeds >= 2 and spec.env == ""
     for f in spec.fleets:
-        assert f.build(cfg).num_devices == cfg.federation.num_devices
+        assert sweep.build_fleet(f, cfg).num_devices == cfg.federation.num_devices
     assert {pt.config(cfg).bandit.reward for pt in points} == {"log", "paper"}
     # The shipped sweep keeps our schedule floor (the default arm space is the paper's).
     assert cfg.bandit.arm_space == "floor"
