@@ -421,7 +421,8 @@ def _summarise(point: Point, cells: list[dict], fleets: list[FleetSpec]) -> dict
 
 
 def run_sweep(cfg: Config, spec: SweepConfig, env: sweep_env.EnvParams, out: str | Path,
-              env_name: str = "builtin", progress: bool = True) -> dict:
+              env_name: str = "builtin", progress: bool = True,
+              chunk_agents: int = CHUNK_AGENTS) -> dict:
     """Run every configuration of ``spec`` on its seeds x fleets; write ``out``.
 
     Args:
@@ -431,6 +432,8 @@ def run_sweep(cfg: Config, spec: SweepConfig, env: sweep_env.EnvParams, out: str
         out: output directory (created; files are overwritten).
         env_name: how the results name the environment (a file name, not a path).
         progress: show a tqdm bar over the chunks of cells.
+        chunk_agents: most agents (cells x devices) per chunk of the program (an
+            accelerator wants more than a CPU: its memory, not its cores, bounds it).
 
     Returns:
         The ``results.json`` content plus a ``timing`` entry (not written to the file, so
@@ -461,7 +464,7 @@ def run_sweep(cfg: Config, spec: SweepConfig, env: sweep_env.EnvParams, out: str
         mine = [fi for fi, (_, fl) in enumerate(fleets) if fl.num_devices == n]
         cell_ids = [(c, s, fi) for c in range(len(configs)) for s in range(spec.seeds)
                     for fi in mine]
-        chunk = min(len(cell_ids), max(1, CHUNK_AGENTS // n))
+        chunk = min(len(cell_ids), max(1, chunk_agents // n))
         chunk += (-chunk) % mesh.size
         plan.append((n, cell_ids, chunk))
     bar = None
