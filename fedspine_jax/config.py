@@ -732,7 +732,14 @@ def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] =
                ) -> tuple[Config, SweepConfig]:
     """A config file with an optional ``sweep:`` section: the base :class:`Config` of every
     cell (its other sections) and the :class:`SweepConfig`. ``--set`` overrides apply to
-    both, e.g. ``--set sweep.seeds=8``."""
+    both, e.g. ``--set sweep.seeds=8``. A relative ``sweep.env`` names a file beside the
+    config file (a shipped sweep's fitted environment) or, failing that, in the current
+    directory."""
     raw = apply_overrides(read_config(path) if path is not None else {}, overrides)
     sweep_raw = raw.pop("sweep", None)
-    return from_dict(_absolute_paths(raw)), sweep_from_dict(sweep_raw)
+    spec = sweep_from_dict(sweep_raw)
+    if spec.env and path is not None and not Path(spec.env).is_absolute():
+        beside = config_path(path).parent / spec.env
+        if beside.is_file():
+            spec = dataclasses.replace(spec, env=str(beside))
+    return from_dict(_absolute_paths(raw)), spec

@@ -497,7 +497,15 @@ def test_random_search_over_continuous_ranges():
 def test_sweep_config_file_is_valid(tiny_config_path):
     cfg, spec = load_sweep(tiny_config_path.parent / "sweep.yaml")
     points = sweep.points(spec, cfg.federation.seed)
-    assert len(points) >= 8 and spec.seeds >= 2 and spec.env == ""
+    assert len(points) >= 8 and spec.seeds >= 2
+    # Calibrated on the paper-regime comparison: the fitted surfaces ship beside the config,
+    # and the sweep's clock is that run's (same hardware knobs, same compute scale).
+    fitted = json.loads(open(spec.env).read())
+    assert fitted["fit"]["source"] == "fedspine" and sweep_env.load_params(spec.env)
+    hw = sweep_env.Hardware.from_config(cfg)
+    assert hw.compute_scale > 1 and cfg.devices.clock == "paper_regime"
+    for k, v in fitted["fit"]["hardware"].items():
+        assert getattr(hw, k) == pytest.approx(v, rel=1e-9), k
     for f in spec.fleets:
         assert sweep.build_fleet(f, cfg).num_devices == cfg.federation.num_devices
     assert {pt.config(cfg).bandit.reward for pt in points} == {"log", "paper"}
