@@ -41,9 +41,10 @@ def surface(p, rank_index, num_ranks):
 class NumpyAgent:
     """One S-UCB agent in NumPy (float32), the same algorithm as ``fedspine_jax.bandit``."""
 
-    def __init__(self, params: bandit.BanditParams):
-        self.prm = params
-        c, k = params.capacity, len(params.rank_choices)
+    def __init__(self, cfg: Config):
+        self.prm = params = bandit.BanditParams.from_config(cfg)
+        self.capacity = c = int(cfg.bandit.capacity)
+        k = int(params.num_ranks)
         self.u_lo = np.zeros(c, np.float32)
         self.u_hi = np.zeros(c, np.float32)
         self.u_hi[0] = 1.0
@@ -59,7 +60,7 @@ class NumpyAgent:
         self.round += 1
         target = f32(prm.target_ratio)
         p_lo = self.last_p
-        if prm.arm_space == "floor":
+        if prm.floor:
             frac = min(f32(self.round) / f32(prm.target_round), f32(1.0))
             floor = target if frac >= 1.0 else f32(target * f32(frac))
             p_lo = max(self.last_p, floor)
@@ -80,9 +81,9 @@ class NumpyAgent:
         p = f32(min(max(f32(p_lo + f32(u * head)), p_lo), p_hi))
         p_scale = f32(1.0 / prm.target_ratio) if prm.target_ratio > 0 else f32(0.0)
         side_u = f32(f32(u_hi - u_lo) * head) * p_scale
-        side_b = f32(span) / f32(len(prm.rank_choices)) if span > 1 else f32(0.0)
+        side_b = f32(span) / f32(prm.num_ranks) if span > 1 else f32(0.0)
         self.leaf = j
-        if (side_u * side_u + side_b * side_b > f32(prm.delta) ** 2 and live < prm.capacity
+        if (side_u * side_u + side_b * side_b > f32(prm.delta) ** 2 and live < self.capacity
                 and self.count[j] > 1e-30):
             m = live
             for arr in (self.u_lo, self.u_hi, self.b_lo, self.b_hi):
@@ -109,11 +110,11 @@ class NumpyAgent:
         self.rsum[self.leaf] += lam * np.float32(reward)
 
 
-def run_numpy(params, draws_tad):
+def run_numpy(cfg, draws_tad):
     """Run ``A`` NumPy agents on draws ``(T, A, 2)``; returns p ``(T, A)`` and ranks."""
     t_, a_, _ = draws_tad.shape
-    k = len(params.rank_choices)
-    agents = [NumpyAgent(params) for _ in range(a_)]
+    k = len(cfg.lora.rank_choices)
+    agents = [NumpyAgent(cfg) for _ in range(a_)]
     p_out = np.zeros((t_, a_), np.float32)
     r_out = np.zeros((t_, a_), np.int32)
     for t in range(t_):
@@ -166,7 +167,7 @@ def check_agreement(cfg: Config, num_agents: int, rounds: int, key) -> dict:
     init_key, _ = jax.random.split(key)
     state0 = bandit.init(cfg, num_agents, init_key)
     draws = np.stack([np.asarray(bandit.arm_draws(state0, kt)) for kt in keys])
-    p_np, r_np = run_numpy(state.params, draws)
+    p_np, r_np = run_numpy(cfg, draws)
     p, r = np.asarray(p), np.asarray(r)
     ranks_equal = bool(np.array_equal(r, r_np))
     max_dp = float(np.max(np.abs(p - p_np)))
@@ -203,12 +204,11 @@ def main() -> None:
     _, fleets_best = time_best(fleets_run, key, args.repeats)
     fleets_rate = args.fleets * per_fleet * args.rounds / fleets_best
 
-    params = bandit.BanditParams.from_config(cfg)
     draws = np.random.default_rng(0).random((args.rounds, args.ref_agents, 2), np.float32)
     np_s = float("inf")
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        run_numpy(params, draws)
+        run_numpy(cfg, draws)
         np_s = min(np_s, time.perf_counter() - t0)
     np_rate = args.ref_agents * args.rounds / np_s
 

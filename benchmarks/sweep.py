@@ -14,6 +14,14 @@ reward are checked against ``sweep_env`` and ``bandit.reward`` on random arms.
 
     python benchmarks/sweep.py [--cells 64] [--agents 100] [--rounds 100] [--ref-agents 20]
 
+``--end-to-end`` instead times whole sweeps (:func:`fedspine_jax.sweep.run_sweep`,
+compilation, result files and plots included): the shipped grid (``configs/sweep.yaml``)
+against its peer, a sweep of the grid's first configuration alone over the same seeds,
+fleets and rounds (target: at most 3x its wall time); then, unless ``--random 0``, a random
+sweep of ``--random`` configurations drawn from continuous ranges with ``--random-seeds``
+seeds (1,000 x 25 seeds x 2 fleets of 20 devices x 100 rounds = 1e8 agent-rounds; target:
+at most 5 minutes on a 2-core CPU).
+
 Prints one JSON object.
 """
 
@@ -35,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from fedspine_jax import bandit, sweep, sweep_env
 from fedspine_jax import heterogeneity as het
-from fedspine_jax.config import Config, replace
+from fedspine_jax.config import Config, load_sweep, replace
 
 
 def _numpy_agent_class():
@@ -85,13 +93,12 @@ def numpy_log_reward(loss, dp, imp, times, cfg: Config) -> np.ndarray:
 def run_numpy(cfg, env, hw, fleet, rounds, seed=0):
     """A fleet of NumPy agents, one Python iteration per agent and round."""
     agent_cls = _numpy_agent_class()
-    params = bandit.BanditParams.from_config(cfg)
     n = fleet.num_devices
     rng = np.random.default_rng(seed)
     draws = rng.random((rounds, n, 2), np.float32)
     z = rng.standard_normal((rounds, n, 5))
     modes = np.stack([het.power_modes(fleet, t) for t in range(rounds)])  # host-side, cheap
-    agents = [agent_cls(params) for _ in range(n)]
+    agents = [agent_cls(cfg) for _ in range(n)]
     peer_env = NumpyEnv(env, hw)
     types, groups = fleet.device_type.tolist(), fleet.distance_group.tolist()
     total = 0.0
@@ -116,8 +123,8 @@ def check_peer(cfg, env, hw) -> dict:
     n = 64
     k = rng.integers(0, 3, n).astype(np.int32)
     g = rng.integers(0, 4, n).astype(np.int32)
-    mode = np.minimum((rng.random(n) * sweep_env.NUM_MODES[k]).astype(np.int32),
-                      sweep_env.NUM_MODES[k] - 1)
+    mode = np.minimum((rng.random(n) * het.NUM_MODES[k]).astype(np.int32),
+                      het.NUM_MODES[k] - 1)
     p = rng.uniform(0, 0.5, n).astype(np.float32)
     r = rng.choice([2, 4, 8, 16], n).astype(np.int32)
     t = 7
@@ -150,6 +157,52 @@ def best_time(fn, args, repeats):
     return first, best
 
 
+def end_to_end(args) -> dict:
+    """Wall time of whole sweeps: the shipped grid, one configuration, a random sweep."""
+    import tempfile
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "sweep.yaml"
+    env = sweep_env.default_params()
+
+    def run(overrides: list[str]) -> dict:
+        cfg, spec = load_sweep(config, overrides)
+        with tempfile.TemporaryDirectory() as out:
+            t = sweep.run_sweep(cfg, spec, env, out, progress=False,
+                                chunk_agents=args.chunk_agents)["timing"]
+        return {"configurations": len(sweep.points(spec, cfg.federation.seed)),
+                "agent_rounds": t["agent_rounds"], "wall_s": round(t["wall_s"], 2),
+                "agent_rounds_per_s": round(t["agent_rounds"] / t["wall_s"]),
+                "programs": t["programs"]}
+
+    out = {"chunk_agents": args.chunk_agents}
+    if not args.random_only:
+        out |= grid_vs_one(run, config)
+    if args.random:
+        rnd = run(["sweep.search=random", f"sweep.samples={args.random}",
+                   f"sweep.seeds={args.random_seeds}",
+                   "sweep.discount={low: 0.9, high: 1.0}",
+                   "sweep.delta={low: 0.05, high: 0.4}",
+                   "sweep.exploration={low: 0.001, high: 1.0, log: true}"])
+        out |= {"random": rnd, "target_5min_met": rnd["wall_s"] <= 300,
+                "target_1e8_agent_rounds": rnd["agent_rounds"] >= 1e8,
+                "target_gpu_1e8_per_s_met": rnd["agent_rounds_per_s"] >= 1e8}
+    return out
+
+
+def grid_vs_one(run, config) -> dict:
+    """The shipped grid against a sweep of its first configuration alone."""
+    _, grid_spec = load_sweep(config)
+    first = sweep.points(grid_spec, 0)[0]
+    one = run([f"sweep.discount=[{first.discount}]", f"sweep.delta=[{first.delta}]",
+               f"sweep.exploration=[{first.exploration}]",
+               f"sweep.rank_choices=[{list(first.rank_choices)}]",
+               f"sweep.reward=[{first.reward}]"])
+    grid = run([])
+    return {"one_configuration": one, "shipped_grid": grid,
+            "grid_over_one_wall": round(grid["wall_s"] / one["wall_s"], 2),
+            "target_3x_met": grid["wall_s"] <= 3 * one["wall_s"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cells", type=int, default=64, help="cells (fleets) under jax.vmap")
@@ -159,7 +212,22 @@ def main() -> None:
     ap.add_argument("--ref-rounds", type=int, default=50)
     ap.add_argument("--u-grid", type=int, default=11)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--end-to-end", action="store_true",
+                    help="time whole sweeps (shipped grid vs one configuration, random sweep)")
+    ap.add_argument("--random", type=int, default=1000,
+                    help="configurations of the random end-to-end sweep (0: skip it)")
+    ap.add_argument("--random-seeds", type=int, default=25)
+    ap.add_argument("--random-only", action="store_true",
+                    help="with --end-to-end: skip the grid vs one-configuration pair")
+    ap.add_argument("--chunk-agents", type=int, default=sweep.CHUNK_AGENTS,
+                    help="most agents per chunk of a sweep program (larger on a GPU)")
     args = ap.parse_args()
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on "
+               f"{len(jax.devices())} x {jax.devices()[0].platform}")
+    if args.end_to_end:
+        print(json.dumps({"benchmark": "sweep_end_to_end", "machine": machine,
+                          **end_to_end(args)}, indent=2))
+        return
 
     cfg = replace(Config(), federation={"num_devices": args.agents, "rounds": args.rounds},
                   pruning={"target_ratio": 0.5, "target_round": max(1, args.rounds // 3)},
@@ -179,16 +247,19 @@ def main() -> None:
     env_d = jax.device_put(env, rep)
     work = cells * args.agents * args.rounds
 
-    loop = jax.jit(jax.vmap(lambda e, d, g, k: sweep.rollout(cfg, cfg, e, hw, d, g, k,
+    prm = bandit.BanditParams.from_config(cfg)
+    loop = jax.jit(jax.vmap(lambda e, d, g, k: sweep.rollout(cfg, prm, prm, e, hw, d, g, k,
                                                              args.rounds),
                             in_axes=(None, 0, 0, 0)),
                    in_shardings=(rep, shard, shard, shard), out_shardings=shard)
     loop_first, loop_best = best_time(loop, (env_d, types, groups, keys), args.repeats)
 
     arm_u = tuple(float(u) for u in np.linspace(0, 1, args.u_grid))
-    full = sweep.group_program(cfg, cfg, hw, arm_u, tuple(cfg.lora.rank_choices), args.rounds,
+    full = sweep.group_program(cfg, hw, arm_u, tuple(cfg.lora.rank_choices), args.rounds,
                                mesh)
-    full_first, full_best = best_time(full, (env_d, types, groups, keys), args.repeats)
+    prm_cells = jax.device_put(jax.tree.map(lambda x: np.repeat(x[None], cells, 0), prm), shard)
+    full_first, full_best = best_time(full, (env_d, prm_cells, prm_cells, types, groups, keys),
+                                      args.repeats)
 
     ref_cfg = replace(cfg, federation={"num_devices": args.ref_agents})
     ref_fleet = het.build_fleet(ref_cfg)

@@ -95,7 +95,6 @@ sliced to one agent) draws exactly what it draws inside its fleet.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -131,51 +130,81 @@ DP_FLOOR_MIN = 1e-6
 _F32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class BanditParams:
-    """The static (hashable) part of an S-UCB agent, taken from :class:`Config`.
+    """The hyperparameters of S-UCB agents, as array leaves (taken from :class:`Config`).
+
+    Every field is an array, not static metadata, so agents of different configurations
+    share one traced program: a sweep stacks the params of its configurations along a
+    leading axis and ``jax.vmap`` s over it (issue 21). A fleet's params are scalars (one
+    configuration for all its agents); rank sets of different sizes are padded to one
+    length ``K`` with copies of their last rank and carry their valid count.
 
     Attributes:
-        capacity: leaf slots per agent (``bandit.capacity``).
-        discount: lambda of Eq. 4-5 (``bandit.discount``).
-        delta: regions are split while their normalised diameter exceeds it.
-        exploration: scale of the padding c_t of Eq. 5 (1.0 is the paper's).
-        rank_choices: the ranks an agent may assign, sorted (``lora.rank_choices``).
-        target_ratio: pruning ratio every device reaches (``pruning.target_ratio``).
-        target_round: round by which it is reached (``pruning.target_round``); only
-            the ``"floor"`` arm space enforces it.
-        arm_space: ``"paper"`` (``[p^{t-1}, target]``) or ``"floor"`` (with our schedule
-            floor); ``bandit.arm_space``, see the module note.
+        discount: float32 ``()``: lambda of Eq. 4-5 (``bandit.discount``).
+        delta: float32 ``()``: regions are split while their normalised diameter exceeds it.
+        exploration: float32 ``()``: scale of the padding c_t of Eq. 5 (1.0 is the paper's).
+        rank_choices: int32 ``(K,)``: the ranks an agent may assign, sorted
+            (``lora.rank_choices``), padded with the last rank.
+        num_ranks: int32 ``()``: valid entries of ``rank_choices``.
+        target_ratio: float32 ``()``: pruning ratio every device reaches
+            (``pruning.target_ratio``).
+        target_round: int32 ``()``: round by which it is reached (``pruning.target_round``);
+            only the ``"floor"`` arm space enforces it.
+        floor: bool ``()``: the ``"floor"`` arm space (with our schedule floor) rather than
+            the ``"paper"`` one (``[p^{t-1}, target]``); ``bandit.arm_space``, module note.
+        log_reward: bool ``()``: Eq. 3's ``"log"`` variant rather than ``"paper"``
+            (``bandit.reward``, :func:`reward`).
+        dp_floor: float32 ``()``: the floor of Eq. 3's ``dp`` (:func:`reward`), computed
+            from the pruning schedule in float64.
     """
 
-    capacity: int
-    discount: float
-    delta: float
-    exploration: float
-    rank_choices: tuple[int, ...]
-    target_ratio: float
-    target_round: int
-    arm_space: str
+    discount: jax.Array
+    delta: jax.Array
+    exploration: jax.Array
+    rank_choices: jax.Array
+    num_ranks: jax.Array
+    target_ratio: jax.Array
+    target_round: jax.Array
+    floor: jax.Array
+    log_reward: jax.Array
+    dp_floor: jax.Array
 
     @classmethod
-    def from_config(cls, cfg: Config) -> BanditParams:
-        return cls(capacity=int(cfg.bandit.capacity), discount=float(cfg.bandit.discount),
-                   delta=float(cfg.bandit.delta), exploration=float(cfg.bandit.exploration),
-                   rank_choices=tuple(int(r) for r in cfg.lora.rank_choices),
-                   target_ratio=float(cfg.pruning.target_ratio),
-                   target_round=int(cfg.pruning.target_round),
-                   arm_space=str(cfg.bandit.arm_space))
+    def from_config(cls, cfg: Config, num_ranks: int | None = None) -> BanditParams:
+        """The params of ``cfg`` (host arrays), the rank set padded to ``num_ranks``.
+
+        Args:
+            cfg: the experiment config (``bandit``, ``lora.rank_choices``, ``pruning``).
+            num_ranks: length ``K`` of the padded rank set (default: the set's own size).
+        """
+        ranks = [int(r) for r in cfg.lora.rank_choices]
+        k = len(ranks) if num_ranks is None else int(num_ranks)
+        if k < len(ranks):
+            raise ValueError(f"num_ranks={k} is shorter than the rank set {ranks}")
+        target, rounds = float(cfg.pruning.target_ratio), int(cfg.pruning.target_round)
+        dp_floor = max(target / rounds, DP_FLOOR_MIN) if target > 0 else 1.0
+        return cls(discount=np.float32(cfg.bandit.discount),
+                   delta=np.float32(cfg.bandit.delta),
+                   exploration=np.float32(cfg.bandit.exploration),
+                   rank_choices=np.array(ranks + ranks[-1:] * (k - len(ranks)), np.int32),
+                   num_ranks=np.int32(len(ranks)), target_ratio=np.float32(target),
+                   target_round=np.int32(rounds),
+                   floor=np.bool_(cfg.bandit.arm_space == "floor"),
+                   log_reward=np.bool_(cfg.bandit.reward == "log"),
+                   dp_floor=np.float32(dp_floor))
 
 
 @struct.dataclass
 class BanditState:
     """S-UCB agents of a fleet: arrays only, leading axis = agents (``A``), ``C`` = capacity.
 
-    The static :class:`BanditParams` ride in the pytree's structure (not as leaves), so the
-    state goes through ``jax.jit`` / ``jax.vmap`` / ``lax.scan`` and orbax as plain arrays.
+    The state is a pytree of arrays only, so it goes through ``jax.jit`` / ``jax.vmap`` /
+    ``lax.scan`` as plain arrays; the capacity ``C`` is the shape of its slot arrays.
 
     Attributes:
-        params: static configuration (pytree metadata).
+        params: the fleet's :class:`BanditParams` (scalar leaves, shared by its agents; not
+            part of a checkpoint, they come from the config).
         round: int32 ``(A,)``: rounds decided so far (the last ``select`` was round ``round``).
         last_p: float32 ``(A,)``: the pruning ratio p^{t-1} chosen last (0 before round 1).
         last_u: float32 ``(A,)``: normalised p-coordinate of the last arm, the fraction of
@@ -189,7 +218,7 @@ class BanditState:
         reward_sum: float32 ``(A, C)``: discounted reward sum, numerator of Eq. 4.
     """
 
-    params: BanditParams = struct.field(pytree_node=False)
+    params: BanditParams
     round: jax.Array
     last_p: jax.Array
     last_u: jax.Array
@@ -204,19 +233,24 @@ class BanditState:
     reward_sum: jax.Array
 
 
-def init(cfg: Config, num_agents: int, key: jax.Array) -> BanditState:
+def init(cfg: Config, num_agents: int, key: jax.Array,
+         params: BanditParams | None = None) -> BanditState:
     """Fresh agents, each with one unvisited root region covering the whole arm space.
 
     Args:
-        cfg: the experiment config (``bandit``, ``lora.rank_choices``, ``pruning``).
+        cfg: the experiment config (``bandit.capacity``; the params' sections).
         num_agents: number of agents ``A`` (one per device).
         key: PRNG key; fixes the agents' random stream ids.
+        params: the agents' hyperparameters (default ``BanditParams.from_config(cfg)``);
+            a sweep passes one configuration of its stack (traced under ``jax.vmap``).
 
     Returns:
         A :class:`BanditState` with leading axis ``A``.
     """
-    params = BanditParams.from_config(cfg)
-    a, c = int(num_agents), params.capacity
+    if params is None:
+        params = BanditParams.from_config(cfg)
+    params = jax.tree.map(jnp.asarray, params)
+    a, c = int(num_agents), int(cfg.bandit.capacity)
     base = jax.random.bits(key, (), jnp.uint32)
     zeros_f = jnp.zeros((a, c), jnp.float32)
     zeros_i = jnp.zeros((a, c), jnp.int32)
@@ -232,8 +266,7 @@ def init(cfg: Config, num_agents: int, key: jax.Array) -> BanditState:
         u_lo=zeros_f,
         u_hi=jnp.broadcast_to(root.astype(jnp.float32), (a, c)),
         b_lo=zeros_i,
-        b_hi=jnp.broadcast_to(jnp.where(root, len(params.rank_choices), 0).astype(jnp.int32),
-                              (a, c)),
+        b_hi=jnp.broadcast_to(jnp.where(root, params.num_ranks, 0).astype(jnp.int32), (a, c)),
         count=zeros_f,
         reward_sum=zeros_f,
     )
@@ -246,13 +279,11 @@ def _p_range(params: BanditParams, t: jax.Array, last_p: jax.Array
     ``p_lo = p^{t-1}`` for the ``"paper"`` arm space, ``max(p^{t-1}, floor_t)`` with the
     schedule floor ``floor_t = target * min(t / target_round, 1)`` for ``"floor"``.
     """
-    target = jnp.float32(params.target_ratio)
-    p_lo = last_p
-    if params.arm_space == "floor":
-        frac = jnp.minimum(t.astype(jnp.float32) / params.target_round, 1.0)
-        # At frac == 1 the floor is exactly `target` (no rounding), so p hits the target.
-        floor = jnp.where(frac >= 1.0, target, target * frac)
-        p_lo = jnp.maximum(last_p, floor)
+    target = params.target_ratio
+    frac = jnp.minimum(t.astype(jnp.float32) / params.target_round.astype(jnp.float32), 1.0)
+    # At frac == 1 the floor is exactly `target` (no rounding), so p hits the target.
+    floor = jnp.where(frac >= 1.0, target, target * frac)
+    p_lo = jnp.where(params.floor, jnp.maximum(last_p, floor), last_p)
     return p_lo, jnp.maximum(target, p_lo)
 
 
@@ -310,7 +341,7 @@ def _first_argmax(x: jax.Array) -> jax.Array:
 def _select_agent(params: BanditParams, s: BanditState, draw: jax.Array
                   ) -> tuple[BanditState, jax.Array, jax.Array]:
     """Algorithm 1 lines 2-10 for one agent (fields unbatched: scalars and ``(C,)``)."""
-    cap, k = params.capacity, len(params.rank_choices)
+    cap, k = s.count.shape[-1], params.num_ranks
     t = s.round + 1
     p_lo, p_hi = _p_range(params, t, s.last_p)
     headroom = p_hi - p_lo
@@ -326,13 +357,14 @@ def _select_agent(params: BanditParams, s: BanditState, draw: jax.Array
     span = b_hi - b_lo
     b = b_lo + jnp.minimum(jnp.floor(draw[1] * span).astype(jnp.int32), span - 1)
     p = jnp.clip(p_lo + u * headroom, p_lo, p_hi)
-    r = jnp.asarray(params.rank_choices, jnp.int32)[b]
+    r = params.rank_choices[b]
 
     # Lines 7-10: split into halves along the longer normalised side while the diameter
     # exceeds delta and a free slot remains, once the region holds an observation.
-    p_scale = 1.0 / params.target_ratio if params.target_ratio > 0 else 0.0
+    positive = params.target_ratio > 0
+    p_scale = jnp.where(positive, 1.0 / jnp.where(positive, params.target_ratio, 1.0), 0.0)
     side_u = (u_hi - u_lo) * headroom * p_scale
-    side_b = jnp.where(span > 1, span.astype(jnp.float32) / k, 0.0)
+    side_b = jnp.where(span > 1, span.astype(jnp.float32) / k.astype(jnp.float32), 0.0)
     split = ((side_u * side_u + side_b * side_b > params.delta * params.delta)
              & (s.num_leaves < cap) & (n_j > _MIN_COUNT))
     along_b = side_b >= side_u
@@ -388,7 +420,10 @@ def select(state: BanditState, key: jax.Array) -> tuple[BanditState, jax.Array, 
         LoRA ranks int32 ``(A,)``.
     """
     draws = arm_draws(state, key)
-    return jax.vmap(functools.partial(_select_agent, state.params))(state, draws)
+    params = state.params
+    out, p, r = jax.vmap(functools.partial(_select_agent, params))(
+        state.replace(params=None), draws)
+    return out.replace(params=params), p, r
 
 
 @jax.jit
@@ -408,8 +443,8 @@ def update(state: BanditState, reward: jax.Array) -> BanditState:
     Returns:
         The state with updated ``count`` and ``reward_sum``.
     """
-    lam = jnp.float32(state.params.discount)
-    hit = jnp.arange(state.params.capacity) == state.last_leaf[:, None]
+    lam = state.params.discount
+    hit = jnp.arange(state.count.shape[-1]) == state.last_leaf[:, None]
     r = jnp.asarray(reward, jnp.float32)[:, None]
     reward_sum = lam * (state.reward_sum + jnp.where(hit, r, 0.0))
     return state.replace(count=lam * (state.count + hit.astype(jnp.float32)),
@@ -417,7 +452,7 @@ def update(state: BanditState, reward: jax.Array) -> BanditState:
 
 
 def reward(loss_drop: jax.Array, delta_p: jax.Array, importance: jax.Array,
-           times: jax.Array, cfg: Config) -> jax.Array:
+           times: jax.Array, params: BanditParams | Config) -> jax.Array:
     """Eq. 3, ``R_i = dF_i * dp_i * I(B_i^total) / dT_i``, for all devices of a round.
 
     ``dT_i = |T_i - mean_j T_j|`` (the mean over the last axis, i.e. over the devices of
@@ -436,7 +471,7 @@ def reward(loss_drop: jax.Array, delta_p: jax.Array, importance: jax.Array,
       ``DP_FLOOR_MIN``; so no finite input gives Inf or NaN, and inputs inside the limit
       give the same numbers as without the clip.
 
-    ``cfg.bandit.reward == "log"`` compresses every factor with ``log1p`` after making the
+    The ``"log"`` variant (``bandit.reward``, ``params.log_reward``) compresses every factor with ``log1p`` after making the
     two dimensioned ones relative: ``R = slog(dF) * log1p(I) * log1p(dp / dp_floor)
     / log1p((dT + eps) / eps)`` with ``slog(x) = sign(x) log1p(|x|)`` (a loss increase
     stays a penalty) and ``I`` clipped at 0. The ``dp`` and ``dT`` factors are then
@@ -448,24 +483,27 @@ def reward(loss_drop: jax.Array, delta_p: jax.Array, importance: jax.Array,
         delta_p: ``(..., N)`` pruning step ``p_i^t - p_i^{t-1}``.
         importance: ``(..., N)`` LoRA importance ``I(B_i^total)`` of Eq. 14.
         times: ``(..., N)`` completion times ``T_i`` (seconds).
-        cfg: the experiment config (``bandit.reward``, ``pruning``).
+        params: the agents' :class:`BanditParams` (``log_reward``, ``dp_floor``; scalar
+            leaves, possibly traced), or the experiment config they come from.
 
     Returns:
         float32 ``(..., N)``, finite for finite inputs.
     """
+    if isinstance(params, Config):
+        params = BanditParams.from_config(params)
     loss_drop, delta_p, importance, times = map(
         _bounded, (loss_drop, delta_p, importance, times))
-    target, rounds = cfg.pruning.target_ratio, cfg.pruning.target_round
-    dp_floor = max(target / rounds, DP_FLOOR_MIN) if target > 0 else 1.0
+    dp_floor = jnp.asarray(params.dp_floor, jnp.float32)
     dp = jnp.maximum(delta_p, dp_floor)
     mean_t = jnp.mean(times, axis=-1, keepdims=True)
     eps = jnp.maximum(TIME_EPS_REL * mean_t, TIME_EPS_ABS)
     dt = jnp.abs(times - mean_t) + eps
-    if cfg.bandit.reward == "paper":
-        return loss_drop * dp * importance / dt
+    paper = loss_drop * dp * importance / dt
     slog_f = jnp.sign(loss_drop) * jnp.log1p(jnp.abs(loss_drop))
-    return (slog_f * jnp.log1p(jnp.maximum(importance, 0.0)) * jnp.log1p(dp / dp_floor)
-            / jnp.log1p(dt / eps))
+    log = (slog_f * jnp.log1p(jnp.maximum(importance, 0.0)) * jnp.log1p(dp / dp_floor)
+           / jnp.log1p(dt / eps))
+    # A traced switch (both variants are cheap), so the variant is data, not a program.
+    return jnp.where(params.log_reward, log, paper)
 
 
 def _bounded(x) -> jax.Array:

@@ -117,7 +117,7 @@ def state_to_tree(state: FederationState) -> dict:
 
 
 def state_from_tree(t: dict, fed: Federation) -> FederationState:
-    """Inverse of :func:`state_to_tree` (the bandit's static params come from the config).
+    """Inverse of :func:`state_to_tree` (the bandit's params come from the config).
 
     Raises:
       RunDirError: a checkpoint written before the devices' records moved into the state

@@ -601,3 +601,199 @@ def replace(cfg: Config, **sections: dict) -> Config:
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------- sweeps
+# ``fedspine sweep`` reads a config file whose ``sweep:`` section is the search space and
+# whose other sections are the base :class:`Config` of every cell (fedspine_jax.sweep). The
+# sweep section is not part of :class:`Config` (a run's config, its digest and its resume
+# rules do not depend on it); its values are validated here, against the metadata of the
+# fields they set (a swept ``discount`` has the bounds of ``bandit.discount``).
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A continuous range of a swept hyperparameter (random search only).
+
+    Attributes:
+        low, high: the bounds, ``low < high``.
+        log: draw log-uniformly (a scale spanning decades, e.g. ``exploration``).
+    """
+
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetSpec:
+    """A fleet composition of a sweep: a preset of paper section 5.3 or per-type counts.
+
+    Attributes:
+        name: label in the results (the preset's name, or ``agx=3,nx=3,tx2=4``).
+        scenario: a ``devices.scenario`` preset (``federation.num_devices`` devices) or
+            ``custom`` (the counts below).
+        counts: ``(agx, nx, tx2)`` for ``custom``.
+    """
+
+    name: str
+    scenario: str
+    counts: tuple[int, int, int] = (0, 0, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    # "grid": every combination of the lists below; "random": `samples` configurations
+    # drawn with federation.seed (lists: distinct grid points; ranges: independent draws).
+    search: str = _f("grid", choices=("grid", "random"))
+    # Configurations a random search draws.
+    samples: int = _f(8, lo=1)
+    # Values of bandit.discount / bandit.delta / bandit.exploration to try: a list, or
+    # (random search) a Range {low, high, log}; bounds are those of the bandit section.
+    discount: tuple | Range = _f((0.9, 0.99))
+    delta: tuple | Range = _f((0.1,))
+    exploration: tuple | Range = _f((0.003, 0.03, 0.3))
+    # Rank sets (lora.rank_choices) to try; each sorted.
+    rank_choices: tuple = _f(((2, 4, 8),))
+    # Reward variants (bandit.reward) the agents learn from.
+    reward: tuple = _f(("log",))
+    # Seeds per configuration and fleet.
+    seeds: int = _f(4, lo=1)
+    # Fleet compositions: preset names or {agx: n, nx: n, tx2: n} mappings.
+    fleets: tuple = _f((FleetSpec("high", "high"),))
+    # The reward variant every cell is scored with (fedspine_jax.sweep, Scores).
+    score: str = _f("log", choices=("paper", "log"))
+    # Values of the headroom fraction u in the regret's fixed-arm grid.
+    u_grid: int = _f(11, lo=1)
+    # JSON file of environment parameters (fedspine sweep --calibrate); "": built-in.
+    env: str = _f("")
+
+
+def _meta(cls: type, name: str) -> dict:
+    return dict(next(f for f in dataclasses.fields(cls) if f.name == name).metadata)
+
+
+def _sweep_values(key: str, raw: Any, kind: type, lo=None, hi=None, choices=None) -> tuple:
+    """A non-empty list of distinct values of ``sweep.key``; errors name the key."""
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ConfigError(f"sweep.{key}={raw!r}: expected a non-empty list")
+    out = []
+    for v in raw:
+        ok = (isinstance(v, kind) and not isinstance(v, bool)) or (
+            kind is float and isinstance(v, int) and not isinstance(v, bool))
+        if not ok:
+            raise ConfigError(f"sweep.{key}: {v!r} is not a {kind.__name__}")
+        if choices is not None and v not in choices:
+            raise ConfigError(f"sweep.{key}: {v!r} not in {list(choices)}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ConfigError(f"sweep.{key}: {v!r} out of range [{lo}, {hi}]")
+        out.append(kind(v))
+    if len(set(out)) != len(out):
+        raise ConfigError(f"sweep.{key}={raw!r}: values repeat")
+    return tuple(out)
+
+
+def _sweep_range(key: str, raw: Any, lo=None, hi=None) -> Range:
+    """``sweep.key: {low: x, high: y, log: bool}``; errors name the key."""
+    if isinstance(raw, Range):
+        raw = dataclasses.asdict(raw)
+    bad = sorted(set(raw) - {"low", "high", "log"})
+    if bad or not {"low", "high"} <= set(raw):
+        raise ConfigError(f"sweep.{key}={raw!r}: a range is {{low: x, high: y, log: false}}")
+    low, high = (_sweep_values(key, [raw[k]], float, lo, hi)[0] for k in ("low", "high"))
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"sweep.{key}.log={log!r}: expected true or false")
+    if not low < high:
+        raise ConfigError(f"sweep.{key}: low={low} must be below high={high}")
+    if log and low <= 0:
+        raise ConfigError(f"sweep.{key}: a log range needs low > 0 (got {low})")
+    return Range(low, high, log)
+
+
+def _sweep_fleet(v: Any) -> FleetSpec:
+    if isinstance(v, FleetSpec):
+        return v
+    presets = [c for c in _meta(DevicesConfig, "scenario")["choices"] if c != "custom"]
+    if isinstance(v, str):
+        if v not in presets:
+            raise ConfigError(f"sweep.fleets: {v!r} is not one of {sorted(presets)} "
+                              f"or a mapping of counts {{agx: n, nx: n, tx2: n}}")
+        return FleetSpec(v, v)
+    if isinstance(v, dict):
+        bad = sorted(set(v) - {"agx", "nx", "tx2"})
+        if bad:
+            raise ConfigError(f"sweep.fleets: unknown device type {bad[0]!r} "
+                              f"(allowed: agx, nx, tx2)")
+        counts = []
+        for k in ("agx", "nx", "tx2"):
+            c = v.get(k, 0)
+            if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+                raise ConfigError(f"sweep.fleets.{k}={c!r}: expected an integer >= 0")
+            counts.append(c)
+        if sum(counts) < 1:
+            raise ConfigError(f"sweep.fleets: {v!r} has no devices")
+        name = ",".join(f"{k}={c}" for k, c in zip(("agx", "nx", "tx2"), counts) if c)
+        return FleetSpec(name, "custom", tuple(counts))
+    raise ConfigError(f"sweep.fleets: {v!r} is neither a preset name nor a mapping")
+
+
+def sweep_from_dict(raw: dict | None) -> SweepConfig:
+    """Build and validate a :class:`SweepConfig` from the ``sweep:`` mapping.
+
+    Missing keys take the defaults; unknown keys and bad values raise :class:`ConfigError`
+    naming ``sweep.<key>``. Swept values are checked against the bounds and choices of the
+    config fields they set (``bandit.discount``, ``bandit.reward``, ...).
+    """
+    raw = dict(raw or {})
+    fields = {f.name: f for f in dataclasses.fields(SweepConfig)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key sweep.{unknown[0]}; allowed keys of 'sweep': "
+                          f"{sorted(fields)}")
+    values = {k: raw.get(k, f.default) for k, f in fields.items()}
+    for k in ("search", "samples", "seeds", "score", "u_grid", "env"):
+        values[k] = _check_value("sweep", fields[k], type(fields[k].default), values[k])
+    for k in ("discount", "delta", "exploration"):
+        m = _meta(BanditConfig, k)
+        v = values[k]
+        if isinstance(v, (dict, Range)):
+            if values["search"] != "random":
+                raise ConfigError(f"sweep.{k}: a range needs sweep.search=random")
+            values[k] = _sweep_range(k, v, m["lo"], m["hi"])
+        else:
+            values[k] = _sweep_values(k, v, float, m["lo"], m["hi"])
+    values["reward"] = _sweep_values("reward", values["reward"], str,
+                                     choices=_meta(BanditConfig, "reward")["choices"])
+    rank_sets = values["rank_choices"]
+    if not isinstance(rank_sets, (list, tuple)) or not rank_sets:
+        raise ConfigError(f"sweep.rank_choices={rank_sets!r}: expected a list of rank lists")
+    rank_sets = tuple(_sweep_values("rank_choices", rs, int, lo=1) for rs in rank_sets)
+    for rs in rank_sets:
+        if list(rs) != sorted(rs):
+            raise ConfigError(f"sweep.rank_choices: {list(rs)} must be sorted")
+    values["rank_choices"] = rank_sets
+    fleets = values["fleets"]
+    if isinstance(fleets, (str, dict)) or not fleets:
+        raise ConfigError(f"sweep.fleets={fleets!r}: expected a non-empty list")
+    values["fleets"] = tuple(_sweep_fleet(f) for f in fleets)
+    if len({f.name for f in values["fleets"]}) != len(values["fleets"]):
+        raise ConfigError("sweep.fleets: fleets repeat")
+    return SweepConfig(**values)
+
+
+def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+               ) -> tuple[Config, SweepConfig]:
+    """A config file with an optional ``sweep:`` section: the base :class:`Config` of every
+    cell (its other sections) and the :class:`SweepConfig`. ``--set`` overrides apply to
+    both, e.g. ``--set sweep.seeds=8``. A relative ``sweep.env`` names a file beside the
+    config file (a shipped sweep's fitted environment) or, failing that, in the current
+    directory."""
+    raw = apply_overrides(read_config(path) if path is not None else {}, overrides)
+    sweep_raw = raw.pop("sweep", None)
+    spec = sweep_from_dict(sweep_raw)
+    if spec.env and path is not None and not Path(spec.env).is_absolute():
+        beside = config_path(path).parent / spec.env
+        if beside.is_file():
+            spec = dataclasses.replace(spec, env=str(beside))
+    return from_dict(_absolute_paths(raw)), spec

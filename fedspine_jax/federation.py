@@ -530,11 +530,13 @@ class Federation:
 
 
 def _select_agents(mask: np.ndarray, new: bandit.BanditState, old: bandit.BanditState):
-    """Per agent: the updated bandit state where ``mask``, else the old one."""
+    """Per agent: the updated bandit state where ``mask``, else the old one (the params
+    are the fleet's, shared by both)."""
     def pick(x, y):
         m = jnp.asarray(mask).reshape((-1,) + (1,) * (jnp.ndim(x) - 1))
         return jnp.where(m, x, y)
-    return jax.tree.map(pick, new, old)
+    return jax.tree.map(pick, new.replace(params=None), old.replace(params=None)).replace(
+        params=new.params)
 
 
 def _check_finite_bandit(b: bandit.BanditState, round_: int) -> None:

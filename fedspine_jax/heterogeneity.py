@@ -110,9 +110,9 @@ MEMORY_BYTES = (8 * 2**30, 8 * 2**30, 32 * 2**30)
 # Throughput multiplier of each power mode, mode 0 (fastest) first; see the design note.
 _VOLTA_MODES = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3, 0.2, 0.12)
 MODE_MULTIPLIERS = ((1.0, 1 / 2, 1 / 4, 1 / 12), _VOLTA_MODES, _VOLTA_MODES)
-_NUM_MODES = np.array([len(m) for m in MODE_MULTIPLIERS])
+NUM_MODES = np.array([len(m) for m in MODE_MULTIPLIERS])
 # (types, max modes) lookup table, NaN where a type has fewer modes.
-_MODE_TABLE = np.array([m + (np.nan,) * (_NUM_MODES.max() - len(m)) for m in MODE_MULTIPLIERS])
+MODE_TABLE = np.array([m + (np.nan,) * (NUM_MODES.max() - len(m)) for m in MODE_MULTIPLIERS])
 
 # Distance groups (m) and their mean bandwidth (Mb/s); observed range of section 5.1.
 DISTANCES_M = (2.0, 8.0, 14.0, 20.0)
@@ -437,7 +437,7 @@ def power_modes(fleet: Fleet, t: int) -> np.ndarray:
     """
     epoch = _check_round(t) // fleet.mode_redraw_every
     rng = np.random.default_rng((fleet.seed, _TAG_MODE, epoch))
-    return rng.integers(0, _NUM_MODES[fleet.device_type])
+    return rng.integers(0, NUM_MODES[fleet.device_type])
 
 
 def compress_spread(x: np.ndarray, ratio: float = NARROW_SPREAD) -> np.ndarray:
@@ -469,11 +469,40 @@ def bandwidth_mbps(fleet: Fleet, t: int) -> np.ndarray:
     ``spread == "narrow"`` the round's values then go through :func:`compress_spread`.
     """
     rng = np.random.default_rng((fleet.seed, _TAG_BANDWIDTH, _check_round(t)))
-    s = np.sqrt(np.log1p(fleet.bandwidth_noise ** 2))
     z = rng.standard_normal(fleet.num_devices)
-    mean = np.asarray(MEAN_BANDWIDTH_MBPS)[fleet.distance_group]
-    bw = np.clip(mean * np.exp(s * z - 0.5 * s * s), *BANDWIDTH_RANGE_MBPS)
+    bw = bandwidth_from_noise(fleet.distance_group, z, fleet.bandwidth_noise)
     return compress_spread(bw) if fleet.spread == "narrow" else bw
+
+
+# ---- the device model as array functions, shared with the synthetic sweep environment
+# (fedspine_jax.sweep_env): ``xp`` is numpy here (float64) or jax.numpy there (float32,
+# traced), so both clocks are one model.
+
+
+def throughput_from_mode(device_type, mode, efficiency: float, xp=np):
+    """Effective training FLOP/s, ``PEAK_FLOPS[type] * MODE_MULTIPLIERS[type][mode] *
+    efficiency`` (before ``compress_spread``), for arrays of device types and modes."""
+    return (xp.asarray(PEAK_FLOPS)[device_type] * xp.asarray(MODE_TABLE)[device_type, mode]
+            * efficiency)
+
+
+def bandwidth_from_noise(distance_group, z, noise: float, xp=np):
+    """Bandwidth in Mb/s, ``clip(mean[group] * exp(s z - s**2 / 2), 1, 30)`` with
+    ``s**2 = log(1 + noise**2)``, for standard normal draws ``z`` (before
+    ``compress_spread``); ``z = 0`` and ``noise = 0`` give the group's clipped mean."""
+    s = float(np.sqrt(np.log1p(noise ** 2)))
+    mean = xp.asarray(MEAN_BANDWIDTH_MBPS)[distance_group]
+    return xp.clip(mean * xp.exp(s * z - 0.5 * s * s), *BANDWIDTH_RANGE_MBPS)
+
+
+def times_from_trace(flops, nbytes, throughput, bandwidth, compute_scale: float = 1.0
+                     ) -> RoundTimes:
+    """Section 4.1's ``T = T_comp + T_comm`` from a round's trace: ``T_comp =
+    compute_scale * flops / throughput`` (FLOP/s) and ``T_comm = nbytes / bandwidth``
+    (bytes/s), elementwise."""
+    comp = flops * compute_scale / throughput
+    comm = nbytes / bandwidth
+    return RoundTimes(comp=comp, comm=comm, total=comp + comm)
 
 
 def round_trace(fleet: Fleet, t: int) -> DeviceTrace:
@@ -485,7 +514,7 @@ def round_trace(fleet: Fleet, t: int) -> DeviceTrace:
     :func:`bandwidth_mbps`).
     """
     mode = power_modes(fleet, t)
-    throughput = fleet.peak_flops * _MODE_TABLE[fleet.device_type, mode] * fleet.efficiency
+    throughput = throughput_from_mode(fleet.device_type, mode, fleet.efficiency)
     if fleet.spread == "narrow":
         throughput = compress_spread(throughput)
     return DeviceTrace(mode=mode, throughput=throughput,
@@ -524,9 +553,8 @@ def completion_time(fleet: Fleet, t: int, flops, download_bytes, upload_bytes
     nbytes = (_per_device("download_bytes", download_bytes, n)
               + _per_device("upload_bytes", upload_bytes, n))
     trace = round_trace(fleet, t)
-    comp = flops * fleet.compute_scale / trace.throughput
-    comm = nbytes / trace.bandwidth
-    return RoundTimes(comp=comp, comm=comm, total=comp + comm)
+    return times_from_trace(flops, nbytes, trace.throughput, trace.bandwidth,
+                            fleet.compute_scale)
 
 
 def fits_memory(fleet: Fleet, peak_bytes) -> np.ndarray:

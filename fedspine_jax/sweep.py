@@ -11,19 +11,22 @@ environment of :mod:`fedspine_jax.sweep_env`. The agents are exactly
 :func:`~fedspine_jax.bandit.reward` (Eq. 3); this module only wires them to the
 environment.
 
-*Batching.* :class:`~fedspine_jax.bandit.BanditParams` are static (pytree metadata), so
-cells of different configurations cannot share one traced program. Decision: group the
-cells by configuration (and fleet size, the only shape that varies), rather than slip
-traced discounts or deltas into the params: metadata holding tracers breaks JAX's trace
-caches (they compare metadata of different traces) and is exactly what pytree metadata
-must not hold. Each group is one jitted program, a ``jax.vmap`` over its seeds x fleets of
-a ``lax.scan`` over rounds, and its cell axis is sharded over a 1-D mesh of every local
-device (``NamedSharding``; the cell axis is padded to a multiple of the device count with
-copies of the last cell, which are dropped). Cells are independent, so results do not
-depend on the number of devices. A sweep therefore compiles once per configuration: the
-programs are traced one after the other and compiled in a thread pool (XLA compiles
-outside the GIL), so compilation uses every core and overlaps the runs of earlier groups.
-Seeds, fleets and rounds are what a configuration scales in at no compile cost.
+*Batching: configurations as data.* The bandit's hyperparameters are array leaves of
+:class:`~fedspine_jax.bandit.BanditParams` (discount, delta, exploration, the pruning
+schedule, the reward variant as a traced switch, the rank set padded to the sweep's longest
+with a count of valid ranks), so a configuration is a row of a stacked params pytree, and a
+*cell* (configuration x seed x fleet) is one index of a single ``jax.vmap`` axis. A sweep
+compiles **one program per distinct fleet size** (the agent axis ``N`` is the only shape
+that differs between cells; for the preset fleets, all of ``federation.num_devices``
+devices, that is one program), however many configurations, seeds and fleets it holds:
+everything else a cell needs (params, device types, distance groups, key) is data. The
+program is a ``jax.vmap`` over a chunk of cells of a ``lax.scan`` over rounds; every
+chunk of a fleet size has the same number of cells (the last is padded with copies of
+its last cell, which are dropped) so all chunks reuse the one compiled program, and a
+chunk holds at most :data:`CHUNK_AGENTS` agents so memory stays bounded for sweeps of any
+size. The cell axis is sharded over a 1-D mesh of every local device (``NamedSharding``;
+chunks are a multiple of the device count). Cells are independent, so results do not
+depend on the number of devices or on the chunking.
 
 *Randomness.* Cell ``(seed s, fleet f)`` uses ``fold_in(fold_in(key(federation.seed), s),
 f)`` in every configuration: all configurations meet the same power modes, bandwidths and
@@ -62,10 +65,8 @@ import dataclasses
 import functools
 import itertools
 import json
-import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -76,88 +77,19 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fedspine_jax import bandit, heterogeneity as het, sweep_env
-from fedspine_jax.config import (Config, ConfigError, apply_overrides, from_dict, read_config,
+from fedspine_jax.config import (Config, FleetSpec, Range, SweepConfig, load_sweep,
                                  replace)
 
 FORMAT = "fedspine-sweep/1"
 _CELLS = "cells"  # name of the mesh axis the cells are sharded over
+# Agents (cells x devices) per chunk of a sweep program: bounds its memory (the bandit state
+# is ~1.6 kB per agent at capacity 64, the trajectory ~2 kB per agent at 100 rounds).
+CHUNK_AGENTS = 1 << 15
 
 
-# ---------------------------------------------------------------------- the sweep spec
-
-
-@dataclasses.dataclass(frozen=True)
-class FleetSpec:
-    """A fleet composition: a preset of paper section 5.3 or per-type counts.
-
-    Attributes:
-        name: label in the results (the preset's name, or ``agx=3,nx=3,tx2=4``).
-        scenario: ``low`` / ``medium`` / ``high`` (``federation.num_devices`` devices) or
-            ``custom`` (the counts below).
-        counts: ``(agx, nx, tx2)`` for ``custom``.
-    """
-
-    name: str
-    scenario: str
-    counts: tuple[int, int, int] = (0, 0, 0)
-
-    def build(self, cfg: Config) -> het.Fleet:
-        """The devices, built by :func:`fedspine_jax.heterogeneity.build_fleet`."""
-        if self.scenario == "custom":
-            agx, nx, tx2 = self.counts
-            cfg = replace(cfg, devices={"scenario": "custom", "num_agx": agx, "num_nx": nx,
-                                        "num_tx2": tx2},
-                          federation={"num_devices": agx + nx + tx2})
-        else:
-            cfg = replace(cfg, devices={"scenario": self.scenario})
-        return het.build_fleet(cfg)
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepSpec:
-    """The search space and the cells of a sweep (the ``sweep:`` section of a config).
-
-    Attributes:
-        search: ``grid`` (every combination) or ``random`` (``samples`` combinations of
-            the grid drawn without replacement with ``federation.seed``).
-        samples: configurations drawn by a random search.
-        discount, delta, exploration: values of ``bandit.*`` to try.
-        rank_choices: rank sets (``lora.rank_choices``) to try.
-        reward: reward variants (``bandit.reward``) the agents learn from.
-        seeds: seeds per configuration and fleet.
-        fleets: fleet compositions.
-        score: the reward variant every cell is scored with (module note, Scores).
-        u_grid: values of the headroom fraction u in the regret's arm grid.
-        env: JSON file of environment parameters (``fedspine sweep --calibrate``);
-            empty: the built-in surfaces of :func:`sweep_env.default_params`.
-    """
-
-    search: str = "grid"
-    samples: int = 8
-    discount: tuple[float, ...] = (0.9, 0.99)
-    delta: tuple[float, ...] = (0.1,)
-    exploration: tuple[float, ...] = (0.003, 0.03, 0.3)
-    rank_choices: tuple[tuple[int, ...], ...] = ((2, 4, 8),)
-    reward: tuple[str, ...] = ("log",)
-    seeds: int = 4
-    fleets: tuple[FleetSpec, ...] = (FleetSpec("high", "high"),)
-    score: str = "log"
-    u_grid: int = 11
-    env: str = ""
-
-    def points(self, seed: int) -> list[Point]:
-        """The configurations to run, in grid order."""
-        grid = [Point(*v) for v in itertools.product(
-            self.discount, self.delta, self.exploration, self.rank_choices, self.reward)]
-        if self.search == "random" and self.samples < len(grid):
-            pick = np.random.default_rng(seed).choice(len(grid), self.samples, replace=False)
-            grid = [grid[i] for i in sorted(pick.tolist())]
-        return grid
-
-    @property
-    def all_ranks(self) -> tuple[int, ...]:
-        """Every rank of every rank set: the rank axis of the regret's arm grid."""
-        return tuple(sorted({r for rc in self.rank_choices for r in rc}))
+# ---------------------------------------------------------------------- the search space
+# The sweep section is parsed and validated by fedspine_jax.config (SweepConfig, Range,
+# FleetSpec, load_sweep); this module turns it into configurations and fleets.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,123 +115,65 @@ class Point:
                        lora={"rank_choices": self.rank_choices,
                              "rank": max(base.lora.rank, max(self.rank_choices))})
 
+    def params(self, base: Config, num_ranks: int, reward: str | None = None
+               ) -> bandit.BanditParams:
+        """This configuration's bandit params (host arrays), the rank set padded to
+        ``num_ranks``; ``reward`` replaces the variant (the score's, module note)."""
+        cfg = self.config(base)
+        if reward is not None:
+            cfg = replace(cfg, bandit={"reward": reward})
+        return bandit.BanditParams.from_config(cfg, num_ranks)
+
     def as_dict(self) -> dict:
         return {"discount": self.discount, "delta": self.delta,
                 "exploration": self.exploration, "rank_choices": list(self.rank_choices),
                 "reward": self.reward}
 
 
-def _values(key: str, raw, kind, lo=None, hi=None, choices=None) -> tuple:
-    """Validate a list of values of ``sweep.key``; errors name the key."""
-    if not isinstance(raw, (list, tuple)) or not raw:
-        raise ConfigError(f"sweep.{key}={raw!r}: expected a non-empty list")
-    out = []
-    for v in raw:
-        ok = (isinstance(v, kind) and not isinstance(v, bool)) or (
-            kind is float and isinstance(v, int) and not isinstance(v, bool))
-        if not ok:
-            raise ConfigError(f"sweep.{key}: {v!r} is not a {kind.__name__}")
-        if choices is not None and v not in choices:
-            raise ConfigError(f"sweep.{key}: {v!r} not in {list(choices)}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise ConfigError(f"sweep.{key}: {v!r} out of range [{lo}, {hi}]")
-        out.append(kind(v))
-    if len(set(out)) != len(out):
-        raise ConfigError(f"sweep.{key}={raw!r}: values repeat")
-    return tuple(out)
+def points(spec: SweepConfig, seed: int) -> list[Point]:
+    """The configurations of a sweep.
 
-
-def _int(key: str, v, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ConfigError(f"sweep.{key}={v!r}: expected an integer >= {lo}")
-    return v
-
-
-def _fleet(v) -> FleetSpec:
-    if isinstance(v, str):
-        if v not in het.SCENARIOS:
-            raise ConfigError(f"sweep.fleets: {v!r} is not one of {sorted(het.SCENARIOS)} "
-                              f"or a mapping of counts {{agx: n, nx: n, tx2: n}}")
-        return FleetSpec(v, v)
-    if isinstance(v, dict):
-        bad = sorted(set(v) - {"agx", "nx", "tx2"})
-        if bad:
-            raise ConfigError(f"sweep.fleets: unknown device type {bad[0]!r} "
-                              f"(allowed: agx, nx, tx2)")
-        counts = tuple(_int(f"fleets.{k}", v.get(k, 0), 0) for k in ("agx", "nx", "tx2"))
-        if sum(counts) < 1:
-            raise ConfigError(f"sweep.fleets: {v!r} has no devices")
-        name = ",".join(f"{k}={c}" for k, c in zip(("agx", "nx", "tx2"), counts) if c)
-        return FleetSpec(name, "custom", counts)
-    raise ConfigError(f"sweep.fleets: {v!r} is neither a preset name nor a mapping")
-
-
-def spec_from_dict(raw: dict | None, base: Config) -> SweepSpec:
-    """Build and validate a :class:`SweepSpec` from the ``sweep:`` mapping.
-
-    Missing keys take the defaults; unknown keys and bad values raise
-    :class:`~fedspine_jax.config.ConfigError` naming ``sweep.<key>``.
+    A grid search runs every combination, in grid order. A random search over lists only
+    draws ``spec.samples`` distinct grid points (all of them if the grid is smaller); with
+    a :class:`~fedspine_jax.config.Range` among the parameters it draws every parameter of
+    every sample independently: a range uniformly (log-uniformly if ``log``), a list one of
+    its values uniformly. Both are reproducible from ``seed``.
     """
-    raw = dict(raw or {})
-    default = SweepSpec()
-    known = {f.name for f in dataclasses.fields(SweepSpec)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"unknown key sweep.{unknown[0]}; allowed keys of 'sweep': "
-                          f"{sorted(known)}")
-
-    def get(k):
-        return raw.get(k, getattr(default, k))
-
-    search = get("search")
-    if search not in ("grid", "random"):
-        raise ConfigError(f"sweep.search={search!r}: allowed values are ['grid', 'random']")
-    rank_sets = get("rank_choices")
-    if not isinstance(rank_sets, (list, tuple)) or not rank_sets:
-        raise ConfigError(f"sweep.rank_choices={rank_sets!r}: expected a list of rank lists")
-    rank_sets = tuple(_values("rank_choices", rs, int, lo=1) for rs in rank_sets)
-    for rs in rank_sets:
-        if list(rs) != sorted(rs):
-            raise ConfigError(f"sweep.rank_choices: {list(rs)} must be sorted")
-    fleets = get("fleets")
-    if isinstance(fleets, (str, dict)) or not fleets:
-        raise ConfigError(f"sweep.fleets={fleets!r}: expected a non-empty list")
-    fleets = tuple(f if isinstance(f, FleetSpec) else _fleet(f) for f in fleets)
-    if len({f.name for f in fleets}) != len(fleets):
-        raise ConfigError("sweep.fleets: fleets repeat")
-    score = get("score")
-    if score not in ("paper", "log"):
-        raise ConfigError(f"sweep.score={score!r}: allowed values are ['paper', 'log']")
-    env = get("env")
-    if not isinstance(env, str):
-        raise ConfigError(f"sweep.env={env!r}: expected a path (or empty)")
-    spec = SweepSpec(
-        search=search, samples=_int("samples", get("samples"), 1),
-        discount=_values("discount", get("discount"), float, 0.0, 1.0),
-        delta=_values("delta", get("delta"), float, 0.0, 2.0),
-        exploration=_values("exploration", get("exploration"), float, 0.0),
-        rank_choices=rank_sets,
-        reward=_values("reward", get("reward"), str, choices=("paper", "log")),
-        seeds=_int("seeds", get("seeds"), 1), fleets=fleets, score=score,
-        u_grid=_int("u_grid", get("u_grid"), 1), env=env)
-    for pt in spec.points(base.federation.seed):  # every cell's config must validate
-        pt.config(base)
-    return spec
+    rng = np.random.default_rng(seed)
+    axes = (spec.discount, spec.delta, spec.exploration, spec.rank_choices, spec.reward)
+    if any(isinstance(a, Range) for a in axes):
+        cols = [_draw(a, rng, spec.samples).tolist() if isinstance(a, Range)
+                else [a[i] for i in rng.integers(0, len(a), spec.samples)] for a in axes]
+        return [Point(*v) for v in zip(*cols)]
+    grid = [Point(*v) for v in itertools.product(*axes)]
+    if spec.search == "random" and spec.samples < len(grid):
+        pick = rng.choice(len(grid), spec.samples, replace=False)
+        grid = [grid[i] for i in sorted(pick.tolist())]
+    return grid
 
 
-def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
-               ) -> tuple[Config, SweepSpec]:
-    """A config file with an optional ``sweep:`` section (the search space).
+def _draw(r: Range, rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` float64 values in ``[r.low, r.high]``, log-uniform if ``r.log``."""
+    if r.log:
+        return np.exp(rng.uniform(np.log(r.low), np.log(r.high), n))
+    return rng.uniform(r.low, r.high, n)
 
-    Every other section is the base :class:`~fedspine_jax.config.Config` of all cells
-    (``federation.rounds`` rounds, ``federation.num_devices`` devices for the presets,
-    ``pruning`` schedule, ``devices`` knobs). ``--set`` overrides apply to both, e.g.
-    ``--set sweep.seeds=8``.
-    """
-    raw = apply_overrides(read_config(path) if path is not None else {}, overrides)
-    sweep_raw = raw.pop("sweep", None)
-    cfg = from_dict(raw)
-    return cfg, spec_from_dict(sweep_raw, cfg)
+
+def all_ranks(spec: SweepConfig) -> tuple[int, ...]:
+    """Every rank of every rank set: the rank axis of the regret's arm grid."""
+    return tuple(sorted({r for rc in spec.rank_choices for r in rc}))
+
+
+def build_fleet(fleet: FleetSpec, cfg: Config) -> het.Fleet:
+    """The devices of a fleet composition (:func:`fedspine_jax.heterogeneity.build_fleet`)."""
+    if fleet.scenario == "custom":
+        agx, nx, tx2 = fleet.counts
+        cfg = replace(cfg, devices={"scenario": "custom", "num_agx": agx, "num_nx": nx,
+                                    "num_tx2": tx2},
+                      federation={"num_devices": agx + nx + tx2})
+    else:
+        cfg = replace(cfg, devices={"scenario": fleet.scenario})
+    return het.build_fleet(cfg)
 
 
 # ---------------------------------------------------------------------- one cell
@@ -317,17 +191,18 @@ class Trajectory(NamedTuple):
     waiting: jax.Array    # (T,) Eq. 1
 
 
-def rollout(cfg: Config, score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_env.Hardware,
-            device_type: jax.Array, distance_group: jax.Array, key: jax.Array, rounds: int
-            ) -> Trajectory:
+def rollout(cfg: Config, params: bandit.BanditParams, score: bandit.BanditParams,
+            env: sweep_env.EnvParams, hw: sweep_env.Hardware, device_type: jax.Array,
+            distance_group: jax.Array, key: jax.Array, rounds: int) -> Trajectory:
     """One fleet of S-UCB agents for ``rounds`` rounds (``lax.scan``); jit- and vmap-able.
 
     Each round: :func:`bandit.select` -> :func:`sweep_env.sample_round` ->
-    :func:`bandit.reward` (Eq. 3 with ``cfg``'s variant) -> :func:`bandit.update`.
+    :func:`bandit.reward` (Eq. 3 with the configuration's variant) -> :func:`bandit.update`.
 
     Args:
-        cfg: the configuration's config (bandit, rank set, pruning schedule).
-        score_cfg: ``cfg`` with the score variant (module note, Scores).
+        cfg: the base config (``bandit.capacity``).
+        params: the configuration's bandit params (scalar leaves, may be traced).
+        score: ``params`` with the score variant (module note, Scores).
         env, hw: the synthetic environment.
         device_type, distance_group: int ``(N,)``.
         key: the cell's key (raw ``uint32 (2,)`` or typed).
@@ -337,9 +212,8 @@ def rollout(cfg: Config, score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_
         A :class:`Trajectory`.
     """
     k_init, k_select, k_mode, k_noise = jax.random.split(key, 4)
-    state = bandit.init(cfg, device_type.shape[0], k_init)
+    state = bandit.init(cfg, device_type.shape[0], k_init, params=params)
     modes = sweep_env.power_modes(hw, k_mode, device_type, rounds)      # (T, N)
-    same = cfg.bandit.reward == score_cfg.bandit.reward
 
     def step(state, xs):
         t, mode = xs
@@ -348,19 +222,19 @@ def rollout(cfg: Config, score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_
         out = sweep_env.sample_round(env, hw, device_type, distance_group, mode, p, r, t,
                                      k_noise)
         dp = p - last_p
-        rew = bandit.reward(out.loss_drop, dp, out.importance, out.time, cfg)
+        rew = bandit.reward(out.loss_drop, dp, out.importance, out.time, params)
         state = bandit.update(state, rew)
-        score = rew if same else bandit.reward(out.loss_drop, dp, out.importance, out.time,
-                                               score_cfg)
+        scored = bandit.reward(out.loss_drop, dp, out.importance, out.time, score)
         waiting = jnp.mean(jnp.max(out.time) - out.time)  # Eq. 1
         return state, Trajectory(p=p, last_p=last_p, r=r, mode=mode, time=out.time,
-                                 reward=jnp.sum(score), waiting=waiting)
+                                 reward=jnp.sum(scored), waiting=waiting)
 
     _, traj = jax.lax.scan(step, state, (jnp.arange(1, rounds + 1, dtype=jnp.int32), modes))
     return traj
 
 
-def hindsight_regret(score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_env.Hardware,
+def hindsight_regret(cfg: Config, score: bandit.BanditParams, env: sweep_env.EnvParams,
+                     hw: sweep_env.Hardware,
                      arm_u: tuple[float, ...], arm_r: tuple[int, ...], device_type: jax.Array,
                      distance_group: jax.Array, traj: Trajectory) -> jax.Array:
     """Per-round regret (Eq. 7) of a cell against each device's best fixed arm in hindsight.
@@ -369,14 +243,15 @@ def hindsight_regret(score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_env.
     headroom taken, as in S-UCB's arm space, so a fixed arm's pruning ratio follows
     ``p^t = p_lo + u (p_hi - p_lo)`` with ``[p_lo, p_hi]`` from :func:`bandit.p_bounds`
     at the arm's own ``p^{t-1}``. An arm's mean reward in round ``t`` is
-    :func:`bandit.reward` (``score_cfg``) of the plug-in mean loss drop, importance and
+    :func:`bandit.reward` (``score``) of the plug-in mean loss drop, importance and
     time (:func:`sweep_env.mean_outcome`, realised power mode), against the fleet's
     realised mean time with the device's own time replaced by the arm's. The played arms
     are evaluated the same way. Two passes: the arms' totals give each device's best arm,
     then the best arm's and the played arm's per-round rewards are differenced.
 
     Args:
-        score_cfg: config of the score reward (and the pruning schedule).
+        cfg: the base config (``bandit.capacity``).
+        score: bandit params of the score reward and the pruning schedule.
         env, hw: the synthetic environment.
         arm_u, arm_r: the grid's u values and ranks (static).
         device_type, distance_group: int ``(N,)``.
@@ -391,7 +266,7 @@ def hindsight_regret(score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_env.
     r_g = jnp.tile(jnp.asarray(arm_r, jnp.int32), len(arm_u))            # (G,)
     # p_bounds reads only the params, round and last_p of a state: a one-agent template
     # whose round / last_p are replaced by the arms' ((N, G) or (N,)).
-    template = bandit.init(score_cfg, 1, jax.random.PRNGKey(0))
+    template = bandit.init(cfg, 1, jax.random.PRNGKey(0), params=score)
 
     def fixed_p(last_p, t, u):
         lo, hi = bandit.p_bounds(template.replace(
@@ -406,7 +281,7 @@ def hindsight_regret(score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_env.
         mean = fleet_mean + (t_arm - own) / n
         times = jnp.stack([t_arm, 2.0 * mean - t_arm], axis=-1)
         return bandit.reward(loss[..., None], dp[..., None], imp[..., None], times,
-                             score_cfg)[..., 0]
+                             score)[..., 0]
 
     ts = jnp.arange(1, rounds + 1, dtype=jnp.int32)
     dt_col, dg_col = device_type[:, None], distance_group[:, None]
@@ -439,19 +314,23 @@ def hindsight_regret(score_cfg: Config, env: sweep_env.EnvParams, hw: sweep_env.
     return regret
 
 
-def cell_metrics(cfg: Config, score_cfg: Config, hw: sweep_env.Hardware,
-                 arm_u: tuple[float, ...], arm_r: tuple[int, ...], rounds: int,
-                 env: sweep_env.EnvParams, device_type: jax.Array, distance_group: jax.Array,
-                 key: jax.Array) -> dict[str, jax.Array]:
+def cell_metrics(cfg: Config, hw: sweep_env.Hardware, arm_u: tuple[float, ...],
+                 arm_r: tuple[int, ...], rounds: int, env: sweep_env.EnvParams,
+                 params: bandit.BanditParams, score: bandit.BanditParams,
+                 device_type: jax.Array, distance_group: jax.Array, key: jax.Array
+                 ) -> dict[str, jax.Array]:
     """A cell's per-round figures: :func:`rollout` then :func:`hindsight_regret`.
+
+    ``cfg`` is the base config (capacity); ``params`` / ``score`` the configuration's
+    bandit params and their score variant (scalar leaves).
 
     Returns:
         ``reward``, ``regret``, ``waiting``: float32 ``(T,)`` (the first two summed over
         devices); ``p_type``, ``r_type``: float32 ``(T, 3)``, mean p and r per device type
         (``heterogeneity.TX2, NX, AGX``; NaN for a type the fleet lacks).
     """
-    traj = rollout(cfg, score_cfg, env, hw, device_type, distance_group, key, rounds)
-    regret = hindsight_regret(score_cfg, env, hw, arm_u, arm_r, device_type, distance_group,
+    traj = rollout(cfg, params, score, env, hw, device_type, distance_group, key, rounds)
+    regret = hindsight_regret(cfg, score, env, hw, arm_u, arm_r, device_type, distance_group,
                               traj)
     mask = device_type[None, :, None] == jnp.arange(len(het.TYPE_NAMES))[None, None, :]
     count = jnp.sum(mask, axis=1).astype(jnp.float32)                   # (1, K)
@@ -471,17 +350,20 @@ def device_mesh() -> Mesh:
     return Mesh(np.array(jax.devices()), (_CELLS,))
 
 
-def group_program(cfg: Config, score_cfg: Config, hw: sweep_env.Hardware,
-                  arm_u: tuple[float, ...], arm_r: tuple[int, ...], rounds: int, mesh: Mesh):
-    """The jitted program of one group: :func:`cell_metrics` vmapped over cells.
+def group_program(cfg: Config, hw: sweep_env.Hardware, arm_u: tuple[float, ...],
+                  arm_r: tuple[int, ...], rounds: int, mesh: Mesh):
+    """The jitted program of a sweep: :func:`cell_metrics` vmapped over cells.
 
-    Called as ``program(env, device_type (B, N), distance_group (B, N), keys (B, 2))``
-    with ``B`` a multiple of ``mesh.size``; the cell axis is sharded over ``mesh``.
+    Called as ``program(env, params, score, device_type (B, N), distance_group (B, N),
+    keys (B, 2))`` with ``params`` / ``score`` :class:`~fedspine_jax.bandit.BanditParams`
+    of leading axis ``B`` (one configuration per cell) and ``B`` a multiple of
+    ``mesh.size``; the cell axis is sharded over ``mesh``. Compiles once per
+    ``(B, N, K)`` (``K`` the padded rank-set length), whatever the params' values.
     """
-    cell = functools.partial(cell_metrics, cfg, score_cfg, hw, arm_u, arm_r, rounds)
+    cell = functools.partial(cell_metrics, cfg, hw, arm_u, arm_r, rounds)
     shard, rep = NamedSharding(mesh, P(_CELLS)), NamedSharding(mesh, P())
-    return jax.jit(jax.vmap(cell, in_axes=(None, 0, 0, 0)),
-                   in_shardings=(rep, shard, shard, shard), out_shardings=shard)
+    return jax.jit(jax.vmap(cell, in_axes=(None, 0, 0, 0, 0, 0)),
+                   in_shardings=(rep, shard, shard, shard, shard, shard), out_shardings=shard)
 
 
 def _cell_key(seed: int, s: int, f: int) -> np.ndarray:
@@ -489,13 +371,21 @@ def _cell_key(seed: int, s: int, f: int) -> np.ndarray:
     return np.asarray(key, np.uint32)
 
 
-def _shard_cells(mesh: Mesh, *arrays: np.ndarray) -> list[jax.Array]:
-    """Pad the cell axis to a multiple of the device count (copies of the last cell) and
-    shard it over ``mesh``."""
-    pad = (-arrays[0].shape[0]) % mesh.size
+def _shard_cells(mesh: Mesh, size: int, tree):
+    """Pad the cell axis of every leaf of ``tree`` (host arrays) to ``size`` cells with
+    copies of the last cell and shard it over ``mesh``."""
     shard = NamedSharding(mesh, P(_CELLS))
-    return [jax.device_put(np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]), shard)
-            for x in arrays]
+
+    def put(x):
+        pad = size - x.shape[0]
+        return jax.device_put(np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]), shard)
+
+    return jax.tree.map(put, tree)
+
+
+def _stack(trees: list):
+    """Stack a list of pytrees of host arrays along a new leading axis."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *trees)
 
 
 def _nan_to_none(x: np.ndarray) -> list:
@@ -530,8 +420,9 @@ def _summarise(point: Point, cells: list[dict], fleets: list[FleetSpec]) -> dict
     }
 
 
-def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str | Path,
-              env_name: str = "builtin", progress: bool = True) -> dict:
+def run_sweep(cfg: Config, spec: SweepConfig, env: sweep_env.EnvParams, out: str | Path,
+              env_name: str = "builtin", progress: bool = True,
+              chunk_agents: int = CHUNK_AGENTS) -> dict:
     """Run every configuration of ``spec`` on its seeds x fleets; write ``out``.
 
     Args:
@@ -540,7 +431,9 @@ def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str |
         env: the synthetic environment's surfaces.
         out: output directory (created; files are overwritten).
         env_name: how the results name the environment (a file name, not a path).
-        progress: show a tqdm bar over the groups (configuration x fleet size).
+        progress: show a tqdm bar over the chunks of cells.
+        chunk_agents: most agents (cells x devices) per chunk of the program (an
+            accelerator wants more than a CPU: its memory, not its cores, bounds it).
 
     Returns:
         The ``results.json`` content plus a ``timing`` entry (not written to the file, so
@@ -553,54 +446,57 @@ def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str |
     rounds, seed = cfg.federation.rounds, cfg.federation.seed
     arm_u = tuple(float(u) for u in np.linspace(0.0, 1.0, spec.u_grid)) if spec.u_grid > 1 \
         else (1.0,)
-    arm_r = spec.all_ranks
-    fleets = [(f, f.build(cfg)) for f in spec.fleets]
+    arm_r = all_ranks(spec)
+    fleets = [(f, build_fleet(f, cfg)) for f in spec.fleets]
     sizes = sorted({fl.num_devices for _, fl in fleets})
-    points = spec.points(seed)
+    configs = points(spec, seed)
+    k = max(len(pt.rank_choices) for pt in configs)
+    # Configurations as data: one row of params per configuration (host arrays).
+    params = _stack([pt.params(cfg, k) for pt in configs])
+    scores = _stack([pt.params(cfg, k, reward=spec.score) for pt in configs])
+    keys = {(s, fi): _cell_key(seed, s, fi) for s in range(spec.seeds)
+            for fi in range(len(fleets))}
     env_d = jax.device_put(env, NamedSharding(mesh, P()))
     t0 = time.perf_counter()
-    # One job per configuration and fleet size. Each job's program is traced and lowered
-    # here (Python) and compiled in a thread pool (XLA releases the GIL), so configurations
-    # compile in parallel on every core while earlier ones run.
-    jobs = []
-    n_jobs = len(points) * len(sizes)
+    # One program per fleet size, run over chunks of cells of one shape.
+    plan = []
+    for n in sizes:
+        mine = [fi for fi, (_, fl) in enumerate(fleets) if fl.num_devices == n]
+        cell_ids = [(c, s, fi) for c in range(len(configs)) for s in range(spec.seeds)
+                    for fi in mine]
+        chunk = min(len(cell_ids), max(1, chunk_agents // n))
+        chunk += (-chunk) % mesh.size
+        plan.append((n, cell_ids, chunk))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_jobs, desc="sweep", unit="group")
-    with ThreadPoolExecutor(max(1, min(n_jobs, os.cpu_count() or 1))) as pool:
-        for point in points:
-            pcfg = point.config(cfg)
-            score_cfg = replace(pcfg, bandit={"reward": spec.score})
-            for n in sizes:
-                mine = [(fi, f, fl) for fi, (f, fl) in enumerate(fleets) if fl.num_devices == n]
-                combos = [(s, f.name) for s in range(spec.seeds) for _, f, _ in mine]
-                arrays = _shard_cells(
-                    mesh, np.stack([fl.device_type for _ in range(spec.seeds)
-                                    for _, _, fl in mine]).astype(np.int32),
-                    np.stack([fl.distance_group for _ in range(spec.seeds)
-                              for _, _, fl in mine]).astype(np.int32),
-                    np.stack([_cell_key(seed, s, fi) for s in range(spec.seeds)
-                              for fi, _, _ in mine]))
-                lowered = group_program(pcfg, score_cfg, hw, arm_u, arm_r, rounds,
-                                        mesh).lower(env_d, *arrays)
-                jobs.append((point, n, combos, arrays, pool.submit(lowered.compile)))
-                if bar is not None:
-                    bar.set_postfix_str(f"traced {len(jobs)}/{n_jobs}")
-        cells: dict[Point, list] = {pt: [] for pt in points}
-        for point, n, combos, arrays, compiled in jobs:
-            res = compiled.result()(env_d, *arrays)
-            res = {k: np.asarray(v)[:len(combos)] for k, v in res.items()}  # drop the padding
-            for i, (s, name) in enumerate(combos):
-                cells[point].append({"fleet": name, "seed": s, "n": n,
-                                     **{k: v[i] for k, v in res.items()}})
+        bar = tqdm(total=sum(-(-len(ids) // ch) for _, ids, ch in plan), desc="sweep",
+                   unit="chunk")
+    cells: dict[Point, list] = {pt: [] for pt in configs}
+    for n, cell_ids, chunk in plan:
+        program = group_program(cfg, hw, arm_u, arm_r, rounds, mesh)
+        pending = []
+        for lo in range(0, len(cell_ids), chunk):
+            ids = cell_ids[lo:lo + chunk]
+            c_idx = np.array([c for c, _, _ in ids])
+            args = _shard_cells(mesh, chunk, (
+                jax.tree.map(lambda x: x[c_idx], params),
+                jax.tree.map(lambda x: x[c_idx], scores),
+                np.stack([fleets[fi][1].device_type for _, _, fi in ids]).astype(np.int32),
+                np.stack([fleets[fi][1].distance_group for _, _, fi in ids]).astype(np.int32),
+                np.stack([keys[s, fi] for _, s, fi in ids])))
+            pending.append((ids, program(env_d, *args)))  # dispatched asynchronously
+        for ids, res in pending:
+            res = {name: np.asarray(v)[:len(ids)] for name, v in res.items()}  # drop padding
+            for i, (c, s, fi) in enumerate(ids):
+                cells[configs[c]].append({"fleet": fleets[fi][0].name, "seed": s, "n": n,
+                                         **{name: v[i] for name, v in res.items()}})
             if bar is not None:
-                bar.set_postfix_str(point.label)
                 bar.update(1)
-        if bar is not None:
-            bar.close()
-    results = [_summarise(pt, cells[pt], spec.fleets) for pt in points]
+    if bar is not None:
+        bar.close()
+    results = [_summarise(pt, cells[pt], spec.fleets) for pt in configs]
     wall = time.perf_counter() - t0
     results.sort(key=lambda r: (-r["cumulative_reward"], r["regret"]))
     for i, r in enumerate(results):
@@ -619,9 +515,10 @@ def run_sweep(cfg: Config, spec: SweepSpec, env: sweep_env.EnvParams, out: str |
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "results.md").write_text(markdown_table(doc))
     plot(doc, out)
-    agent_rounds = len(points) * spec.seeds * sum(fl.num_devices for _, fl in fleets) * rounds
+    agent_rounds = len(configs) * spec.seeds * sum(fl.num_devices for _, fl in fleets) * rounds
     return {**doc, "timing": {"wall_s": wall, "agent_rounds": agent_rounds,
-                              "devices": mesh.size, "platform": jax.devices()[0].platform}}
+                              "programs": len(plan), "devices": mesh.size,
+                              "platform": jax.devices()[0].platform}}
 
 
 def markdown_table(doc: dict) -> str:

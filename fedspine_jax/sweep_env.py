@@ -20,9 +20,11 @@ small linear-in-theta model for all four surfaces, so that a calibration is a le
 fit (plus a one-dimensional search for gamma) and a handful of simulated rounds suffice.
 
 *Hardware.* Times are not fitted as times: the environment turns FLOPs and bytes into
-seconds with the device model of :mod:`fedspine_jax.heterogeneity`, reusing its constants:
-``T_comp = flops / (PEAK_FLOPS[type] * MODE_MULTIPLIERS[type][mode] * efficiency)`` and
-``T_comm = bytes / bandwidth``, with the power mode drawn uniformly among the type's modes
+seconds with the device model of :mod:`fedspine_jax.heterogeneity`: its tables and its
+array functions (``throughput_from_mode``, ``bandwidth_from_noise``, ``times_from_trace``,
+called with ``jax.numpy``), so ``T_comp = compute_scale * flops / (PEAK_FLOPS[type] *
+MODE_MULTIPLIERS[type][mode] * efficiency)`` and ``T_comm = bytes / bandwidth`` are the
+simulator's clock for the same trace, with the power mode drawn uniformly among the type's modes
 and re-drawn every ``devices.mode_redraw_every`` rounds, and the bandwidth the distance
 group's mean times a mean-one log-normal factor (relative std ``devices.bandwidth_noise``),
 clipped to the observed range. So the surfaces are hardware-free (FLOPs and bytes of a
@@ -67,12 +69,6 @@ LOSS, IMPORTANCE, FLOPS, BYTES = range(len(SURFACES))
 FEATURES = ("1", "p", "p^2", "log2_r", "r", "p*log2_r")
 FORMAT = "fedspine-sweep-env/1"
 
-# Padded (types, max modes) table of mode multipliers; entries past a type's modes are
-# never drawn (1.0 keeps them finite).
-_MAX_MODES = max(len(m) for m in het.MODE_MULTIPLIERS)
-MODE_TABLE = np.array([m + (1.0,) * (_MAX_MODES - len(m)) for m in het.MODE_MULTIPLIERS],
-                      np.float32)
-NUM_MODES = np.array([len(m) for m in het.MODE_MULTIPLIERS], np.int32)
 
 # Search range of gamma in a calibration: t^(-3) .. t^(+3) covers any plausible decay or
 # growth over a run; a fit at the edge is reported in the fit info.
@@ -105,17 +101,24 @@ class Hardware:
         efficiency: fraction of ``peak * mode multiplier`` a local round achieves.
         bandwidth_noise: relative std of the per-round bandwidth factor.
         mode_redraw_every: power modes are re-drawn every this many rounds.
+        compute_scale: factor on every compute time (``devices.clock``:
+            ``heterogeneity.Fleet.compute_scale``, 1 for ``"flops"``).
     """
 
     efficiency: float
     bandwidth_noise: float
     mode_redraw_every: int
+    compute_scale: float = 1.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> Hardware:
+        """The knobs of ``cfg.devices``; the compute scale is that of the fleet
+        :func:`heterogeneity.build_fleet` builds (one model arch, so one scale)."""
+        scale = het.build_fleet(cfg).compute_scale if cfg.devices.clock != "flops" else 1.0
         return cls(efficiency=float(cfg.devices.efficiency),
                    bandwidth_noise=float(cfg.devices.bandwidth_noise),
-                   mode_redraw_every=int(cfg.devices.mode_redraw_every))
+                   mode_redraw_every=int(cfg.devices.mode_redraw_every),
+                   compute_scale=float(scale))
 
 
 def default_params() -> EnvParams:
@@ -204,16 +207,13 @@ def _physical(y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 
 def throughput(hw: Hardware, device_type, mode) -> jax.Array:
-    """Effective training FLOP/s, ``PEAK_FLOPS[type] * MODE_MULTIPLIERS[type][mode] * eff``."""
-    peak = jnp.asarray(het.PEAK_FLOPS, jnp.float32)[device_type]
-    return peak * jnp.asarray(MODE_TABLE)[device_type, mode] * jnp.float32(hw.efficiency)
+    """Effective training FLOP/s (:func:`heterogeneity.throughput_from_mode`)."""
+    return het.throughput_from_mode(device_type, mode, hw.efficiency, xp=jnp)
 
 
 def mean_bandwidth(distance_group) -> jax.Array:
     """The distance group's mean bandwidth in bytes/s (the plug-in mean, no noise)."""
-    mbps = jnp.clip(jnp.asarray(het.MEAN_BANDWIDTH_MBPS, jnp.float32)[distance_group],
-                    *het.BANDWIDTH_RANGE_MBPS)
-    return mbps * jnp.float32(het.BYTES_PER_MBIT)
+    return het.bandwidth_from_noise(distance_group, 0.0, 0.0, xp=jnp) * het.BYTES_PER_MBIT
 
 
 def power_modes(hw: Hardware, key: jax.Array, device_type: jax.Array, rounds: int
@@ -228,7 +228,7 @@ def power_modes(hw: Hardware, key: jax.Array, device_type: jax.Array, rounds: in
     epochs = -(-rounds // hw.mode_redraw_every)
     u = jax.vmap(lambda e: jax.random.uniform(jax.random.fold_in(key, e), device_type.shape))(
         jnp.arange(epochs))
-    n = jnp.asarray(NUM_MODES)[device_type]
+    n = jnp.asarray(het.NUM_MODES, jnp.int32)[device_type]
     modes = jnp.minimum(jnp.floor(u * n).astype(jnp.int32), n - 1)     # (E, N)
     return modes[jnp.arange(rounds) // hw.mode_redraw_every]
 
@@ -268,15 +268,25 @@ def sample_round(env: EnvParams, hw: Hardware, device_type: jax.Array,
     scale = _round_scale(env, t)[device_type]                            # (N, S)
     y = (_linear(env, device_type, p, r) + env.sigma[device_type] * z[:, :-1]) * scale
     loss, imp, flops, nbytes = _physical(y)
-    # heterogeneity.bandwidth_mbps: a mean-one log-normal factor with relative std
+    # heterogeneity's bandwidth: a mean-one log-normal factor with relative std
     # `bandwidth_noise`, clipped to the observed range.
-    s = math.sqrt(math.log1p(hw.bandwidth_noise ** 2))
-    mbps = jnp.asarray(het.MEAN_BANDWIDTH_MBPS, jnp.float32)[distance_group]
-    mbps = jnp.clip(mbps * jnp.exp(s * z[:, -1] - 0.5 * s * s), *het.BANDWIDTH_RANGE_MBPS)
-    comp = flops / throughput(hw, device_type, mode)
-    comm = nbytes / (mbps * jnp.float32(het.BYTES_PER_MBIT))
-    return RoundOutcome(loss_drop=loss, importance=imp, compute_time=comp, comm_time=comm,
-                        time=comp + comm)
+    mbps = het.bandwidth_from_noise(distance_group, z[:, -1], hw.bandwidth_noise, xp=jnp)
+    return round_times(hw, device_type, mode, mbps * het.BYTES_PER_MBIT, flops, nbytes,
+                       loss, imp)
+
+
+def round_times(hw: Hardware, device_type, mode, bandwidth, flops, nbytes, loss_drop=None,
+                importance=None) -> RoundOutcome:
+    """Completion times of a round from its trace (power modes, bandwidth in bytes/s) and
+    the devices' FLOPs and bytes: :func:`heterogeneity.times_from_trace`, the simulator's
+    clock (``devices.spread: narrow`` is not modelled). Arrays ``(N,)``; the loss drop and
+    importance are passed through (zeros if omitted)."""
+    t = het.times_from_trace(flops, nbytes, throughput(hw, device_type, mode), bandwidth,
+                             hw.compute_scale)
+    zeros = jnp.zeros_like(t.total)
+    return RoundOutcome(loss_drop=zeros if loss_drop is None else loss_drop,
+                        importance=zeros if importance is None else importance,
+                        compute_time=t.comp, comm_time=t.comm, time=t.total)
 
 
 def mean_outcome(env: EnvParams, hw: Hardware, device_type, distance_group, mode, p, r, t
@@ -289,7 +299,8 @@ def mean_outcome(env: EnvParams, hw: Hardware, device_type, distance_group, mode
         Three float32 arrays of the broadcast shape.
     """
     loss, imp, flops, nbytes = _physical(mean_surfaces(env, device_type, p, r, t))
-    time = flops / throughput(hw, device_type, mode) + nbytes / mean_bandwidth(distance_group)
+    time = het.times_from_trace(flops, nbytes, throughput(hw, device_type, mode),
+                                mean_bandwidth(distance_group), hw.compute_scale).total
     return loss, imp, time
 
 

@@ -107,11 +107,13 @@ def assert_states_equal(s1: FederationState, s2: FederationState) -> None:
             _equal(v1, v2, name)
     assert (s1.bandit is None) == (s2.bandit is None)
     if s1.bandit is not None:
-        assert s1.bandit.params == s2.bandit.params
         for f in dataclasses.fields(s1.bandit):
             if f.name != "params":
                 _equal(getattr(s1.bandit, f.name), getattr(s2.bandit, f.name),
                        f"bandit.{f.name}")
+        for f in dataclasses.fields(s1.bandit.params):
+            _equal(getattr(s1.bandit.params, f.name), getattr(s2.bandit.params, f.name),
+                   f"bandit.params.{f.name}")
     assert len(s1.updates) == len(s2.updates)
     for i, (u1, u2) in enumerate(zip(s1.updates, s2.updates)):
         for f in dataclasses.fields(DeviceUpdate):

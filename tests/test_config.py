@@ -49,7 +49,7 @@ def test_overrides_and_round_trip(tiny_config_path, tmp_path):
 def test_configs_in_repo_are_valid():
     from pathlib import Path
 
-    from fedspine_jax.sweep import load_sweep
+    from fedspine_jax.config import load_sweep
 
     paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert paths

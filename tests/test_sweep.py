@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import yaml
 
+from fedspine_jax import bandit
 from fedspine_jax import heterogeneity as het
 from fedspine_jax import sweep, sweep_env
 from fedspine_jax.cli import main
-from fedspine_jax.config import Config, ConfigError, dump_config, from_dict
+from fedspine_jax.config import (Config, ConfigError, Range, dump_config, from_dict, load_sweep,
+                                 sweep_from_dict)
 
 F = len(sweep_env.FEATURES)
 
@@ -105,6 +107,77 @@ def test_results_identical_on_1_and_4_devices(sweep_runs):
     assert (out1 / "results.json").read_bytes() == (out4 / "results.json").read_bytes()
 
 
+# ---------------------------------------------------------------- configurations as data
+GRID = {
+    "federation": {"rounds": 10, "num_devices": 4, "seed": 5},
+    "pruning": {"target_ratio": 0.5, "target_round": 4},
+    "bandit": {"capacity": 8},
+    "sweep": {"discount": [0.9, 0.99], "delta": [0.1, 0.4], "exploration": [0.01, 0.3],
+              "rank_choices": [[2, 4, 8, 16], [4, 8]], "reward": ["log", "paper"],
+              "seeds": 2, "fleets": [{"agx": 1, "nx": 1, "tx2": 2}], "u_grid": 3},
+}
+
+
+def _compiles(fn) -> tuple[object, int]:
+    """``fn()`` and the number of XLA compilations it requested (cache hits included)."""
+    from jax import monitoring
+
+    seen = []
+
+    def on_event(event, **_):
+        if event == "/jax/compilation_cache/compile_requests_use_cache":
+            seen.append(event)
+
+    assert jax.config.jax_compilation_cache_dir  # conftest: every compile is then an event
+    monitoring.register_event_listener(on_event)
+    try:
+        return fn(), len(seen)
+    finally:
+        monitoring.unregister_event_listener(on_event)
+
+
+def test_grid_is_one_program_and_matches_each_configuration_alone(tmp_path):
+    """A grid of 32 configurations compiles as many programs as one of 2 (one per fleet
+    size), and every configuration's figures equal those of a sweep of it alone."""
+    cfg, spec = load_sweep(None, [f"{s}.{k}={json.dumps(v)}"
+                                        for s, d in GRID.items() for k, v in d.items()])
+    env = sweep_env.default_params()
+
+    def run(sp, name):
+        return sweep.run_sweep(cfg, sp, env, tmp_path / name, progress=False)
+
+    small = sweep_from_dict({**GRID["sweep"], "discount": [0.9], "delta": [0.1],
+                                  "exploration": [0.01], "reward": ["log"]})
+    run(small, "warm")  # the small eager programs (keys, host transfers) compile here
+    doc_small, n_small = _compiles(lambda: run(small, "small"))
+    doc, n_grid = _compiles(lambda: run(spec, "grid"))
+    assert len(doc["results"]) == 32 and len(doc_small["results"]) == 2
+    assert doc["timing"]["programs"] == doc_small["timing"]["programs"] == 1
+    assert 1 <= n_grid <= n_small
+    by_label = {r["label"]: r for r in doc["results"]}
+    assert len(by_label) == 32
+    # Alone: the shortest rank set unpadded, the paper reward, a large delta.
+    for point in (sweep.Point(0.9, 0.4, 0.3, (4, 8), "paper"),
+                  sweep.Point(0.99, 0.1, 0.01, (2, 4, 8, 16), "log")):
+        alone_spec = sweep_from_dict({
+            **GRID["sweep"], "discount": [point.discount], "delta": [point.delta],
+            "exploration": [point.exploration], "rank_choices": [list(point.rank_choices)],
+            "reward": [point.reward]})
+        alone = run(alone_spec, "alone")["results"][0]
+        mine = by_label[point.label]
+        for key in ("cumulative_reward", "waiting_time_s"):
+            np.testing.assert_allclose(mine[key], alone[key], rtol=1e-5, err_msg=key)
+        for key in ("p_by_type", "r_by_type"):
+            for t in het.TYPE_NAMES:
+                np.testing.assert_allclose(np.array(mine["curves"][key][t], float),
+                                           np.array(alone["curves"][key][t], float),
+                                           rtol=1e-5, err_msg=key)
+        if set(point.rank_choices) == set(sweep.all_ranks(spec)):  # same regret arm grid
+            np.testing.assert_allclose(mine["regret"], alone["regret"], rtol=1e-4, atol=1e-6)
+    # The configurations really differ (the grid is not one configuration repeated).
+    assert len({round(r["cumulative_reward"], 9) for r in doc["results"]}) > 16
+
+
 # ---------------------------------------------------------------- the regret, by reference
 def _log_reward(loss, dp, imp, t_arm, mean, cfg):
     """Eq. 3's "log" variant written out (the guards of bandit.reward)."""
@@ -128,7 +201,7 @@ def _surfaces(env, dtype, p, r, t):
 def _mean_arm(env, hw, dtype, group, mode, p, r, t):
     """Plug-in mean (loss drop, importance, time) of arms, in NumPy float64."""
     y = _surfaces(env, dtype, p, r, t)
-    thr = (np.asarray(het.PEAK_FLOPS)[dtype] * sweep_env.MODE_TABLE[dtype, mode]
+    thr = (np.asarray(het.PEAK_FLOPS)[dtype] * het.MODE_TABLE[dtype, mode]
            * hw.efficiency)
     bw = np.asarray(het.MEAN_BANDWIDTH_MBPS)[group] * het.BYTES_PER_MBIT
     time = np.maximum(y[..., 2], 0) / thr + np.maximum(y[..., 3], 0) / bw
@@ -145,10 +218,11 @@ def test_hindsight_regret_matches_a_numpy_reference(arm_space):
     group = np.array([0, 1, 2, 3], np.int32)
     arm_u, arm_r = (0.0, 0.5, 1.0), (2, 4, 8)
     rounds = 8
-    traj = jax.jit(lambda k: sweep.rollout(cfg, cfg, env, hw, dtype, group, k, rounds))(
+    prm = bandit.BanditParams.from_config(cfg)
+    traj = jax.jit(lambda k: sweep.rollout(cfg, prm, prm, env, hw, dtype, group, k, rounds))(
         jax.random.PRNGKey(0))
     regret = np.asarray(jax.jit(lambda tr: sweep.hindsight_regret(
-        cfg, env, hw, arm_u, arm_r, dtype, group, tr))(traj))
+        cfg, prm, env, hw, arm_u, arm_r, dtype, group, tr))(traj))
     tr = jax.tree.map(lambda x: np.asarray(x, np.float64), traj)
     mode = np.asarray(traj.mode)
     n = len(dtype)
@@ -201,7 +275,7 @@ def test_environment_uses_the_device_model_of_heterogeneity():
     for t in range(1, 13):
         mode = modes[t - 1]
         out = step(mode, t)
-        assert np.all((0 <= mode) & (mode < sweep_env.NUM_MODES[dtype]))
+        assert np.all((0 <= mode) & (mode < het.NUM_MODES[dtype]))
         loss, imp, time = _mean_arm(env, hw, dtype, group, mode, p.astype(np.float64), r, t)
         mult = np.array([het.MODE_MULTIPLIERS[k][m] for k, m in zip(dtype, mode)])
         flops = _surfaces(env, dtype, p, r, t)[:, 2]
@@ -215,6 +289,39 @@ def test_environment_uses_the_device_model_of_heterogeneity():
     for e in range(3):
         assert np.all(modes[4 * e: 4 * e + 4] == modes[4 * e])
     assert any(not np.array_equal(modes[0], modes[4 * e]) for e in (1, 2))
+
+
+@pytest.mark.parametrize("clock", ["flops", "paper_regime"])
+def test_sweep_clock_is_the_simulators_for_the_same_trace(clock):
+    """One device model: for the simulator's own trace (modes, bandwidths) of a fleet,
+    the sweep environment's completion times are heterogeneity.completion_time's."""
+    cfg = from_dict({"federation": {"num_devices": 12},
+                     "devices": {"scenario": "high", "clock": clock, "efficiency": 0.2,
+                                 "mode_redraw_every": 3, "bandwidth_noise": 0.3}})
+    fleet = het.build_fleet(cfg)
+    hw = sweep_env.Hardware.from_config(cfg)
+    assert hw.compute_scale == fleet.compute_scale
+    assert (clock == "paper_regime") == (fleet.compute_scale != 1.0)
+    rng = np.random.default_rng(0)
+    times = jax.jit(lambda *a: sweep_env.round_times(hw, *a))
+    for t in range(7):
+        trace = het.round_trace(fleet, t)
+        flops = rng.uniform(1e11, 1e13, fleet.num_devices)
+        nbytes = rng.uniform(1e5, 1e7, fleet.num_devices)
+        want = het.completion_time(fleet, t, flops, nbytes, 0.0)
+        got = times(fleet.device_type.astype(np.int32), trace.mode.astype(np.int32),
+                    trace.bandwidth.astype(np.float32), flops.astype(np.float32),
+                    nbytes.astype(np.float32))
+        np.testing.assert_allclose(got.compute_time, want.comp, rtol=2e-6)
+        np.testing.assert_allclose(got.comm_time, want.comm, rtol=2e-6)
+        np.testing.assert_allclose(got.time, want.total, rtol=2e-6)
+    # The environment's own bandwidth draw is heterogeneity's function of the same normals.
+    z = rng.standard_normal(fleet.num_devices)
+    np.testing.assert_allclose(
+        het.bandwidth_from_noise(fleet.distance_group, jnp.asarray(z, jnp.float32),
+                                 cfg.devices.bandwidth_noise, xp=jnp),
+        het.bandwidth_from_noise(fleet.distance_group, z, cfg.devices.bandwidth_noise),
+        rtol=2e-6)
 
 
 def test_noise_and_bandwidth_spread():
@@ -331,19 +438,19 @@ def test_sweep_spec_grid_random_and_errors(tmp_path):
         "sweep": {"discount": [0.9, 0.99, 1.0], "exploration": [0.01, 0.1],
                   "rank_choices": [[2, 4], [4, 8, 16]], "reward": ["log", "paper"],
                   "fleets": ["high", {"agx": 1, "tx2": 2}]}}))
-    cfg, spec = sweep.load_sweep(path)
-    assert cfg.federation.num_devices == 10 and spec.all_ranks == (2, 4, 8, 16)
-    points = spec.points(0)
+    cfg, spec = load_sweep(path)
+    assert cfg.federation.num_devices == 10 and sweep.all_ranks(spec) == (2, 4, 8, 16)
+    points = sweep.points(spec, 0)
     assert len(points) == 3 * 2 * 2 * 2 and len(set(points)) == len(points)
     assert [f.name for f in spec.fleets] == ["high", "agx=1,tx2=2"]
-    assert spec.fleets[1].build(cfg).num_devices == 3
+    assert sweep.build_fleet(spec.fleets[1], cfg).num_devices == 3
     pcfg = points[-1].config(cfg)
     assert pcfg.lora.rank_choices == (4, 8, 16) and pcfg.lora.rank == 16
     assert pcfg.bandit.reward == "paper" and pcfg.bandit.discount == 1.0
-    _, rnd = sweep.load_sweep(path, ["sweep.search=random", "sweep.samples=5"])
-    picked = rnd.points(0)
-    assert len(picked) == 5 and set(picked) <= set(points) and picked == rnd.points(0)
-    assert picked != rnd.points(1)
+    _, rnd = load_sweep(path, ["sweep.search=random", "sweep.samples=5"])
+    picked = sweep.points(rnd, 0)
+    assert len(picked) == 5 and set(picked) <= set(points) and picked == sweep.points(rnd, 0)
+    assert picked != sweep.points(rnd, 1)
     for bad, match in [("sweep.colour=1", "sweep.colour"),
                        ("sweep.reward=[log, best]", "sweep.reward"),
                        ("sweep.fleets=[{agx: 1, orin: 2}]", "orin"),
@@ -351,17 +458,56 @@ def test_sweep_spec_grid_random_and_errors(tmp_path):
                        ("sweep.discount=[1.5]", "sweep.discount"),
                        ("sweep.seeds=0", "sweep.seeds")]:
         with pytest.raises(ConfigError, match=match):
-            sweep.load_sweep(path, [bad])
+            load_sweep(path, [bad])
     with pytest.raises(ConfigError, match="federation.bogus"):
-        sweep.load_sweep(path, ["federation.bogus=1"])
+        load_sweep(path, ["federation.bogus=1"])
+
+
+def test_random_search_over_continuous_ranges():
+    cfg = from_dict({})
+    raw = {"search": "random", "samples": 400,
+           "discount": {"low": 0.9, "high": 1.0}, "delta": [0.1, 0.2],
+           "exploration": {"low": 1e-3, "high": 1.0, "log": True},
+           "rank_choices": [[2, 4], [4, 8, 16]], "reward": ["log", "paper"]}
+    spec = sweep_from_dict(raw)
+    assert spec.exploration == Range(1e-3, 1.0, True)
+    points = sweep.points(spec, 0)
+    assert len(points) == 400 and points == sweep.points(spec, 0) and points != sweep.points(spec, 1)
+    disc = np.array([p.discount for p in points])
+    expl = np.array([p.exploration for p in points])
+    assert disc.min() >= 0.9 and disc.max() <= 1.0 and abs(disc.mean() - 0.95) < 0.01
+    assert expl.min() >= 1e-3 and expl.max() <= 1.0
+    # Log-uniform: each decade holds about a third of the draws (uniform: 0.1 % in the
+    # first); the geometric midpoint splits them in half.
+    decades = np.histogram(np.log10(expl), bins=[-3, -2, -1, 0])[0] / len(expl)
+    assert np.all(np.abs(decades - 1 / 3) < 0.08), decades
+    assert {p.delta for p in points} == {0.1, 0.2}
+    assert {p.rank_choices for p in points} == {(2, 4), (4, 8, 16)}
+    assert {p.reward for p in points} == {"log", "paper"}
+    for bad, match in [({**raw, "search": "grid"}, "needs sweep.search=random"),
+                       ({**raw, "discount": {"low": 0.99, "high": 0.9}}, "below"),
+                       ({**raw, "exploration": {"low": 0.0, "high": 1.0, "log": True}},
+                        "log range"),
+                       ({**raw, "delta": {"low": 0.1, "hi": 0.2}}, "sweep.delta"),
+                       ({**raw, "discount": {"low": 0.5, "high": 1.5}}, "sweep.discount")]:
+        with pytest.raises(ConfigError, match=match):
+            sweep_from_dict(bad)
 
 
 def test_sweep_config_file_is_valid(tiny_config_path):
-    cfg, spec = sweep.load_sweep(tiny_config_path.parent / "sweep.yaml")
-    points = spec.points(cfg.federation.seed)
-    assert len(points) >= 8 and spec.seeds >= 2 and spec.env == ""
+    cfg, spec = load_sweep(tiny_config_path.parent / "sweep.yaml")
+    points = sweep.points(spec, cfg.federation.seed)
+    assert len(points) >= 8 and spec.seeds >= 2
+    # Calibrated on the paper-regime comparison: the fitted surfaces ship beside the config,
+    # and the sweep's clock is that run's (same hardware knobs, same compute scale).
+    fitted = json.loads(open(spec.env).read())
+    assert fitted["fit"]["source"] == "fedspine" and sweep_env.load_params(spec.env)
+    hw = sweep_env.Hardware.from_config(cfg)
+    assert hw.compute_scale > 1 and cfg.devices.clock == "paper_regime"
+    for k, v in fitted["fit"]["hardware"].items():
+        assert getattr(hw, k) == pytest.approx(v, rel=1e-9), k
     for f in spec.fleets:
-        assert f.build(cfg).num_devices == cfg.federation.num_devices
+        assert sweep.build_fleet(f, cfg).num_devices == cfg.federation.num_devices
     assert {pt.config(cfg).bandit.reward for pt in points} == {"log", "paper"}
     # The shipped sweep keeps our schedule floor (the default arm space is the paper's).
     assert cfg.bandit.arm_space == "floor"
