@@ -645,6 +645,10 @@ def test_fetch_model_over_loopback_grpc(tmp_path, tokens_dir, shared_data):
             c.register(i, config_digest(cfg))
             header, task = c.fetch(i)
             assert not c.upload(stand_in_update(i, header, task)).duplicate
+        deadline = time.monotonic() + 60
+        while not coord.done and time.monotonic() < deadline:  # the runner closes the round
+            time.sleep(0.05)
+        assert coord.done
         onnx = agents[0].fetch_model(tmp_path / "dev0")  # waits while the server exports
         served = coord.models.get(0, 0)
         assert [f.name for f in served] == ["model.onnx"] and onnx.name == "model.onnx"
