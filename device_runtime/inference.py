@@ -231,7 +231,7 @@ class JaxBackend:
         small, dense = onnx_export.prepare(dm.model)
         self.meta = onnx_export.build_meta(small, dense, dm.tokenizer, task=dm.task,
                                            max_len=dm.max_len, opset=cfg.export.opset,
-                                           source=dm.source)
+                                           source=dm.source, labels=dm.labels)
         self.tokenizer = dm.tokenizer
         graphdef, st = nnx.split(small)
         meta = self.meta

@@ -27,10 +27,6 @@ META_KEY = "fedspine.meta"
 TOKENIZER_KEY = "fedspine.tokenizer"
 FORMAT_VERSION = 1
 
-# Class names of the tasks' labels (Hugging Face glue label ids).
-LABEL_NAMES = {"sst2": ("negative", "positive"),
-               "mnli": ("entailment", "neutral", "contradiction")}
-
 # The graphs one export writes (``graph`` in the metadata) and their file names:
 # ``portable`` (plain ONNX, for TensorRT and any runtime) is ``model.onnx``; ``cpu`` (ONNX
 # Runtime's fused contrib ops, ``export.cpu_graph``) is ``model.cpu.onnx`` beside it;
@@ -70,7 +66,7 @@ class ModelMeta:
     kind: str
     arch: str                      # bert | roberta | llama
     task: str | None               # sst2 | mnli | dolly | None (unknown)
-    labels: tuple = ()             # class names (classifier)
+    labels: tuple = ()             # class names by id (classifier): the task's, or LABEL_i
     max_len: int = 512             # longest tokenised input the model was trained on
     max_positions: int = 512       # position embeddings / RoPE table length
     vocab_size: int = 0
@@ -117,6 +113,18 @@ class ModelMeta:
     @property
     def is_decoder(self) -> bool:
         return self.kind == "causal_lm"
+
+
+def class_names(num_labels: int, names=()) -> tuple[str, ...]:
+    """A classifier's class names by id: the task's ``names`` when it has them, else
+    ``LABEL_0`` ... ``LABEL_<num_labels - 1>`` (Hugging Face's default ``id2label``)."""
+    names = tuple(str(n) for n in names)
+    if not names:
+        return tuple(f"LABEL_{i}" for i in range(num_labels))
+    if len(names) != num_labels:
+        raise MetadataError(f"{len(names)} label names {list(names)} for a classifier of "
+                            f"{num_labels} classes")
+    return names
 
 
 def graph_path(portable: str | Path, kind: str) -> Path:

@@ -12,8 +12,9 @@ One flow, used by the simulator and the device agent alike::
 Tasks. A task is classification (a text, or a pair of texts read as two segments, and a
 label) or instruction tuning (a prompt template over the record's columns, and a response).
 ``data.task`` names a preset, whose columns, labels and splits are fixed (sst2: ``sentence``,
-``label`` in 0..1, splits ``train`` / ``validation``; mnli: ``premise``, ``hypothesis``,
-``label`` in 0..2, ``train`` / ``validation_matched``; dolly: ``instruction``, ``context``,
+``label`` in 0..1 (negative, positive), splits ``train`` / ``validation``; mnli: ``premise``,
+``hypothesis``, ``label`` in 0..2 (entailment, neutral, contradiction), ``train`` /
+``validation_matched``; dolly: ``instruction``, ``context``,
 ``response``, optional ``category``, one split), or an open task, ``classification`` or
 ``instruction``, whose columns, labels and splits the ``data`` keys give
 (:func:`task_spec` -> :class:`TaskSpec`). A label is a class id or, where ``label_names``
@@ -97,6 +98,10 @@ import numpy as np
 from fedspine_jax.config import DataConfig
 from fedspine_jax.errors import UserError
 
+# Class names of the GLUE presets' labels, by id (as the Hugging Face ``glue`` data set names
+# them); an exported classifier carries its task's names.
+SST2_LABELS = ("negative", "positive")
+MNLI_LABELS = ("entailment", "neutral", "contradiction")
 # The eight categories of databricks-dolly-15k (pseudo-labels of the partition when present).
 DOLLY_CATEGORIES = ("brainstorming", "classification", "closed_qa", "creative_writing",
                     "general_qa", "information_extraction", "open_qa", "summarization")
@@ -245,10 +250,11 @@ class TaskSpec:
 
 PRESETS = {
     "sst2": TaskSpec("sst2", "classification", ("train", "validation"),
-                     text_column="sentence", label_column="label", num_labels=2),
+                     text_column="sentence", label_column="label", label_names=SST2_LABELS,
+                     num_labels=2),
     "mnli": TaskSpec("mnli", "classification", ("train", "validation_matched"),
                      text_column="premise", text_pair_column="hypothesis",
-                     label_column="label", num_labels=3),
+                     label_column="label", label_names=MNLI_LABELS, num_labels=3),
     "dolly": TaskSpec("dolly", "instruction", ("train",), label_column="category",
                       label_names=DOLLY_CATEGORIES, template=DOLLY_TEMPLATE,
                       response_column="response"),
