@@ -4,7 +4,8 @@ An exported ``.onnx`` carries two ``metadata_props`` entries, so that the file a
 enough to serve it (the inference runtime needs nothing else):
 
 * ``fedspine.meta`` -- JSON of :class:`ModelMeta`: the kind of graph, its inputs and
-  outputs, the task and label names, the tokenisation length, the KV-cache layout of a
+  outputs, the task and its label names or prompt template (``data.template``), the
+  tokenisation length, the KV-cache layout of a
   decoder, where the model came from (run, device, rank, pruning) and its sizes;
 * ``fedspine.tokenizer`` -- JSON ``{file name: text}`` of the tokenizer's
   ``save_pretrained`` files (``tokenizer.json``, ``tokenizer_config.json``, ...).
@@ -71,6 +72,7 @@ class ModelMeta:
     max_positions: int = 512       # position embeddings / RoPE table length
     vocab_size: int = 0
     hidden_size: int = 0
+    template: str = ""             # causal_lm of an instruction task: its prompt template
     cache: tuple = ()              # CacheSpec per decoder layer with kv heads
     eos_token_id: int | None = None
     pad_token_id: int = 0

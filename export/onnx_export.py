@@ -210,11 +210,13 @@ def _kv(small) -> list[int]:
 
 
 def build_meta(small, dense_params: int, tokenizer, *, task: str | None, max_len: int | None,
-               opset: int, source: dict | None, labels=()) -> ModelMeta:
+               opset: int, source: dict | None, labels=(), template: str = ""
+               ) -> ModelMeta:
     """The :class:`ModelMeta` of a compacted model (see the module note for the I/O).
 
     ``labels``: a classifier's class names by id (the task's ``TaskData.label_names``);
-    default: a preset task's names (``data.PRESETS``), else ``LABEL_i``.
+    default: a preset task's names (``data.PRESETS``), else ``LABEL_i``. ``template``: a
+    decoder's prompt template (``TaskData.template``); default: a preset task's, else none.
     """
     cfg = small.cfg
     heads = tuple(cfg.heads(i) for i in range(cfg.num_layers))
@@ -235,8 +237,10 @@ def build_meta(small, dense_params: int, tokenizer, *, task: str | None, max_len
             f"past_{w}_{c.layer}" for c in cache for w in ("key", "value"))
         outs = ("logits",) + tuple(f"present_{w}_{c.layer}" for c in cache
                                    for w in ("key", "value"))
+        if not template and task in PRESETS:
+            template = PRESETS[task].template
         return ModelMeta(kind="causal_lm", cache=cache, eos_token_id=eos, inputs=ins,
-                         outputs=outs, **common)
+                         outputs=outs, template=template, **common)
     ins = ("input_ids", "attention_mask", "token_type_ids")
     if cfg.num_labels > 0:
         if not labels:
@@ -473,7 +477,8 @@ def verify(path: str | Path, small, meta: ModelMeta, sample: dict[str, np.ndarra
 def export_model(model, out: str | Path, *, tokenizer, task: str | None = None,
                  max_len: int | None = None, sample: dict | None = None,
                  opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE,
-                 source: dict | None = None, labels=(), int8: bool = False,
+                 source: dict | None = None, labels=(), template: str = "",
+                 int8: bool = False,
                  external_threshold: int = graph.EXTERNAL_DATA_THRESHOLD) -> ExportResult:
     """Export a pruned model to a verified ONNX file.
 
@@ -486,6 +491,8 @@ def export_model(model, out: str | Path, *, tokenizer, task: str | None = None,
       task: ``data.task`` (``sst2``, ``classification``, ...) or None.
       labels: a classifier's class names by id (``TaskData.label_names``); default: a
         preset task's names, else ``LABEL_i``.
+      template: a decoder's prompt template (``TaskData.template``; the inference runtime
+        wraps prompts in it); default: a preset task's template, else none.
       max_len: the tokenisation length the model was trained with.
       sample: int32 ``(B, L)`` verification inputs (:func:`sample_inputs` /
         :func:`examples_sample`); default: :data:`DEFAULT_TEXTS` tokenised.
@@ -507,7 +514,7 @@ def export_model(model, out: str | Path, *, tokenizer, task: str | None = None,
     t0 = time.perf_counter()
     small, dense = prepare(model)
     meta = build_meta(small, dense, tokenizer, task=task, max_len=max_len, opset=opset,
-                      source=source, labels=labels)
+                      source=source, labels=labels, template=template)
     fn, specs = graph_function(small, meta)
     quiet = logging.getLogger("onnx_ir")
     level = quiet.level

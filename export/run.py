@@ -32,6 +32,7 @@ class DeviceModel:
       sample: int32 ``(B, L)`` verification inputs from the evaluation split.
       source: provenance for the metadata (run, device_id, round, rank, strategy).
       labels: the task's class names by id (``TaskData.label_names``; () when it has none).
+      template: an instruction task's prompt template (``TaskData.template``; else "").
     """
     model: object
     tokenizer: object
@@ -40,6 +41,7 @@ class DeviceModel:
     sample: dict
     source: dict
     labels: tuple = ()
+    template: str = ""
 
 
 def tokenizer_name(cfg: Config) -> str:
@@ -85,7 +87,7 @@ def device_model(s: experiment.Setup, state, device_id: int, *, run: str = "",
               "channels_kept": float(state.devices.channel_masks[i].mean())}
     return DeviceModel(model=model, tokenizer=tokenizer, task=s.cfg.data.task,
                        max_len=s.cfg.data.max_len, sample=examples_sample(s.task.eval),
-                       source=source, labels=s.task.label_names)
+                       source=source, labels=s.task.label_names, template=s.task.template)
 
 
 def export_device(dm: DeviceModel, out: str | Path, cfg: Config, **kw) -> ExportResult:
@@ -95,7 +97,7 @@ def export_device(dm: DeviceModel, out: str | Path, cfg: Config, **kw) -> Export
     kw.setdefault("tolerance", cfg.export.tolerance)
     return export_model(dm.model, out, tokenizer=dm.tokenizer, task=dm.task,
                         max_len=dm.max_len, sample=dm.sample, source=dm.source,
-                        labels=dm.labels, **kw)
+                        labels=dm.labels, template=dm.template, **kw)
 
 
 def export_run_device(run_dir: str | Path, device_id: int, out: str | Path, overrides=(),

@@ -183,6 +183,7 @@ class TaskData:
         eval: examples of the evaluation split.
         num_labels: number of classes (classification) or None (instruction).
         label_names: the classes' names by id, where the task names them (else ()).
+        template: instruction: the prompt template the examples were built with (else "").
     """
 
     task: str
@@ -190,6 +191,7 @@ class TaskData:
     eval: Examples
     num_labels: int | None
     label_names: tuple[str, ...] = ()
+    template: str = ""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -787,8 +789,9 @@ def load_task(cfg_data: DataConfig, tokenizer, seed: int) -> TaskData:
                      buckets, train_rows[keep_train]),
         eval=encode(tokenizer, spec, [ev[i] for i in keep_eval], cfg_data.max_len, buckets,
                     eval_rows[keep_eval]),
-        num_labels=spec.num_labels or None, label_names=spec.label_names
-        if spec.kind == "classification" else ())
+        num_labels=spec.num_labels or None,
+        label_names=spec.label_names if spec.kind == "classification" else (),
+        template=spec.template if spec.kind == "instruction" else "")
 
 
 # ---------------------------------------------------------------------------- batching

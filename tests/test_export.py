@@ -484,3 +484,59 @@ def test_label_names_default_and_mismatch(encoder, tok, tmp_path):
         build_meta(small, dense, tok, task=None, max_len=32, opset=17, source=None,
                    labels=("a", "b", "c"))
     assert class_names(2) == ("LABEL_0", "LABEL_1")
+
+
+TEMPLATE = "Q: {q}\nA: "
+
+
+@pytest.fixture(scope="module")
+def instruction_run(tmp_path_factory, tiny_config_path):
+    """An `instruction` run of a tiny LLaMA on records ``{"q", "a"}`` with its own template."""
+    from fedspine_jax.config import load_config
+
+    run = tmp_path_factory.mktemp("instruction")
+    data = run / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": f"what is {k} plus one", "a": f"{k + 1}"}) + "\n"
+                            for k in range(40)))
+    cfg = load_config(tiny_config_path, [
+        "model.arch=llama", "model.num_kv_heads=2", "data.task=instruction",
+        f"data.source={data}", f"data.template={json.dumps(TEMPLATE)}",
+        "data.response_column=a", "data.min_samples_per_device=2"])
+    return _saved_run(run, cfg)
+
+
+def test_instruction_template_reaches_the_runtime(instruction_run, tmp_path, capsys):
+    run, s = instruction_run
+    assert s.task.template == TEMPLATE
+    out = tmp_path / "lm.onnx"
+    assert main(["export", str(run), "--device-id", "0", "--out", str(out)]) == 0
+    capsys.readouterr()
+    pred = load(out)
+    assert pred.meta.template == TEMPLATE and pred.template_fields() == ["q"]
+    assert pred.prompt("what is 2 plus one") == "Q: what is 2 plus one\nA: "
+    assert pred.prompt(record={"q": "x", "other": "y"}) == "Q: x\nA: "
+    with pytest.raises(InferenceError, match="has one field"):
+        pred.prompt("x", "a second text")
+    assert load(run, device_id=0).meta.template == TEMPLATE  # the JAX back end too
+    # `fedspine infer` wraps --text, and fills a record's own columns by name
+    want = pred.generate([pred.prompt("what is 2 plus one")], 4)[0]
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"q": "what is 2 plus one"}) + "\n")
+    for how in (["--text", "what is 2 plus one"], ["--file", str(f)]):
+        assert main(["infer", str(out), *how, "--max-new-tokens", "4"]) == 0
+        (row,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert row == {"prompt": "what is 2 plus one", "completion": want}
+
+
+def test_dolly_prompts_are_unchanged(dec_export, tok):
+    from fedspine_jax.data import DOLLY_TEMPLATE, RESPONSE_HEADER, dolly_prompt
+    from fedspine_jax.device_runtime.inference import Predictor
+
+    pred = load(dec_export.path)
+    assert pred.meta.template == DOLLY_TEMPLATE
+    old = Predictor(pred.backend, tok, dataclasses.replace(pred.meta, template=""))
+    for p in (pred, old):  # a file exported before templates were carried: by its task
+        assert p.prompt("Name a river.", "Rivers of Europe") == dolly_prompt(
+            "Name a river.", "Rivers of Europe") + RESPONSE_HEADER
+        assert p.prompt("Name a river.") == (
+            "### Instruction:\nName a river.\n\n" + RESPONSE_HEADER)
