@@ -10,8 +10,11 @@
 One JSON line per input: a classifier prints ``label``, ``label_id`` and ``probs`` (every
 label's probability); a LLaMA model prints its greedy ``completion``. Input records
 (``--file``, JSON Lines) carry their text as ``text`` (+ ``text_pair``), ``sentence``,
-``premise`` + ``hypothesis``, ``instruction`` (+ ``context``) or ``prompt``. A model trained
-on dolly gets its instruction wrapped in the training template.
+``premise`` + ``hypothesis``, ``instruction`` (+ ``context``) or ``prompt``. A LLaMA model
+trained on an instruction task (dolly, or ``data.task: instruction`` with its
+``data.template``) gets every input wrapped in its training template, carried in the
+model's metadata: a record holding the template's columns fills them by name; otherwise the
+text fills its first field (and ``--text-pair`` / ``context`` its second).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def run_cli(args) -> int:
     if args.batch_size < 1:
         return _err("--batch-size must be at least 1")
     try:
+        recs = None
         if args.text:
             texts = list(args.text)
             pairs = args.text_pair
@@ -64,18 +68,25 @@ def run_cli(args) -> int:
             recs = read_jsonl(args.file)
             if not recs:
                 return _err(f"{args.file}: no inputs")
-            got = [record_text(r, f"{args.file} line {i + 1}") for i, r in enumerate(recs)]
+        pred = load(args.model, device_id=args.device_id, overrides=args.overrides,
+                    providers=["CPUExecutionProvider"] if args.cpu else None,
+                    threads=args.threads)
+        # Records in the columns of a decoder's prompt template fill it by name.
+        fields = pred.template_fields() if pred.meta.is_decoder else []
+        own = [bool(fields) and isinstance(r.get(fields[0]), str) for r in recs or ()]
+        if recs is not None:
+            got = [(r[fields[0]], None) if o else record_text(r, f"{args.file} line {i + 1}")
+                   for i, (r, o) in enumerate(zip(recs, own))]
             texts = [t for t, _ in got]
             pairs = [p for _, p in got]
             if all(p is None for p in pairs):
                 pairs = None
             elif any(p is None for p in pairs):
                 pairs = [p or "" for p in pairs]
-        pred = load(args.model, device_id=args.device_id, overrides=args.overrides,
-                    providers=["CPUExecutionProvider"] if args.cpu else None,
-                    threads=args.threads)
         if pred.meta.is_decoder:
-            prompts = [pred.prompt(t, c or "") for t, c in zip(texts, pairs or [None] * len(texts))]
+            prompts = [pred.prompt(record=recs[i]) if recs is not None and own[i]
+                       else pred.prompt(t, c or "")
+                       for i, (t, c) in enumerate(zip(texts, pairs or [None] * len(texts)))]
             outs = pred.generate(prompts, args.max_new_tokens, args.batch_size)
             for t, o in zip(texts, outs):
                 print(json.dumps({"prompt": t, "completion": o}))

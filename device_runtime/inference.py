@@ -231,7 +231,8 @@ class JaxBackend:
         small, dense = onnx_export.prepare(dm.model)
         self.meta = onnx_export.build_meta(small, dense, dm.tokenizer, task=dm.task,
                                            max_len=dm.max_len, opset=cfg.export.opset,
-                                           source=dm.source)
+                                           source=dm.source, labels=dm.labels,
+                                           template=dm.template)
         self.tokenizer = dm.tokenizer
         graphdef, st = nnx.split(small)
         meta = self.meta
@@ -368,13 +369,42 @@ class Predictor:
         return [self.tokenizer.decode(x, skip_special_tokens=True)
                 for x in self.generate_ids(prompts, max_new_tokens, batch_size)]
 
-    def prompt(self, instruction: str, context: str = "") -> str:
-        """The prompt a model trained on ``meta.task`` expects (dolly: its template)."""
-        if self.meta.task == "dolly":
-            from fedspine_jax.data import RESPONSE_HEADER, dolly_prompt
+    @property
+    def template(self) -> str:
+        """The prompt template the model was trained with ("" for none)."""
+        from fedspine_jax.data import PRESETS
 
-            return dolly_prompt(instruction, context) + RESPONSE_HEADER
-        return instruction if not context else f"{context}\n\n{instruction}"
+        # Files exported before the metadata carried templates name only their task.
+        return self.meta.template or (PRESETS["dolly"].template
+                                      if self.meta.task == "dolly" else "")
+
+    def template_fields(self) -> list[str]:
+        """The record columns the template names, in order, each once."""
+        from fedspine_jax.data import template_fields
+
+        return list(dict.fromkeys(template_fields(self.template))) if self.template else []
+
+    def prompt(self, text: str = "", context: str = "", record: dict | None = None) -> str:
+        """The prompt a model trained on an instruction task expects: its training template
+        (``data.render_body`` + the response header) filled with ``record``'s columns, or
+        else ``text`` in its first field and ``context`` in its second (dolly: instruction,
+        context), the others empty. A model without a template gets ``text`` as it is
+        (``context``, if any, before it)."""
+        from fedspine_jax.data import render_body, split_template
+
+        fields = self.template_fields()
+        if not fields:
+            return text if not context else f"{context}\n\n{text}"
+        if record is None:
+            if context and len(fields) < 2:
+                raise InferenceError(f"the model's prompt template {self.template!r} has "
+                                     f"one field; it takes no second text")
+            record = dict(zip(fields, (text, context)))
+        missing = [f for f in fields if not isinstance(record.get(f, ""), str)]
+        if missing:
+            raise InferenceError(f"template field {missing[0]!r} must be a string")
+        values = {f: record.get(f, "") for f in fields}
+        return render_body(self.template, values)[0] + split_template(self.template)[1]
 
 
 # ---------------------------------------------------------------------------------------

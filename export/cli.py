@@ -137,6 +137,9 @@ def _run_hf(src: Path, args) -> int:
         print(f"wrote PEFT adapter {path} (round {info['round']}, rank {info['rank']}, "
               f"alpha {info['alpha']:g}, targets {', '.join(info['targets'])}); load it "
               f"with peft.PeftModel.from_pretrained(<the base model>, {str(path)!r})")
+        if info["id2label"]:
+            print(f"its classifier's labels: load the base model with "
+                  f"id2label={info['id2label']}")
     if args.hf:
         path, dm = export_run_hf(src, args.device_id, args.hf, args.overrides)
         print(f"wrote {path}/config.json + model.safetensors: device {args.device_id}, "

@@ -14,7 +14,8 @@
   layer keeps the same sizes and transformers' config can say so (a LLaMA model whose
   layers keep the same query heads, kv heads in contiguous groups and channels; an encoder
   whose heads are all kept and channels pruned equally) the ordinary keys carry the pruned
-  sizes instead and transformers' ``from_pretrained`` loads the directory too. Other
+  sizes instead and transformers' ``from_pretrained`` loads the directory too. A
+  classifier's ``id2label`` / ``label2id`` are its task's class names. Other
   pruned models are ours alone: transformers 5 has no per-layer head or channel counts
   (its ``pruned_heads`` config key is gone).
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from fedspine_jax.errors import UserError
+from fedspine_jax.export.metadata import class_names
 from fedspine_jax.models.compaction import compact
 from fedspine_jax.models.hf_names import LAYER_LINEARS, LAYER_PREFIX
 from fedspine_jax.models.loading import COMPACT_KEY
@@ -127,7 +129,8 @@ def export_peft(model, out_dir: str | Path, base_model: str = "") -> Path:
     return out
 
 
-def _hf_config(cfg, full_heads: int, full_kv: int, channels: int, compact_key) -> dict:
+def _hf_config(cfg, full_heads: int, full_kv: int, channels: int, compact_key,
+               labels=()) -> dict:
     base = {"model_type": cfg.arch, "architectures": [ARCHITECTURES[(cfg.arch,
                                                                       cfg.num_labels > 0)]],
             "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
@@ -143,9 +146,10 @@ def _hf_config(cfg, full_heads: int, full_kv: int, channels: int, compact_key) -
         base.update(type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.norm_eps,
                     hidden_act="gelu", position_embedding_type="absolute")
     if cfg.num_labels > 0:
+        names = class_names(cfg.num_labels, labels)
         base.update(num_labels=cfg.num_labels,
-                    id2label={str(i): f"LABEL_{i}" for i in range(cfg.num_labels)},
-                    label2id={f"LABEL_{i}": i for i in range(cfg.num_labels)})
+                    id2label={str(i): n for i, n in enumerate(names)},
+                    label2id={n: i for i, n in enumerate(names)})
     if compact_key is not None:
         base[COMPACT_KEY] = compact_key
     return base
@@ -168,7 +172,7 @@ def _uniform_sizes(cfg) -> tuple[int, int, int] | None:
     return h, kv, f
 
 
-def export_hf(model, out_dir: str | Path, tokenizer=None) -> Path:
+def export_hf(model, out_dir: str | Path, tokenizer=None, labels=()) -> Path:
     """Write ``model`` pruned (masked groups removed) with its LoRA merged, as a
     ``save_pretrained``-style directory (``config.json`` + ``model.safetensors``).
 
@@ -176,6 +180,8 @@ def export_hf(model, out_dir: str | Path, tokenizer=None) -> Path:
       model: a full Encoder or Decoder holding a device's masks, LoRA and head.
       out_dir: the directory to write (created).
       tokenizer: optional Hugging Face tokenizer, saved beside the weights.
+      labels: a classifier's class names by id (``config.json``'s ``id2label``); default
+        ``LABEL_i``.
     Returns:
       the directory; ``load_pretrained(dir, num_labels)`` gives the same outputs.
     """
@@ -218,11 +224,12 @@ def export_hf(model, out_dir: str | Path, tokenizer=None) -> Path:
                 w[p + name + ".bias"] = _np(ln.bias[...])
     uniform = _uniform_sizes(cfg)
     if uniform is not None:
-        config = _hf_config(cfg, *uniform, None)
+        config = _hf_config(cfg, *uniform, None, labels)
     else:
         config = _hf_config(cfg, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size,
                             {"kv_index": [list(cfg.kv_index(i)) for i in range(cfg.num_layers)],
-                             "channels": [cfg.channels(i) for i in range(cfg.num_layers)]})
+                             "channels": [cfg.channels(i) for i in range(cfg.num_layers)]},
+                            labels)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -4,7 +4,8 @@ An exported ``.onnx`` carries two ``metadata_props`` entries, so that the file a
 enough to serve it (the inference runtime needs nothing else):
 
 * ``fedspine.meta`` -- JSON of :class:`ModelMeta`: the kind of graph, its inputs and
-  outputs, the task and label names, the tokenisation length, the KV-cache layout of a
+  outputs, the task and its label names or prompt template (``data.template``), the
+  tokenisation length, the KV-cache layout of a
   decoder, where the model came from (run, device, rank, pruning) and its sizes;
 * ``fedspine.tokenizer`` -- JSON ``{file name: text}`` of the tokenizer's
   ``save_pretrained`` files (``tokenizer.json``, ``tokenizer_config.json``, ...).
@@ -26,10 +27,6 @@ from fedspine_jax.errors import UserError
 META_KEY = "fedspine.meta"
 TOKENIZER_KEY = "fedspine.tokenizer"
 FORMAT_VERSION = 1
-
-# Class names of the tasks' labels (Hugging Face glue label ids).
-LABEL_NAMES = {"sst2": ("negative", "positive"),
-               "mnli": ("entailment", "neutral", "contradiction")}
 
 # The graphs one export writes (``graph`` in the metadata) and their file names:
 # ``portable`` (plain ONNX, for TensorRT and any runtime) is ``model.onnx``; ``cpu`` (ONNX
@@ -70,11 +67,12 @@ class ModelMeta:
     kind: str
     arch: str                      # bert | roberta | llama
     task: str | None               # sst2 | mnli | dolly | None (unknown)
-    labels: tuple = ()             # class names (classifier)
+    labels: tuple = ()             # class names by id (classifier): the task's, or LABEL_i
     max_len: int = 512             # longest tokenised input the model was trained on
     max_positions: int = 512       # position embeddings / RoPE table length
     vocab_size: int = 0
     hidden_size: int = 0
+    template: str = ""             # causal_lm of an instruction task: its prompt template
     cache: tuple = ()              # CacheSpec per decoder layer with kv heads
     eos_token_id: int | None = None
     pad_token_id: int = 0
@@ -117,6 +115,18 @@ class ModelMeta:
     @property
     def is_decoder(self) -> bool:
         return self.kind == "causal_lm"
+
+
+def class_names(num_labels: int, names=()) -> tuple[str, ...]:
+    """A classifier's class names by id: the task's ``names`` when it has them, else
+    ``LABEL_0`` ... ``LABEL_<num_labels - 1>`` (Hugging Face's default ``id2label``)."""
+    names = tuple(str(n) for n in names)
+    if not names:
+        return tuple(f"LABEL_{i}" for i in range(num_labels))
+    if len(names) != num_labels:
+        raise MetadataError(f"{len(names)} label names {list(names)} for a classifier of "
+                            f"{num_labels} classes")
+    return names
 
 
 def graph_path(portable: str | Path, kind: str) -> Path:

@@ -73,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedspine_jax.data import PRESETS
 from fedspine_jax.errors import UserError
 from fedspine_jax.export import graph, metadata
 from fedspine_jax.export.metadata import BATCH, CACHE, SEQ, CacheSpec, ModelMeta
@@ -209,8 +210,14 @@ def _kv(small) -> list[int]:
 
 
 def build_meta(small, dense_params: int, tokenizer, *, task: str | None, max_len: int | None,
-               opset: int, source: dict | None) -> ModelMeta:
-    """The :class:`ModelMeta` of a compacted model (see the module note for the I/O)."""
+               opset: int, source: dict | None, labels=(), template: str = ""
+               ) -> ModelMeta:
+    """The :class:`ModelMeta` of a compacted model (see the module note for the I/O).
+
+    ``labels``: a classifier's class names by id (the task's ``TaskData.label_names``);
+    default: a preset task's names (``data.PRESETS``), else ``LABEL_i``. ``template``: a
+    decoder's prompt template (``TaskData.template``); default: a preset task's, else none.
+    """
     cfg = small.cfg
     heads = tuple(cfg.heads(i) for i in range(cfg.num_layers))
     chans = tuple(cfg.channels(i) for i in range(cfg.num_layers))
@@ -230,14 +237,20 @@ def build_meta(small, dense_params: int, tokenizer, *, task: str | None, max_len
             f"past_{w}_{c.layer}" for c in cache for w in ("key", "value"))
         outs = ("logits",) + tuple(f"present_{w}_{c.layer}" for c in cache
                                    for w in ("key", "value"))
+        if not template and task in PRESETS:
+            template = PRESETS[task].template
         return ModelMeta(kind="causal_lm", cache=cache, eos_token_id=eos, inputs=ins,
-                         outputs=outs, **common)
+                         outputs=outs, template=template, **common)
     ins = ("input_ids", "attention_mask", "token_type_ids")
     if cfg.num_labels > 0:
-        labels = metadata.LABEL_NAMES.get(task or "", ())
-        if len(labels) != cfg.num_labels:
-            labels = tuple(f"LABEL_{i}" for i in range(cfg.num_labels))
-        return ModelMeta(kind="classifier", labels=labels, inputs=ins, outputs=("logits",),
+        if not labels:
+            preset = PRESETS[task].label_names if task in PRESETS else ()
+            labels = preset if len(preset) == cfg.num_labels else ()
+        try:
+            names = metadata.class_names(cfg.num_labels, labels)
+        except metadata.MetadataError as e:
+            raise ExportError(str(e)) from None
+        return ModelMeta(kind="classifier", labels=names, inputs=ins, outputs=("logits",),
                          **common)
     return ModelMeta(kind="encoder", inputs=ins, outputs=("last_hidden_state",), **common)
 
@@ -464,7 +477,8 @@ def verify(path: str | Path, small, meta: ModelMeta, sample: dict[str, np.ndarra
 def export_model(model, out: str | Path, *, tokenizer, task: str | None = None,
                  max_len: int | None = None, sample: dict | None = None,
                  opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE,
-                 source: dict | None = None, int8: bool = False,
+                 source: dict | None = None, labels=(), template: str = "",
+                 int8: bool = False,
                  external_threshold: int = graph.EXTERNAL_DATA_THRESHOLD) -> ExportResult:
     """Export a pruned model to a verified ONNX file.
 
@@ -474,7 +488,11 @@ def export_model(model, out: str | Path, *, tokenizer, task: str | None = None,
       out: the ``.onnx`` path to write.
       tokenizer: the model's Hugging Face tokenizer (embedded in the file; tokenises the
         verification inputs when ``sample`` is not given).
-      task: ``sst2`` / ``mnli`` / ``dolly`` or None (names the labels).
+      task: ``data.task`` (``sst2``, ``classification``, ...) or None.
+      labels: a classifier's class names by id (``TaskData.label_names``); default: a
+        preset task's names, else ``LABEL_i``.
+      template: a decoder's prompt template (``TaskData.template``; the inference runtime
+        wraps prompts in it); default: a preset task's template, else none.
       max_len: the tokenisation length the model was trained with.
       sample: int32 ``(B, L)`` verification inputs (:func:`sample_inputs` /
         :func:`examples_sample`); default: :data:`DEFAULT_TEXTS` tokenised.
@@ -496,7 +514,7 @@ def export_model(model, out: str | Path, *, tokenizer, task: str | None = None,
     t0 = time.perf_counter()
     small, dense = prepare(model)
     meta = build_meta(small, dense, tokenizer, task=task, max_len=max_len, opset=opset,
-                      source=source)
+                      source=source, labels=labels, template=template)
     fn, specs = graph_function(small, meta)
     quiet = logging.getLogger("onnx_ir")
     level = quiet.level

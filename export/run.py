@@ -31,6 +31,8 @@ class DeviceModel:
       tokenizer: the run's tokenizer; task: the task name; max_len: ``data.max_len``.
       sample: int32 ``(B, L)`` verification inputs from the evaluation split.
       source: provenance for the metadata (run, device_id, round, rank, strategy).
+      labels: the task's class names by id (``TaskData.label_names``; () when it has none).
+      template: an instruction task's prompt template (``TaskData.template``; else "").
     """
     model: object
     tokenizer: object
@@ -38,6 +40,8 @@ class DeviceModel:
     max_len: int
     sample: dict
     source: dict
+    labels: tuple = ()
+    template: str = ""
 
 
 def tokenizer_name(cfg: Config) -> str:
@@ -83,7 +87,7 @@ def device_model(s: experiment.Setup, state, device_id: int, *, run: str = "",
               "channels_kept": float(state.devices.channel_masks[i].mean())}
     return DeviceModel(model=model, tokenizer=tokenizer, task=s.cfg.data.task,
                        max_len=s.cfg.data.max_len, sample=examples_sample(s.task.eval),
-                       source=source)
+                       source=source, labels=s.task.label_names, template=s.task.template)
 
 
 def export_device(dm: DeviceModel, out: str | Path, cfg: Config, **kw) -> ExportResult:
@@ -92,7 +96,8 @@ def export_device(dm: DeviceModel, out: str | Path, cfg: Config, **kw) -> Export
     kw.setdefault("opset", cfg.export.opset)
     kw.setdefault("tolerance", cfg.export.tolerance)
     return export_model(dm.model, out, tokenizer=dm.tokenizer, task=dm.task,
-                        max_len=dm.max_len, sample=dm.sample, source=dm.source, **kw)
+                        max_len=dm.max_len, sample=dm.sample, source=dm.source,
+                        labels=dm.labels, template=dm.template, **kw)
 
 
 def export_run_device(run_dir: str | Path, device_id: int, out: str | Path, overrides=(),
@@ -106,8 +111,11 @@ def export_run_device(run_dir: str | Path, device_id: int, out: str | Path, over
 def export_run_peft(run_dir: str | Path, out: str | Path, overrides=()) -> tuple[Path, dict]:
     """``fedspine export RUN_DIR --peft DIR``: the run's global LoRA (at the global rank)
     and task head as a PEFT adapter of the run's pretrained model. Returns the directory
-    and ``{"round", "rank", "alpha", "targets"}``."""
+    and ``{"round", "rank", "alpha", "targets", "id2label"}`` (``id2label``: the task's
+    class names, ``{}`` for a decoder; a PEFT adapter has no place for them, the base
+    model is loaded with them)."""
     from fedspine_jax.export.hf import HFExportError, export_peft
+    from fedspine_jax.export.metadata import class_names
     from fedspine_jax.models.state import set_head, set_lora
 
     cfg, s, state, extra, step = load_run(run_dir, overrides)
@@ -120,8 +128,10 @@ def export_run_peft(run_dir: str | Path, out: str | Path, overrides=()) -> tuple
     base = cfg.model.source
     path = export_peft(s.model, out, base_model=base)
     a = s.model.cfg
+    id2label = ({i: n for i, n in enumerate(class_names(a.num_labels, s.task.label_names))}
+                if a.num_labels > 0 else {})
     return path, {"round": step, "rank": a.lora_rank, "alpha": a.lora_alpha,
-                  "targets": a.lora_targets}
+                  "targets": a.lora_targets, "id2label": id2label}
 
 
 def export_run_hf(run_dir: str | Path, device_id: int, out: str | Path, overrides=()
@@ -132,4 +142,4 @@ def export_run_hf(run_dir: str | Path, device_id: int, out: str | Path, override
 
     cfg, s, state, extra, step = load_run(run_dir, overrides)
     dm = device_model(s, state, device_id, run=str(run_dir), step=step)
-    return export_hf(dm.model, out, tokenizer=dm.tokenizer), dm
+    return export_hf(dm.model, out, tokenizer=dm.tokenizer, labels=dm.labels), dm

@@ -12,22 +12,17 @@ One flow, used by the simulator and the device agent alike::
 Tasks. A task is classification (a text, or a pair of texts read as two segments, and a
 label) or instruction tuning (a prompt template over the record's columns, and a response).
 ``data.task`` names a preset, whose columns, labels and splits are fixed (sst2: ``sentence``,
-``label`` in 0..1, splits ``train`` / ``validation``; mnli: ``premise``, ``hypothesis``,
-``label`` in 0..2, ``train`` / ``validation_matched``; dolly: ``instruction``, ``context``,
+``label`` in 0..1 (negative, positive), splits ``train`` / ``validation``; mnli: ``premise``,
+``hypothesis``, ``label`` in 0..2 (entailment, neutral, contradiction), ``train`` /
+``validation_matched``; dolly: ``instruction``, ``context``,
 ``response``, optional ``category``, one split), or an open task, ``classification`` or
 ``instruction``, whose columns, labels and splits the ``data`` keys give
 (:func:`task_spec` -> :class:`TaskSpec`). A label is a class id or, where ``label_names``
 are given, a class name.
 
-Sources. ``cfg.data.source`` is a local directory holding one file per split, named
-``<split>.jsonl`` (JSON Lines), ``<split>.csv`` (a header line of column names) or
-``<split>.parquet`` (needs pyarrow, the ``parquet`` extra); or one local file (a single
-split); or else a Hugging Face data-set id read with ``datasets.load_dataset(source,
-hub_config, split=...)`` (``glue`` takes the preset's name as its configuration). A
-source that *looks* like a path (starts with ``.``, ``/`` or ``~``, holds more than one
-``/``, or ends in a data file's suffix) but does not exist is an error naming it, never a
-silent hub lookup. Local files are read record by record here, so a bad record is an error
-naming the file, the line (a Parquet file: the row) and the column.
+Sources. ``cfg.data.source`` is a local directory of one file per split, one local file, or
+a Hugging Face data-set id; :mod:`fedspine_jax.data_files` reads and validates the records
+(JSON Lines, CSV, Parquet, the hub), naming the file, the line and the column of a bad one.
 
 Splits. A task with one split (dolly; a single file; ``data.splits`` of one name) is split
 here into train / eval by a permutation drawn with the fixed seed ``SPLIT_SEED``
@@ -83,20 +78,21 @@ it has a context; the local copy has no category field).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import re
 import string
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedspine_jax.config import DataConfig
-from fedspine_jax.errors import UserError
+from fedspine_jax.data_files import DataError, read_splits
 
+# Class names of the GLUE presets' labels, by id (as the Hugging Face ``glue`` data set names
+# them); an exported classifier carries its task's names.
+SST2_LABELS = ("negative", "positive")
+MNLI_LABELS = ("entailment", "neutral", "contradiction")
 # The eight categories of databricks-dolly-15k (pseudo-labels of the partition when present).
 DOLLY_CATEGORIES = ("brainstorming", "classification", "closed_qa", "creative_writing",
                     "general_qa", "information_extraction", "open_qa", "summarization")
@@ -112,10 +108,6 @@ SPLIT_SEED = 0
 # Independent random streams derived from the run's seed.
 _STREAM_SUBSAMPLE = 0
 _STREAM_PARTITION = 1
-
-
-class DataError(UserError, ValueError):
-    """A data source, file or record is invalid; the message names where."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -178,6 +170,7 @@ class TaskData:
         eval: examples of the evaluation split.
         num_labels: number of classes (classification) or None (instruction).
         label_names: the classes' names by id, where the task names them (else ()).
+        template: instruction: the prompt template the examples were built with (else "").
     """
 
     task: str
@@ -185,6 +178,7 @@ class TaskData:
     eval: Examples
     num_labels: int | None
     label_names: tuple[str, ...] = ()
+    template: str = ""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -236,6 +230,12 @@ class TaskSpec:
     hub_config: str | None = None
 
     @property
+    def is_preset(self) -> bool:
+        """A preset (sst2, mnli, dolly), whose columns are fixed; an open task's name is
+        its kind."""
+        return self.name != self.kind
+
+    @property
     def columns(self) -> tuple[str, ...]:
         """The text columns every record must carry (label and category excluded)."""
         if self.kind == "classification":
@@ -245,10 +245,11 @@ class TaskSpec:
 
 PRESETS = {
     "sst2": TaskSpec("sst2", "classification", ("train", "validation"),
-                     text_column="sentence", label_column="label", num_labels=2),
+                     text_column="sentence", label_column="label", label_names=SST2_LABELS,
+                     num_labels=2),
     "mnli": TaskSpec("mnli", "classification", ("train", "validation_matched"),
                      text_column="premise", text_pair_column="hypothesis",
-                     label_column="label", num_labels=3),
+                     label_column="label", label_names=MNLI_LABELS, num_labels=3),
     "dolly": TaskSpec("dolly", "instruction", ("train",), label_column="category",
                       label_names=DOLLY_CATEGORIES, template=DOLLY_TEMPLATE,
                       response_column="response"),
@@ -371,189 +372,7 @@ def dolly_prompt(instruction: str, context: str) -> str:
     return render_body(DOLLY_TEMPLATE, {"instruction": instruction, "context": context})[0]
 
 
-# ----------------------------------------------------------------------------- reading
-
-
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-
-
-def _looks_local(source: str) -> bool:
-    return (source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
-            or source.endswith(LOCAL_SUFFIXES))
-
-
-def _label_id(spec: TaskSpec, value: Any, where: str) -> int:
-    """The class id of a label value: an integer id, or one of ``spec.label_names``."""
-    col = spec.label_column
-    if isinstance(value, str) and value in spec.label_names:
-        return spec.label_names.index(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        names = f" or one of {list(spec.label_names)}" if spec.label_names else ""
-        raise DataError(f"{where}: {col} {value!r} is not an integer{names}")
-    if not 0 <= value < spec.num_labels:
-        raise DataError(f"{where}: unknown {col} {value} (allowed 0..{spec.num_labels - 1})")
-    return value
-
-
-def _check_record(rec: Any, spec: TaskSpec, where: str) -> dict:
-    """Validate one raw record (columns, types, label); errors name ``where`` and the column.
-
-    Returns the record, its label (classification) turned into a class id.
-    """
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    need = list(spec.columns) + ([spec.label_column] if spec.kind == "classification"
-                                 else [])
-    for name in need:
-        if name not in rec:
-            keys = ("data.text_column, data.label_column" if spec.kind == "classification"
-                    else "data.template, data.response_column")
-            hint = (f"; for other columns use data.task={spec.kind} with {keys}"
-                    if spec.name in PRESETS else "")
-            raise DataError(f"{where}: missing field {name!r} ({spec.name} records need "
-                            f"{need}; this one has {sorted(rec)}){hint}")
-    for name in spec.columns:
-        if not isinstance(rec[name], str):
-            raise DataError(f"{where}: field {name!r} must be a string, got {rec[name]!r}")
-    col = spec.label_column
-    if spec.kind == "classification":
-        label = _label_id(spec, rec[col], where)
-        return {**rec, col: label} if isinstance(rec[col], str) else rec
-    if col and rec.get(col) is not None and rec[col] not in spec.label_names:
-        raise DataError(f"{where}: unknown {col} {rec[col]!r} (allowed "
-                        f"{list(spec.label_names)})")
-    return rec
-
-
-def read_jsonl(path: str | Path, task: str | TaskSpec) -> list[dict]:
-    """Read and validate a JSON Lines file of ``task`` records (blank lines are skipped).
-
-    Raises:
-        DataError: naming the file and the 1-based line number of a line that is not valid
-            JSON, not an object, lacks a column, or has a bad label.
-    """
-    spec, path = _spec_of(task), Path(path)
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            records.append(_check_record(rec, spec, where))
-    return records
-
-
-def read_csv(path: str | Path, task: str | TaskSpec) -> list[dict]:
-    """Read and validate a CSV file with a header line of column names.
-
-    Every cell is text: a label cell that is not one of the label names is read as an
-    integer id, and an empty category cell as no category.
-
-    Raises:
-        DataError: naming the file and the line of a missing column or bad value.
-    """
-    spec, path = _spec_of(task), Path(path)
-    col = spec.label_column
-    records = []
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        need = list(spec.columns) + ([col] if spec.kind == "classification" else [])
-        missing = [c for c in need if c not in header]
-        if missing:
-            raise DataError(f"{path}:1: no column {missing[0]!r} ({spec.name} needs {need}; "
-                            f"the header has {header})")
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if None in row:
-                raise DataError(f"{where}: more cells than the {len(header)} columns")
-            cell = row.get(col)
-            if spec.kind == "classification" and cell not in spec.label_names:
-                if cell is not None and re.fullmatch(r"\s*[+-]?\d+\s*", cell):
-                    row[col] = int(cell)
-            elif col in row and not cell:
-                row[col] = None
-            records.append(_check_record(row, spec, where))
-    return records
-
-
-def read_parquet(path: str | Path, task: str | TaskSpec) -> list[dict]:
-    """Read and validate a Parquet file (needs ``pyarrow``: the ``parquet`` extra).
-
-    Raises:
-        DataError: pyarrow missing, or naming the file and the 0-based row of a bad record.
-    """
-    spec, path = _spec_of(task), Path(path)
-    try:
-        import pyarrow.parquet as pq  # deferred: only Parquet files need it
-    except ImportError:
-        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install "
-                        f"'fedspine-jax[parquet]'") from None
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as e:  # pyarrow raises several types for a corrupt file
-        raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]})") from None
-    return [_check_record(r, spec, f"{path} row {i}") for i, r in enumerate(rows)]
-
-
-def read_file(path: str | Path, task: str | TaskSpec) -> list[dict]:
-    """The validated records of one local file, by its suffix (.jsonl / .json JSON Lines,
-    .csv, .parquet)."""
-    path = Path(path)
-    reader = {".jsonl": read_jsonl, ".json": read_jsonl, ".csv": read_csv,
-              ".parquet": read_parquet}.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"{path}: unknown file type (allowed {', '.join(LOCAL_SUFFIXES)})")
-    records = reader(path, task)
-    if not records:
-        raise DataError(f"{path}: no records")
-    return records
-
-
-def _split_file(directory: Path, split: str, spec: TaskSpec) -> Path:
-    """The file of ``split`` in a local directory (``<split>.jsonl``, ``.csv``, ...)."""
-    found = [directory / f"{split}{s}" for s in LOCAL_SUFFIXES
-             if (directory / f"{split}{s}").is_file()]
-    if len(found) == 1:
-        return found[0]
-    if len(spec.splits) == 1 and not found:  # one split: the directory's only data file
-        files = sorted(f for f in directory.iterdir() if f.suffix.lower() in LOCAL_SUFFIXES)
-        if len(files) == 1:
-            return files[0]
-        raise DataError(f"{spec.name} source {str(directory)!r} must hold {split}.jsonl "
-                        f"(or .csv, .parquet) or exactly one data file, found "
-                        f"{[f.name for f in files]}")
-    want = ", ".join(s + ".jsonl" for s in spec.splits)
-    raise DataError(f"{spec.name} source {str(directory)!r} has "
-                    f"{'no' if not found else 'more than one'} {split}.jsonl / .csv / "
-                    f".parquet (expected {want}, or the same names in CSV or Parquet)")
-
-
-def _read_hub(source: str, spec: TaskSpec, split: str) -> list[dict]:
-    try:
-        import datasets  # deferred: only hub sources need it
-    except ImportError:
-        raise DataError(f"data.source={source!r} is not a local directory or file, and "
-                        f"reading it from the Hugging Face hub needs the 'hub' extra: pip "
-                        f"install 'fedspine-jax[hub]'") from None
-    config = spec.hub_config
-    if config is None and spec.name in ("sst2", "mnli") and source.rsplit("/", 1)[-1] == "glue":
-        config = spec.name
-    try:
-        ds = datasets.load_dataset(source, config, split=split)
-    except Exception as e:  # the hub raises many types; re-raise naming the source
-        raise DataError(f"could not load hub data set {source!r} (config {config!r}, split "
-                        f"{split!r}): {type(e).__name__}: {str(e).splitlines()[0][:200]}; "
-                        f"without a hub, point data.source at a local directory") from e
-    rows = ds.to_list() if hasattr(ds, "to_list") else list(ds)
-    if not rows:
-        raise DataError(f"hub data set {source!r} split {split!r}: no records")
-    return [_check_record(r, spec, f"{source}[{split}] row {i}") for i, r in enumerate(rows)]
+# ----------------------------------------------------------------------------- records
 
 
 def _split_fixed(records: list[dict], name: str
@@ -588,17 +407,7 @@ def load_records(task: str | TaskSpec, source: str) -> tuple[list[dict], list[di
 
 def _load_records(spec: TaskSpec, source: str
                   ) -> tuple[list[dict], list[dict], np.ndarray, np.ndarray]:
-    path = Path(source).expanduser()
-    if path.is_dir():
-        splits = [read_file(_split_file(path, s, spec), spec) for s in spec.splits]
-    elif path.is_file():
-        splits = [read_file(path, spec)]
-    elif _looks_local(source):
-        raise DataError(f"data source {source!r} looks like a local path but is not a "
-                        f"directory or file; point data.source at the data (e.g. --set "
-                        f"data.source=../shared/data/sst2)")
-    else:
-        splits = [_read_hub(source, spec, split) for split in spec.splits]
+    splits = read_splits(spec, source)
     if len(splits) == 1:
         return _split_fixed(splits[0], spec.name)
     train, ev = splits
@@ -781,8 +590,9 @@ def load_task(cfg_data: DataConfig, tokenizer, seed: int) -> TaskData:
                      buckets, train_rows[keep_train]),
         eval=encode(tokenizer, spec, [ev[i] for i in keep_eval], cfg_data.max_len, buckets,
                     eval_rows[keep_eval]),
-        num_labels=spec.num_labels or None, label_names=spec.label_names
-        if spec.kind == "classification" else ())
+        num_labels=spec.num_labels or None,
+        label_names=spec.label_names if spec.kind == "classification" else (),
+        template=spec.template if spec.kind == "instruction" else "")
 
 
 # ---------------------------------------------------------------------------- batching

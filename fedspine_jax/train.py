@@ -330,7 +330,9 @@ def step_flops(arch: ArchConfig, heads: np.ndarray, kv_heads: np.ndarray,
     """FLOPs of one training step (forward + backward) at the kept sizes.
 
     Per row and linear ``(i, o)``: forward ``2 i o`` + LoRA ``2 r (i + o)``; backward
-    ``2 i o`` (input gradient only: the kernel is frozen) + LoRA ``4 r (i + o)``. Attention
+    ``2 i o`` (input gradient only: the kernel is frozen) + LoRA ``4 r (i + o)``; the LoRA
+    terms only on the linears named in ``arch.lora_targets`` (the default names them all;
+    PEFT's ``query, value`` gives q and v alone). Attention
     scores and mixing: ``4 S dh`` per head and query row forward, twice that backward, on
     the B x S grid. The linears' rows are the ``tokens`` (packed, ``models.encoder``; default
     the B x S grid), except in an encoder classifier's last layer, which computes the first
@@ -347,16 +349,19 @@ def step_flops(arch: ArchConfig, heads: np.ndarray, kv_heads: np.ndarray,
     tokens = grid if tokens is None else tokens
     first_only = not arch.is_decoder and arch.num_labels > 0
 
-    def per_row(i, o):
-        return 4 * i * o + 6 * rank * (i + o)
+    def per_row(name, i, o):
+        lora = 6 * rank * (i + o) if name in arch.lora_targets else 0
+        return 4 * i * o + lora
 
     total = 0.0
     for layer, (h, kv, f) in enumerate(zip(heads, kv_heads, channels)):
         last = first_only and layer == len(heads) - 1
         rows, queries = (batch, batch) if last else (tokens, grid)
-        dims = [(d, h * dh), (h * dh, d)] + [(d, f)] * (2 if arch.is_decoder else 1) + [(f, d)]
-        total += rows * sum(per_row(i, o) for i, o in dims) + queries * 3 * 4 * seq * dh * h
-        total += tokens * 2 * per_row(d, kv * dh)                  # k and v
+        ffn = ([("gate", d, f), ("up", d, f), ("down", f, d)] if arch.is_decoder
+               else [("fc1", d, f), ("fc2", f, d)])
+        dims = [("q", d, h * dh), ("o", h * dh, d)] + ffn
+        total += rows * sum(per_row(*x) for x in dims) + queries * 3 * 4 * seq * dh * h
+        total += tokens * (per_row("k", d, kv * dh) + per_row("v", d, kv * dh))
     head_rows = grid if arch.is_decoder else batch
     head = 2 * d * (arch.vocab_size if arch.is_decoder else max(arch.num_labels, 1))
     return float(total + head_rows * 3 * head)
@@ -365,7 +370,8 @@ def step_flops(arch: ArchConfig, heads: np.ndarray, kv_heads: np.ndarray,
 def estimate_peak_memory(arch: ArchConfig, frozen_params: int, trainable_params: int,
                          heads: int, channels: int, batch: int, seq: int,
                          tokens: int | None = None) -> int:
-    """Bytes of a training step in fp32: frozen weights, trainable weights with their
+    """Bytes of a training step in fp32: frozen weights, trainable weights (the LoRA factors
+    of the targeted linears and the head, as counted in the model) with their
     gradient and two AdamW moments, and the activations kept for the backward pass
     (per layer about ``10 D + 2 F`` values per token, ``tokens`` of them (default B x S;
     fewer when packed), and ``2 H S`` attention probabilities per grid position)."""

@@ -401,3 +401,142 @@ def test_export_from_run_directory(run_dir, tmp_path, capsys):
     assert "--device-id" in capsys.readouterr().err
     assert main(["export", str(run), "--device-id", "7", "--out", str(out)]) == 2
     assert "outside 0..2" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# a run of an open task: its own label names and prompt template travel with the model
+
+
+def _saved_run(run, cfg, seed: int = 1):
+    """``run`` as `fedspine simulate` leaves it after round 1 (config + checkpoint), with a
+    trained-looking LoRA, written without running the rounds: (run, setup, state)."""
+    from fedspine_jax import checkpoint, experiment
+    from fedspine_jax.config import dump_config
+    from fedspine_jax.models.state import get_head, get_lora
+
+    dump_config(cfg, run / "config.yaml")
+    s = experiment.setup(cfg)
+    rng = np.random.default_rng(seed)
+    lora = jax.tree.map(lambda v: (rng.normal(size=v.shape) * 0.05).astype(np.float32),
+                        get_lora(s.model))
+    checkpoint.save(run / "checkpoints", 1, s.fed.init(lora, get_head(s.model)), {})
+    return run, s
+
+
+@pytest.fixture(scope="module")
+def labelled_run(tmp_path_factory, shared_data, tiny_config_path):
+    """A `classification` run on a CSV whose labels are the names ``bad`` / ``good``."""
+    import csv
+
+    from fedspine_jax.config import load_config
+
+    run = tmp_path_factory.mktemp("labelled")
+    data = run / "reviews"
+    data.mkdir()
+    for split, n in (("train", 120), ("validation", 20)):
+        lines = (shared_data / "sst2" / f"{split}.jsonl").read_text().splitlines()[:n]
+        with (data / f"{split}.csv").open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["review", "stars"])
+            for r in map(json.loads, lines):
+                w.writerow([r["sentence"], ("bad", "good")[r["label"]]])
+    cfg = load_config(tiny_config_path, [
+        "data.task=classification", f"data.source={data}", "data.text_column=review",
+        "data.label_column=stars", "data.label_names=[bad, good]",
+        "data.min_samples_per_device=4"])
+    return _saved_run(run, cfg)
+
+
+def test_open_task_labels_reach_onnx_infer_and_hf_config(labelled_run, tmp_path, capsys):
+    run, s = labelled_run
+    assert s.task.label_names == ("bad", "good")
+    out = tmp_path / "dev0.onnx"
+    assert main(["export", str(run), "--device-id", "0", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert load(out).meta.labels == ("bad", "good")
+    assert main(["infer", str(out), "--text", TEXTS[0], "--text", TEXTS[1]]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2
+    for r in rows:
+        assert set(r["probs"]) == {"bad", "good"} and r["label"] in ("bad", "good")
+    # the JAX back end, straight from the run directory, names them too
+    assert load(run, device_id=0).meta.labels == ("bad", "good")
+    # and the save_pretrained export's config.json
+    hf = tmp_path / "dev0"
+    assert main(["export", str(run), "--device-id", "0", "--hf", str(hf)]) == 0
+    config = json.loads((hf / "config.json").read_text())
+    assert config["id2label"] == {"0": "bad", "1": "good"}
+    assert config["label2id"] == {"bad": 0, "good": 1}
+
+
+def test_label_names_default_and_mismatch(encoder, tok, tmp_path):
+    from fedspine_jax.export.metadata import class_names
+    from fedspine_jax.export.onnx_export import build_meta, prepare
+
+    small, dense = prepare(encoder)
+    names = {task: build_meta(small, dense, tok, task=task, max_len=32, opset=17,
+                              source=None).labels for task in ("sst2", "classification")}
+    assert names == {"sst2": ("negative", "positive"), "classification": ("LABEL_0", "LABEL_1")}
+    assert build_meta(small, dense, tok, task="sst2", max_len=32, opset=17, source=None,
+                      labels=("no", "yes")).labels == ("no", "yes")
+    with pytest.raises(ExportError, match=r"3 label names \['a', 'b', 'c'\] for a "
+                                          r"classifier of 2 classes"):
+        build_meta(small, dense, tok, task=None, max_len=32, opset=17, source=None,
+                   labels=("a", "b", "c"))
+    assert class_names(2) == ("LABEL_0", "LABEL_1")
+
+
+TEMPLATE = "Q: {q}\nA: "
+
+
+@pytest.fixture(scope="module")
+def instruction_run(tmp_path_factory, tiny_config_path):
+    """An `instruction` run of a tiny LLaMA on records ``{"q", "a"}`` with its own template."""
+    from fedspine_jax.config import load_config
+
+    run = tmp_path_factory.mktemp("instruction")
+    data = run / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": f"what is {k} plus one", "a": f"{k + 1}"}) + "\n"
+                            for k in range(40)))
+    cfg = load_config(tiny_config_path, [
+        "model.arch=llama", "model.num_kv_heads=2", "data.task=instruction",
+        f"data.source={data}", f"data.template={json.dumps(TEMPLATE)}",
+        "data.response_column=a", "data.min_samples_per_device=2"])
+    return _saved_run(run, cfg)
+
+
+def test_instruction_template_reaches_the_runtime(instruction_run, tmp_path, capsys):
+    run, s = instruction_run
+    assert s.task.template == TEMPLATE
+    out = tmp_path / "lm.onnx"
+    assert main(["export", str(run), "--device-id", "0", "--out", str(out)]) == 0
+    capsys.readouterr()
+    pred = load(out)
+    assert pred.meta.template == TEMPLATE and pred.template_fields() == ["q"]
+    assert pred.prompt("what is 2 plus one") == "Q: what is 2 plus one\nA: "
+    assert pred.prompt(record={"q": "x", "other": "y"}) == "Q: x\nA: "
+    with pytest.raises(InferenceError, match="has one field"):
+        pred.prompt("x", "a second text")
+    assert load(run, device_id=0).meta.template == TEMPLATE  # the JAX back end too
+    # `fedspine infer` wraps --text, and fills a record's own columns by name
+    want = pred.generate([pred.prompt("what is 2 plus one")], 4)[0]
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"q": "what is 2 plus one"}) + "\n")
+    for how in (["--text", "what is 2 plus one"], ["--file", str(f)]):
+        assert main(["infer", str(out), *how, "--max-new-tokens", "4"]) == 0
+        (row,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert row == {"prompt": "what is 2 plus one", "completion": want}
+
+
+def test_dolly_prompts_are_unchanged(dec_export, tok):
+    from fedspine_jax.data import DOLLY_TEMPLATE, RESPONSE_HEADER, dolly_prompt
+    from fedspine_jax.device_runtime.inference import Predictor
+
+    pred = load(dec_export.path)
+    assert pred.meta.template == DOLLY_TEMPLATE
+    old = Predictor(pred.backend, tok, dataclasses.replace(pred.meta, template=""))
+    for p in (pred, old):  # a file exported before templates were carried: by its task
+        assert p.prompt("Name a river.", "Rivers of Europe") == dolly_prompt(
+            "Name a river.", "Rivers of Europe") + RESPONSE_HEADER
+        assert p.prompt("Name a river.") == (
+            "### Instruction:\nName a river.\n\n" + RESPONSE_HEADER)

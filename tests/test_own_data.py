@@ -14,9 +14,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _section() -> str:
+    """README's "Your own data" subsection, up to the next heading of its level or above."""
     text = README.read_text()
     start = text.index("### Your own data\n")
-    return text[start:text.index("\n## ", start)]
+    end = re.search(r"\n#{2,3} ", text[start + 1:])
+    return text[start:start + 1 + end.start()]
 
 
 def _blocks(lang: str) -> list[str]:

@@ -297,3 +297,49 @@ def test_rounds_compile_ahead_and_train_exactly_tau_steps(tiny_setup, monkeypatc
         compiled.append(len(T._EXECUTABLES))
     assert len(set(runs)) > 1  # several batch shapes, so the count below is not trivial
     assert compiled == [len(set(runs))] * 2
+
+
+def _step_flops_all_linears(arch, heads, kv_heads, channels, rank, batch, seq, tokens=None):
+    """step_flops as it stood when every linear carried LoRA (the reference the default
+    targets must reproduce exactly)."""
+    d, dh, grid = arch.hidden_size, arch.head_dim, batch * seq
+    tokens = grid if tokens is None else tokens
+    first_only = not arch.is_decoder and arch.num_labels > 0
+
+    def per_row(i, o):
+        return 4 * i * o + 6 * rank * (i + o)
+
+    total = 0.0
+    for layer, (h, kv, f) in enumerate(zip(heads, kv_heads, channels)):
+        last = first_only and layer == len(heads) - 1
+        rows, queries = (batch, batch) if last else (tokens, grid)
+        dims = [(d, h * dh), (h * dh, d)] + [(d, f)] * (2 if arch.is_decoder else 1) + [(f, d)]
+        total += rows * sum(per_row(i, o) for i, o in dims) + queries * 3 * 4 * seq * dh * h
+        total += tokens * 2 * per_row(d, kv * dh)
+    head_rows = grid if arch.is_decoder else batch
+    head = 2 * d * (arch.vocab_size if arch.is_decoder else max(arch.num_labels, 1))
+    return float(total + head_rows * 3 * head)
+
+
+def test_step_flops_charge_lora_on_the_targeted_linears_only():
+    bert = ArchConfig(arch="bert", vocab_size=100, hidden_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=4, head_dim=16, intermediate_size=128, num_labels=2)
+    llama = ArchConfig(arch="llama", vocab_size=100, hidden_size=64, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=96)
+    sizes = {"bert": ([4, 3], [4, 3], [128, 40]), "llama": ([4, 2], [2, 1], [96, 30])}
+    # the default targets (every linear): exactly the figures of LoRA everywhere
+    for arch in (bert, llama):
+        h, kv, f = (np.array(x) for x in sizes[arch.arch])
+        for tokens in (None, 24):
+            assert step_flops(arch, h, kv, f, 8, 4, 16, tokens) == \
+                _step_flops_all_linears(arch, h, kv, f, 8, 4, 16, tokens)
+    # PEFT's query, value: k, o, fc1, fc2 lose their LoRA terms 6 r (i + o) per row. Per
+    # row: o 64 + 64, fc1 64 + 128, fc2 128 + 64 = 512, on 64 rows in layer 0 and the 4
+    # first-token rows of the classifier's last layer; k 64 + 64 = 128 on all 64 tokens of
+    # both layers: 6 * 8 * (64 * 512 + 4 * 512 + 2 * 64 * 128) = 2,457,600 FLOPs fewer.
+    full = np.array([4, 4]), np.array([4, 4]), np.array([128, 128])
+    qv = dataclasses.replace(bert, lora_targets=("q", "v"))
+    assert step_flops(bert, *full, 8, 4, 16) - step_flops(qv, *full, 8, 4, 16) == 2_457_600
+    # no targets: the frozen model's FLOPs alone, as at rank 0
+    none = dataclasses.replace(bert, lora_targets=())
+    assert step_flops(none, *full, 8, 4, 16) == step_flops(bert, *full, 0, 4, 16)
