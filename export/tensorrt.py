@@ -318,6 +318,17 @@ def read_onnx_meta(onnx_path: str | Path) -> tuple[ModelMeta, dict[str, str]]:
     return meta, entries
 
 
+def read_portable_meta(onnx_path: Path) -> tuple[ModelMeta, dict[str, str]]:
+    """:func:`read_onnx_meta` of a portable graph; the CPU graphs are refused by name."""
+    meta, entries = read_onnx_meta(onnx_path)
+    if meta.graph != metadata.PORTABLE:
+        raise ExportError(f"{onnx_path.name} is the {meta.graph} graph (ONNX Runtime contrib "
+                          f"ops TensorRT cannot parse): build the engine from the portable "
+                          f"{onnx_path.name[:-len(metadata.GRAPHS[meta.graph])]}.onnx "
+                          f"beside it")
+    return meta, entries
+
+
 def build_engine(onnx_path: str | Path, engine_path: str | Path, *, fp16: bool = False,
                  int8: bool = False, calibration: list[dict] | None = None,
                  min_shape: str | None = None, opt_shape: str | None = None,
@@ -340,7 +351,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, fp16: bool =
       :class:`ExportError` when parsing or building fails (with TensorRT's messages).
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    meta, _ = read_onnx_meta(onnx_path)
+    meta, _ = read_portable_meta(onnx_path)
     prof = profile(meta, min_shape, opt_shape, max_shape)
     if not available():
         raise TensorRTUnavailable("the tensorrt Python package is not installed here",
@@ -365,12 +376,7 @@ def build_with(trt, onnx_path: str | Path, engine_path: str | Path, *, fp16: boo
     """:func:`build_engine` with the ``tensorrt`` module given (``trt``) and, for INT8,
     the calibrator's ``to_device`` (see :func:`entropy_calibrator`)."""
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    meta, entries = read_onnx_meta(onnx_path)
-    if meta.graph != metadata.PORTABLE:
-        raise ExportError(f"{onnx_path.name} is the {meta.graph} graph (ONNX Runtime contrib "
-                          f"ops TensorRT cannot parse): build the engine from the portable "
-                          f"{onnx_path.name[:-len(metadata.GRAPHS[meta.graph])]}.onnx "
-                          f"beside it")
+    meta, entries = read_portable_meta(onnx_path)
     prof = profile(meta, min_shape, opt_shape, max_shape)
     cache = calibration_cache_path(engine_path, onnx_path)
     if int8 and meta.is_decoder:

@@ -185,6 +185,22 @@ def test_cpu_graph_is_fused_verified_and_served_on_cpu(enc_export, encoder, tok)
         tensorrt.build_engine(r.cpu_path, r.path.with_name("x.plan"))
 
 
+def test_logits_batch_by_length_and_keep_the_order(enc_export):
+    pred = load(enc_export.path)
+    widths, run = [], pred.backend.run
+
+    def recording_run(feeds):
+        widths.append(feeds["input_ids"].shape)
+        return run(feeds)
+
+    one_by_one = np.concatenate([pred.logits([t]) for t in TEXTS])
+    pred.backend.run = recording_run
+    got = pred.logits(TEXTS, batch_size=2)
+    np.testing.assert_allclose(got, one_by_one, rtol=0, atol=1e-5)
+    lengths = sorted(len(pred.tokenizer(t)["input_ids"]) for t in TEXTS)
+    assert widths == [(2, lengths[1]), (2, lengths[3]), (2, lengths[5])]
+
+
 def test_cpu_graph_keeps_layernorm_unfused_and_masks_padded_rows_alike(enc_export, tok,
                                                                       tmp_path):
     """No SkipLayerNormalization even after ONNX Runtime's own session-time fusions, and
