@@ -40,7 +40,7 @@ any graph that an opset cannot express.
 external data above 2 GiB of weights; the file carries its metadata (``metadata``).
 
 **The CPU graph.** An encoder's export also writes ``<name>.cpu.onnx`` beside the portable
-file: the same graph with ONNX Runtime's fused contrib ops (attention, skip-LayerNorm,
+file: the same graph with ONNX Runtime's fused contrib ops (multi-head attention,
 bias-GELU; ``export.cpu_graph``), verified against JAX like the portable one. The inference
 runtime serves it on CPUs and the portable graph everywhere else (TensorRT, CUDA);
 ``int8=True`` adds ``<name>.int8.onnx``, its weights quantized to int8
