@@ -605,3 +605,16 @@ def test_export_from_run_directory(run_dir, tmp_path, capsys):
     assert "--device-id" in capsys.readouterr().err
     assert main(["export", str(run), "--device-id", "7", "--out", str(out)]) == 2
     assert "outside 0..2" in capsys.readouterr().err
+    # an INT8 engine calibrates on the device's own training share
+    from fedspine_jax.export.run import device_model
+
+    dm = device_model(s, state, 1)
+    np.testing.assert_array_equal(dm.train.source_row,
+                                  s.task.train.source_row[s.devices[1].train_idx])
+    batches = tensorrt.calibration_batches(dm.train, dm.max_len, batch=2)
+    assert len(batches) == min(len(dm.train), tensorrt.CALIBRATION_ROWS) // 2
+    assert batches[0]["input_ids"].shape == (2, dm.max_len)
+    if not tensorrt.available():
+        assert main(["export", str(run), "--device-id", "1", "--out", str(out), "--engine",
+                     str(tmp_path / "dev1.plan"), "--int8"]) == 3
+        assert "--int8 --calib=" in capsys.readouterr().err
