@@ -278,24 +278,37 @@ class Predictor:
 
     def logits(self, texts: list[str], pairs: list[str] | None = None,
                batch_size: int = 32) -> np.ndarray:
-        """Classifier logits ``(len(texts), num_labels)`` (``pairs``: second segments)."""
+        """Classifier logits ``(len(texts), num_labels)`` (``pairs``: second segments).
+
+        Texts are batched by tokenised length (shortest first) and each batch is padded to
+        its own longest text, so a batch carries little padding; the rows come back in
+        the order given."""
         if self.meta.kind != "classifier":
             raise InferenceError(f"this model is a {self.meta.kind}, not a classifier")
         if pairs is not None and len(pairs) != len(texts):
             raise InferenceError(f"{len(texts)} texts but {len(pairs)} text pairs")
-        out = []
+        if not texts:
+            return np.zeros((0, len(self.meta.labels)), np.float32)
+        texts = list(texts)
+        pairs = None if pairs is None else list(pairs)
+        lengths = [len(x) for x in self.tokenizer(
+            *([texts] if pairs is None else [texts, pairs]), truncation=True,
+            max_length=self.meta.max_len)["input_ids"]]
+        order = np.argsort(lengths, kind="stable")
+        out = np.zeros((len(texts), len(self.meta.labels)), np.float32)
         for s in range(0, len(texts), batch_size):
-            args = [texts[s:s + batch_size]]
+            rows = order[s:s + batch_size]
+            args = [[texts[i] for i in rows]]
             if pairs is not None:
-                args.append(pairs[s:s + batch_size])
+                args.append([pairs[i] for i in rows])
             enc = self.tokenizer(*args, padding=True, truncation=True,
                                  max_length=self.meta.max_len, return_tensors="np")
             ids = enc["input_ids"].astype(np.int32)
             tt = enc.get("token_type_ids")
             feeds = {"input_ids": ids, "attention_mask": enc["attention_mask"].astype(np.int32),
                      "token_type_ids": np.zeros_like(ids) if tt is None else tt.astype(np.int32)}
-            out.append(np.asarray(self.backend.run(feeds)[0], np.float32))
-        return np.concatenate(out) if out else np.zeros((0, len(self.meta.labels)), np.float32)
+            out[rows] = np.asarray(self.backend.run(feeds)[0], np.float32)
+        return out
 
     def classify(self, texts: list[str], pairs: list[str] | None = None,
                  batch_size: int = 32) -> list[Prediction]:

@@ -45,7 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float,
                    help="max abs difference ONNX Runtime vs JAX (default: export.tolerance)")
     p.add_argument("--int8", action="store_true", help="also write the INT8 CPU graph "
-                   "(<out>.int8.onnx: dynamically quantized weights, ONNX Runtime)")
+                   "(<out>.int8.onnx: dynamically quantized weights, ONNX Runtime); with "
+                   "--engine, build an INT8 TensorRT engine calibrated on the device's "
+                   "training data (or --calibration FILE)")
+    p.add_argument("--calibration", metavar="FILE", help="--engine --int8 from an .onnx "
+                   "source: examples of the model's task (JSON Lines / CSV / Parquet) to "
+                   "calibrate on (not needed when the engine's calibration cache exists)")
     p.add_argument("--engine", help="also build a TensorRT engine here (.plan)")
     p.add_argument("--fp16", action="store_true", help="TensorRT: allow FP16 kernels")
     for which in ("min", "opt", "max"):
@@ -63,25 +68,31 @@ def _err(msg: str) -> int:
 
 def run_cli(args) -> int:
     from fedspine_jax.export.onnx_export import ExportError
-    from fedspine_jax.export.tensorrt import TensorRTUnavailable, build_engine
+    from fedspine_jax.export.tensorrt import (TensorRTUnavailable, build_engine,
+                                              calibration_batches, calibration_cache_path,
+                                              check_engine)
 
     src = Path(args.source)
-    onnx_path = None
+    onnx_path, calib, check = None, None, None
+    if args.calibration and not (args.int8 and args.engine):
+        return _err("--calibration is for --engine --int8")
     try:
         if src.suffix == ".onnx":
-            if args.out or args.device_id is not None or args.int8:
-                return _err("--out / --device-id / --int8 are for run directories; with "
-                            "an .onnx source give --engine")
+            if args.out or args.device_id is not None:
+                return _err("--out / --device-id are for run directories; with an .onnx "
+                            "source give --engine")
             if not args.engine:
                 return _err("an .onnx source needs --engine (the file is already exported)")
             onnx_path = src
+            if args.int8 and args.calibration:
+                calib = _calibration_file(src, args.calibration)
         elif args.peft or args.hf:
             return _run_hf(src, args)
         else:
             if args.device_id is None or not args.out:
                 return _err("exporting from a run directory needs --device-id and --out "
                             "(or --peft DIR, or --device-id and --hf DIR)")
-            from fedspine_jax.export.run import export_run_device
+            from fedspine_jax.export.run import export_run_device_model
 
             kw = {}
             if args.opset is not None:
@@ -89,7 +100,11 @@ def run_cli(args) -> int:
             if args.tolerance is not None:
                 kw["tolerance"] = args.tolerance
             kw["int8"] = args.int8
-            res = export_run_device(src, args.device_id, args.out, args.overrides, **kw)
+            res, dm = export_run_device_model(src, args.device_id, args.out, args.overrides,
+                                              **kw)
+            if args.int8 and args.engine:
+                calib = calibration_batches(dm.train, res.meta.max_len)
+                check = calibration_batches(dm.eval, res.meta.max_len, rows=256)
             m = res.meta
             print(f"wrote {', '.join(str(f) for f in res.files)}: {res.bytes / 2**20:.2f} MiB, "
                   f"{m.params:,} of {m.dense_params:,} parameters "
@@ -111,16 +126,41 @@ def run_cli(args) -> int:
                       f"of {c.rows} inputs")
             onnx_path = res.path
         if args.engine:
-            path = build_engine(onnx_path, args.engine, fp16=args.fp16,
-                                min_shape=args.min_shape, opt_shape=args.opt_shape,
-                                max_shape=args.max_shape, workspace_gib=args.workspace_gib)
+            path = build_engine(onnx_path, args.engine, fp16=args.fp16, int8=args.int8,
+                                calibration=calib, min_shape=args.min_shape,
+                                opt_shape=args.opt_shape, max_shape=args.max_shape,
+                                workspace_gib=args.workspace_gib)
             print(f"wrote TensorRT engine {path} (+ {path.name}.json)")
+            if args.int8:
+                print(f"INT8 calibration cache: {calibration_cache_path(path, onnx_path)}")
+            if check is not None:
+                c = check_engine(path, onnx_path, check)
+                print(f"INT8 engine vs the fp32 ONNX graph on {c.rows} evaluation examples: "
+                      f"max abs diff {c.max_abs_diff:.3g}, same label on "
+                      f"{c.argmax_agreement:.1%}")
     except TensorRTUnavailable as e:
         print(f"fedspine export: cannot build the engine: {e}", file=sys.stderr)
         return 3
     except (ExportError, FileNotFoundError, ValueError) as e:
         return _err(str(e))
     return 0
+
+
+def _calibration_file(onnx_path: Path, path: str) -> list[dict]:
+    """:func:`tensorrt.calibration_batches` of a data file of the exported model's task,
+    tokenised with the tokenizer the model carries."""
+    from fedspine_jax import data
+    from fedspine_jax.export import metadata
+    from fedspine_jax.export.tensorrt import calibration_batches, read_onnx_meta
+
+    meta, entries = read_onnx_meta(onnx_path)
+    if meta.task is None:
+        raise ValueError(f"{onnx_path.name} names no task; --calibration needs one")
+    _, files = metadata.parse_props(entries, str(onnx_path))
+    tok = metadata.load_tokenizer_files(files, str(onnx_path))
+    records = data.read_file(path, meta.task)
+    examples = data.encode(tok, meta.task, records, meta.max_len, (meta.max_len,))
+    return calibration_batches(examples, meta.max_len)
 
 
 def _run_hf(src: Path, args) -> int:

@@ -12,21 +12,27 @@ match PyTorch's). So the CPU graph is made from the portable file in two steps:
 1. :func:`canonicalize` rewrites our own blocks, whose exact shape we know, into ops the
    optimizer understands:
 
-   * LayerNorm ``(x - E[x]) / sqrt(max(E[x^2] - E[x]^2, 0) + eps) * gamma + beta`` over the
-     last axis -> ``LayerNormalization`` (opset 17);
    * ``0.5 x (1 + erf(x / sqrt 2))`` -> ``com.microsoft.Gelu``;
    * the projections' biases ``(1, 1, N)`` -> ``(N,)`` (what the fusions below expect);
    * attention ``softmax(q k^T * scale + mask) v`` with q, k, v ``(B, L, h * d)``
      projections reshaped to heads, and the additive mask computed from the graph input
-     ``attention_mask`` (``where(attention_mask > 0, 0, -big)``) ->
+     ``attention_mask`` (``where(attention_mask > 0, 0, fill)``) ->
      ``com.microsoft.MultiHeadAttention(q, k, v, bias, key_padding_mask=attention_mask)``
-     with the projections' biases moved into its ``bias`` (``(3 h d,)``). Queries may come
-     from another tensor than keys and values (the classifier's last layer attends from the
-     first token only).
+     with the projections' biases moved into its ``bias`` (``(3 h d,)``) and the graph's
+     own ``fill`` as its ``mask_filter_value`` (the op's default, -10000, would leave a
+     fully padded row attending to its pad tokens by score instead of uniformly, as the
+     portable graph does). Queries may come from another tensor than keys and values
+     (the classifier's last layer attends from the first token only).
 
-2. ONNX Runtime's BERT optimizer then fuses what it knows on top of that (residual
-   ``Add`` + ``LayerNormalization`` -> ``SkipLayerNormalization``, bias ``Add`` + ``Gelu``
-   -> ``BiasGelu``); :func:`build` reports the fused op counts.
+2. ONNX Runtime's BERT optimizer then fuses what it knows on top of that (bias ``Add`` +
+   ``Gelu`` -> ``BiasGelu``); :func:`build` reports the fused op counts.
+
+LayerNorm stays decomposed, on purpose: ONNX Runtime turns a residual ``Add`` followed by
+``LayerNormalization`` into ``SkipLayerNormalization`` when it loads a session, and that
+CPU kernel is slower than the decomposed ops it replaces (BENCHMARKS.md, inference); the
+decomposed form (``E[x^2] - E[x]^2``) matches none of its fusions, so it stays as it is.
+Packing q, k and v into one ``Attention`` op (one matmul instead of three) was measured
+too and did not pay.
 
 Pruned layers keep their own head counts (read from each attention's reshape); a layer
 without heads or channels has no such block and is left as it is. Decoders (RMSNorm,
@@ -38,7 +44,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -133,7 +138,7 @@ def _replace(model: onnx.ModelProto, new_nodes: dict) -> None:
 
 def flatten_biases(model: onnx.ModelProto) -> int:
     """``MatMul(x, W) + b`` with ``b: (1, ..., 1, N)`` -> ``b: (N,)`` (the same broadcast;
-    ONNX Runtime fuses only 1-D biases into ``BiasGelu`` / ``SkipLayerNormalization``)."""
+    ONNX Runtime fuses only 1-D biases into ``BiasGelu``)."""
     g = _Graph(model)
     fresh = graph._Names(model)
     count = 0
@@ -150,67 +155,6 @@ def flatten_biases(model: onnx.ModelProto) -> int:
             add.input[j] = name
             count += 1
             break
-    return count
-
-
-# ---------------------------------------------------------------------------------------
-# LayerNorm
-
-
-def fuse_layernorm(model: onnx.ModelProto) -> int:
-    """Rewrite decomposed LayerNorms over the last axis to ``LayerNormalization``."""
-    g = _Graph(model)
-    new, fresh = {}, graph._Names(model)
-    for add in model.graph.node:
-        if add.op_type != "Add":
-            continue
-        m = g.split(add)                                   # scaled + beta
-        if m is None or m[1].ndim != 1:
-            continue
-        div = g.node(m[0], "Div")       # gamma all ones: graph.drop_identity_muls took it
-        s = (m[0], np.ones_like(m[1])) if div is not None else g.split(g.node(m[0], "Mul"))
-        div = g.node(s[0], "Div") if s else None
-        if div is None or s[1].ndim != 1:
-            continue
-        sub = g.node(div.input[0], "Sub")                  # x - mean
-        sqrt = g.node(div.input[1], "Sqrt")
-        if sub is None or sqrt is None:
-            continue
-        x, mean = sub.input
-        rm = g.node(mean, "ReduceMean")
-        if rm is None or rm.input[0] != x or not _attr(rm, "keepdims", 1):
-            continue
-        axes = _attr(rm, "axes")
-        rank = len(g.shapes.get(x) or ())
-        if axes is None or len(axes) != 1 or rank == 0 or axes[0] not in (-1, rank - 1):
-            continue
-        e = g.split(g.node(sqrt.input[0], "Add"))          # var + eps
-        if e is None:
-            continue
-        var = e[0]
-        mx = g.node(var, "Max")
-        if mx is not None:
-            z = g.split(mx, 0.0)
-            if z is None:
-                continue
-            var = z[0]
-        vs = g.node(var, "Sub")                            # E[x^2] - E[x]^2
-        if vs is None:
-            continue
-        m2, mm = g.node(vs.input[0], "ReduceMean"), g.node(vs.input[1], "Mul")
-        sq = g.node(m2.input[0], "Mul") if m2 is not None else None
-        if (sq is None or mm is None or list(sq.input) != [x, x]
-                or list(mm.input) != [mean, mean] or _attr(m2, "axes") != axes):
-            continue
-        gamma, beta = fresh("ln_gamma"), fresh("ln_beta")
-        model.graph.initializer.extend([
-            numpy_helper.from_array(s[1].astype(np.float32), gamma),
-            numpy_helper.from_array(m[1].astype(np.float32), beta)])
-        _swap(new, add, helper.make_node(
-            "LayerNormalization", [x, gamma, beta], [add.output[0]], axis=-1,
-            epsilon=float(e[1]), name=fresh("LayerNorm")), fresh)
-    count = len(new)
-    _replace(model, new)
     return count
 
 
@@ -284,11 +228,13 @@ def _heads(g: _Graph, name: str, perm: list[int]):
     return mm.output[0], bias.astype(np.float32), h, d
 
 
-def _padding_mask(g: _Graph, name: str) -> str | None:
-    """The graph input ``attention_mask`` when ``name`` is the additive mask
-    ``where(attention_mask > 0, 0, -big)`` computed from it alone, else None."""
+def _padding_mask(g: _Graph, name: str) -> tuple[str, float] | None:
+    """(the graph input ``attention_mask``, ``fill``) when ``name`` is the additive mask
+    ``where(attention_mask > 0, 0, fill)`` computed from it alone (``fill <= -1e4``),
+    else None."""
     w = g.node(name, "Where")
-    if w is None or g.scalar(w.input[1]) != 0.0 or (g.scalar(w.input[2]) or 0) > -1e4:
+    fill = g.scalar(w.input[2]) if w is not None else None
+    if w is None or g.scalar(w.input[1]) != 0.0 or fill is None or fill > -1e4:
         return None
     gt = g.node(w.input[0], "Greater")
     if gt is None or g.scalar(gt.input[1]) != 0.0:
@@ -299,7 +245,7 @@ def _padding_mask(g: _Graph, name: str) -> str | None:
         if n is None or n.op_type not in ("Reshape", "Expand", "Unsqueeze", "Cast"):
             return None
         v = n.input[0]
-    return v if v == "attention_mask" else None
+    return (v, fill) if v == "attention_mask" else None
 
 
 def fuse_attention(model: onnx.ModelProto) -> int:
@@ -337,13 +283,15 @@ def fuse_attention(model: onnx.ModelProto) -> int:
         h, d = q[2], q[3]
         if shape is None or shape.shape != (3,) or int(shape[2]) != h * d:
             continue
+        mask, fill = mask
         bias = fresh("mha_bias")
         model.graph.initializer.append(numpy_helper.from_array(
             np.concatenate([q[1], k[1], v[1]]), bias))
         out = r[0].output[0]
         _swap(new, r[0], helper.make_node(
             "MultiHeadAttention", [q[0], k[0], v[0], bias, mask], [out], domain=MS,
-            num_heads=h, scale=float(sc[1].reshape(-1)[0]), name=fresh("MultiHeadAttention")),
+            num_heads=h, scale=float(sc[1].reshape(-1)[0]), mask_filter_value=fill,
+            name=fresh("MultiHeadAttention")),
             fresh)
     count = len(new)
     _replace(model, new)
@@ -356,7 +304,7 @@ def fuse_attention(model: onnx.ModelProto) -> int:
 
 def canonicalize(model: onnx.ModelProto) -> dict[str, int]:
     """Step 1 of the module note, in place; returns how many blocks each rewrite replaced."""
-    report = {"layernorm": fuse_layernorm(model), "gelu": fuse_gelu(model),
+    report = {"gelu": fuse_gelu(model),
               "attention": fuse_attention(model), "biases": flatten_biases(model)}
     if report["gelu"] or report["attention"]:
         if not any(i.domain == MS for i in model.opset_import):

@@ -40,7 +40,7 @@ any graph that an opset cannot express.
 external data above 2 GiB of weights; the file carries its metadata (``metadata``).
 
 **The CPU graph.** An encoder's export also writes ``<name>.cpu.onnx`` beside the portable
-file: the same graph with ONNX Runtime's fused contrib ops (attention, skip-LayerNorm,
+file: the same graph with ONNX Runtime's fused contrib ops (multi-head attention,
 bias-GELU; ``export.cpu_graph``), verified against JAX like the portable one. The inference
 runtime serves it on CPUs and the portable graph everywhere else (TensorRT, CUDA);
 ``int8=True`` adds ``<name>.int8.onnx``, its weights quantized to int8
@@ -504,7 +504,6 @@ def export_model(model, out: str | Path, *, tokenizer, task: str | None = None,
       :class:`ExportResult`. Raises :class:`ExportError` (files removed) when the graph
       cannot be built or does not match JAX.
     """
-    import onnx
 
     out = Path(out)
     if out.suffix != ".onnx":

@@ -33,6 +33,8 @@ class DeviceModel:
       source: provenance for the metadata (run, device_id, round, rank, strategy).
       labels: the task's class names by id (``TaskData.label_names``; () when it has none).
       template: an instruction task's prompt template (``TaskData.template``; else "").
+      train: the device's own training examples (``data.Examples``; INT8 calibration).
+      eval: the task's evaluation examples (``data.Examples``; INT8 engine checks).
     """
     model: object
     tokenizer: object
@@ -42,6 +44,8 @@ class DeviceModel:
     source: dict
     labels: tuple = ()
     template: str = ""
+    train: object = None
+    eval: object = None
 
 
 def tokenizer_name(cfg: Config) -> str:
@@ -87,7 +91,8 @@ def device_model(s: experiment.Setup, state, device_id: int, *, run: str = "",
               "channels_kept": float(state.devices.channel_masks[i].mean())}
     return DeviceModel(model=model, tokenizer=tokenizer, task=s.cfg.data.task,
                        max_len=s.cfg.data.max_len, sample=examples_sample(s.task.eval),
-                       source=source, labels=s.task.label_names, template=s.task.template)
+                       source=source, labels=s.task.label_names, template=s.task.template,
+                       train=s.task.train.take(s.devices[i].train_idx), eval=s.task.eval)
 
 
 def export_device(dm: DeviceModel, out: str | Path, cfg: Config, **kw) -> ExportResult:
@@ -103,9 +108,16 @@ def export_device(dm: DeviceModel, out: str | Path, cfg: Config, **kw) -> Export
 def export_run_device(run_dir: str | Path, device_id: int, out: str | Path, overrides=(),
                       **kw) -> ExportResult:
     """``fedspine export RUN_DIR --device-id I --out model.onnx`` as a function."""
+    return export_run_device_model(run_dir, device_id, out, overrides, **kw)[0]
+
+
+def export_run_device_model(run_dir: str | Path, device_id: int, out: str | Path,
+                            overrides=(), **kw) -> tuple[ExportResult, DeviceModel]:
+    """:func:`export_run_device`, also returning the :class:`DeviceModel` (its data
+    calibrates an INT8 engine)."""
     cfg, s, state, extra, step = load_run(run_dir, overrides)
     dm = device_model(s, state, device_id, run=str(run_dir), step=step)
-    return export_device(dm, out, cfg, **kw)
+    return export_device(dm, out, cfg, **kw), dm
 
 
 def export_run_peft(run_dir: str | Path, out: str | Path, overrides=()) -> tuple[Path, dict]:

@@ -167,13 +167,10 @@ def test_cpu_graph_is_fused_verified_and_served_on_cpu(enc_export, encoder, tok)
     r = enc_export
     assert r.cpu_path == r.path.with_name("enc.cpu.onnx") and r.cpu_path.is_file()
     assert max(r.cpu_checks.values()) <= 1e-4 and len(r.cpu_checks) == 2
-    # heads (4, 1, 0), channels (48, 10, 0): two attention blocks, two FFNs, and the
-    # embedding LayerNorm + two per layer (the pruned layer keeps its residual LayerNorms)
+    # heads (4, 1, 0), channels (48, 10, 0): two attention blocks, two FFNs
     assert r.fusions["rewrites"]["attention"] == 2 and r.fusions["rewrites"]["gelu"] == 2
-    assert r.fusions["rewrites"]["layernorm"] == 7
     fused = r.fusions["fused"]
     assert fused["MultiHeadAttention"] == 2 and fused["BiasGelu"] == 2
-    assert fused["SkipLayerNormalization"] >= 4
     cpu = onnx.load(str(r.cpu_path))
     assert sum(n.op_type == "Softmax" for n in cpu.graph.node) == 0
     portable_domains = {n.domain for n in onnx.load(str(r.path)).graph.node}
@@ -186,6 +183,54 @@ def test_cpu_graph_is_fused_verified_and_served_on_cpu(enc_export, encoder, tok)
     np.testing.assert_allclose(pred.logits(TEXTS, batch_size=4), ref, rtol=0, atol=1e-4)
     with pytest.raises(ExportError, match="build the engine from the portable enc.onnx"):
         tensorrt.build_engine(r.cpu_path, r.path.with_name("x.plan"))
+
+
+def test_logits_batch_by_length_and_keep_the_order(enc_export):
+    pred = load(enc_export.path)
+    widths, run = [], pred.backend.run
+
+    def recording_run(feeds):
+        widths.append(feeds["input_ids"].shape)
+        return run(feeds)
+
+    one_by_one = np.concatenate([pred.logits([t]) for t in TEXTS])
+    pred.backend.run = recording_run
+    got = pred.logits(TEXTS, batch_size=2)
+    np.testing.assert_allclose(got, one_by_one, rtol=0, atol=1e-5)
+    lengths = sorted(len(pred.tokenizer(t)["input_ids"]) for t in TEXTS)
+    assert widths == [(2, lengths[1]), (2, lengths[3]), (2, lengths[5])]
+
+
+def test_cpu_graph_keeps_layernorm_unfused_and_masks_padded_rows_alike(enc_export, tok,
+                                                                      tmp_path):
+    """No SkipLayerNormalization even after ONNX Runtime's own session-time fusions, and
+    a row whose attention mask is all zeros gives the portable graph's output (the
+    attention's mask fill is the graph's, not MultiHeadAttention's default)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "session.onnx")
+    cpu = ort.InferenceSession(str(enc_export.cpu_path), so,
+                               providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node}
+    assert "MultiHeadAttention" in ops
+    assert not ops & {"SkipLayerNormalization", "LayerNormalization"}
+    p_model = onnx.load(str(enc_export.path))
+    consts = graph._constants(p_model)
+    fills = {float(onnx.numpy_helper.to_array(consts[n.input[2]])) for n in p_model.graph.node
+             if n.op_type == "Where" and n.input[2] in consts}
+    mha = [n for n in onnx.load(str(enc_export.cpu_path)).graph.node
+           if n.op_type == "MultiHeadAttention"]
+    assert len(fills) == 1 and len(mha) == 2
+    (fill,) = fills
+    for n in mha:
+        attr = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attr["mask_filter_value"] == pytest.approx(fill, rel=1e-6)
+    portable = ort.InferenceSession(str(enc_export.path), providers=["CPUExecutionProvider"])
+    feeds = _enc_inputs(tok, TEXTS)
+    feeds["attention_mask"][2] = 0
+    want, got = portable.run(None, feeds)[0], cpu.run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 def test_int8_graph_agrees_with_fp32(tok, tmp_path):
@@ -327,6 +372,165 @@ def test_tensorrt_engine_matches_onnxruntime(enc_export, dec_export, tmp_path):
                                        atol=1e-3)
 
 
+class FakeTensorRT:
+    """A stand-in for the ``tensorrt`` module: the few builder / network / config calls
+    ``tensorrt.build_with`` makes. Its builder calibrates as TensorRT does: it reads the
+    calibrator's cache and, when there is none, asks for batches until None and writes
+    the cache."""
+
+    __version__ = "stand-in"
+    NetworkDefinitionCreationFlag = type("Flags", (), {})  # TensorRT 10: explicit batch only
+    MemoryPoolType = type("Pools", (), {"WORKSPACE": "workspace"})
+    BuilderFlag = type("BuilderFlags", (), {"FP16": "fp16", "INT8": "int8"})
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class IInt8EntropyCalibrator2:
+        def __init__(self):
+            pass
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, mid, hi):
+            self.shapes[name] = (tuple(lo), tuple(mid), tuple(hi))
+
+    class Config:
+        def __init__(self):
+            self.flags, self.profiles = set(), []
+            self.int8_calibrator = self.calibration_profile = None
+
+        def set_memory_pool_limit(self, pool, size):
+            pass
+
+        def set_flag(self, flag):
+            self.flags.add(flag)
+
+        def add_optimization_profile(self, p):
+            self.profiles.append(p)
+
+        def set_calibration_profile(self, p):
+            self.calibration_profile = p
+
+    class Network:
+        def __init__(self):
+            self.inputs = []
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+    class OnnxParser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            self.network = network
+
+        def parse_from_file(self, path):
+            for i in onnx.load(path, load_external_data=False).graph.input:
+                dims = [d.dim_value or -1 for d in i.type.tensor_type.shape.dim]
+                self.network.inputs.append(type("Input", (), {
+                    "name": i.name, "shape": dims, "is_shape_tensor": False}))
+            return True
+
+    class Builder:
+        built: list = []
+
+        def __init__(self, logger):
+            self.cache_read = None
+
+        def create_network(self, flags):
+            return FakeTensorRT.Network()
+
+        def create_builder_config(self):
+            return FakeTensorRT.Config()
+
+        def create_optimization_profile(self):
+            return FakeTensorRT.Profile()
+
+        def build_serialized_network(self, network, config):
+            cal, fed = config.int8_calibrator, []
+            names = [network.get_input(i).name for i in range(network.num_inputs)]
+            self.cache_read = cal.read_calibration_cache()
+            if self.cache_read is None:
+                while (ptrs := cal.get_batch(names)) is not None:
+                    fed.append(ptrs)
+                cal.write_calibration_cache(memoryview(f"scales of {len(fed)} batches"
+                                                       .encode()))
+            FakeTensorRT.Builder.built.append((self, config, fed))
+            return b"engine"
+
+
+def test_int8_engine_calibrates_on_task_data_and_reuses_its_cache(enc_export, tok,
+                                                                  shared_data, tmp_path):
+    from fedspine_jax import data
+
+    records = data.read_jsonl(shared_data / "sst2" / "validation.jsonl", "sst2")[:43]
+    examples = data.encode(tok, "sst2", records, 64, (64,))
+    batches = tensorrt.calibration_batches(examples, 64, batch=8)
+    assert len(batches) == 5  # 43 examples: whole batches of 8 only
+    for b in batches:
+        assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
+            k: ((8, 64), np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    first = tok(records[0]["sentence"], truncation=True, max_length=64)["input_ids"]
+    assert batches[0]["input_ids"][0, :len(first)].tolist() == first
+    assert batches[0]["attention_mask"][0].sum() == len(first)
+
+    copied = []
+
+    def to_device(name, host):
+        copied.append((name, host.copy()))
+        return len(copied)
+
+    trt = FakeTensorRT
+    engine = tmp_path / "enc.plan"
+    cache = tensorrt.calibration_cache_path(engine, enc_export.path)
+    tensorrt.build_with(trt, enc_export.path, engine, int8=True, calibration=batches,
+                        to_device=to_device)
+    builder, config, fed = trt.Builder.built[-1]
+    assert config.flags == {"int8"}
+    assert {v for v in config.calibration_profile.shapes.values()} == {((8, 64),) * 3}
+    names = list(enc_export.meta.inputs)
+    assert fed == [[3 * i + 1, 3 * i + 2, 3 * i + 3] for i in range(5)]  # one pointer each
+    for i, (name, host) in enumerate(copied):
+        np.testing.assert_array_equal(host, batches[i // 3][names[i % 3]])
+    assert cache.read_bytes() == b"scales of 5 batches" and engine.read_bytes() == b"engine"
+    sidecar = json.loads(engine.with_name("enc.plan.json").read_text())
+    assert sidecar["int8"] is True and sidecar["calibration_cache"] == cache.name
+
+    # the next build reads the cache and feeds nothing; without data or cache it refuses
+    tensorrt.build_with(trt, enc_export.path, engine, int8=True, to_device=to_device)
+    builder, config, fed = trt.Builder.built[-1]
+    assert builder.cache_read == b"scales of 5 batches" and fed == [] and len(copied) == 15
+    cache.unlink()
+    with pytest.raises(ExportError, match="calibration data"):
+        tensorrt.build_with(trt, enc_export.path, engine, int8=True, to_device=to_device)
+    with pytest.raises(ExportError, match="exceed the profile"):
+        tensorrt.build_with(trt, enc_export.path, engine, int8=True, to_device=to_device,
+                            calibration=batches, max_shape="batch=4,seq=64")
+
+
+@pytest.mark.tensorrt
+def test_int8_engine_agrees_with_fp32_onnx(enc_export, tok, shared_data, tmp_path):
+    from fedspine_jax import data
+
+    records = data.read_jsonl(shared_data / "sst2" / "validation.jsonl", "sst2")
+    examples = data.encode(tok, "sst2", records[:256], 64, (64,))
+    plan = tensorrt.build_engine(enc_export.path, tmp_path / "enc.plan", int8=True,
+                                 calibration=tensorrt.calibration_batches(examples, 64))
+    c = tensorrt.check_engine(plan, enc_export.path, tensorrt.calibration_batches(
+        data.encode(tok, "sst2", records[256:512], 64, (64,)), 64))
+    assert c.rows == 256 and c.argmax_agreement >= 0.9
+
+
 # ---------------------------------------------------------------------------------------
 # from a run directory
 
@@ -401,6 +605,19 @@ def test_export_from_run_directory(run_dir, tmp_path, capsys):
     assert "--device-id" in capsys.readouterr().err
     assert main(["export", str(run), "--device-id", "7", "--out", str(out)]) == 2
     assert "outside 0..2" in capsys.readouterr().err
+    # an INT8 engine calibrates on the device's own training share
+    from fedspine_jax.export.run import device_model
+
+    dm = device_model(s, state, 1)
+    np.testing.assert_array_equal(dm.train.source_row,
+                                  s.task.train.source_row[s.devices[1].train_idx])
+    batches = tensorrt.calibration_batches(dm.train, dm.max_len, batch=2)
+    assert len(batches) == min(len(dm.train), tensorrt.CALIBRATION_ROWS) // 2
+    assert batches[0]["input_ids"].shape == (2, dm.max_len)
+    if not tensorrt.available():
+        assert main(["export", str(run), "--device-id", "1", "--out", str(out), "--engine",
+                     str(tmp_path / "dev1.plan"), "--int8"]) == 3
+        assert "--int8 --calib=" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------
