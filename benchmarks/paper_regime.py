@@ -43,7 +43,18 @@ def publish(work: Path, dest: Path = RESULTS) -> dict:
         (dest / "runs" / run.name).mkdir(parents=True, exist_ok=True)
         for name in RUN_FILES:
             shutil.copy2(run / name, dest / "runs" / run.name / name)
+        _relative_paths(dest / "runs" / run.name / "config.yaml")
     return res["table"]
+
+
+def _relative_paths(config: Path) -> None:
+    """Write the paths beside the repository (``../shared/...``) that a run's config holds
+    resolved as the repository-relative paths it was given, so published files name no
+    machine's directories."""
+    beside = str(Path(__file__).resolve().parents[2]) + "/"
+    text = config.read_text()
+    if beside in text:
+        config.write_text(text.replace(beside, "../"))
 
 
 def main() -> None:
