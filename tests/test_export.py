@@ -473,7 +473,7 @@ def test_int8_engine_calibrates_on_task_data_and_reuses_its_cache(enc_export, to
                                                                   shared_data, tmp_path):
     from fedspine_jax import data
 
-    records = data.read_jsonl(shared_data / "sst2" / "validation.jsonl", "sst2")[:43]
+    records = data.load_records("sst2", str(shared_data / "sst2"))[1][:43]
     examples = data.encode(tok, "sst2", records, 64, (64,))
     batches = tensorrt.calibration_batches(examples, 64, batch=8)
     assert len(batches) == 5  # 43 examples: whole batches of 8 only
@@ -522,7 +522,7 @@ def test_int8_engine_calibrates_on_task_data_and_reuses_its_cache(enc_export, to
 def test_int8_engine_agrees_with_fp32_onnx(enc_export, tok, shared_data, tmp_path):
     from fedspine_jax import data
 
-    records = data.read_jsonl(shared_data / "sst2" / "validation.jsonl", "sst2")
+    records = data.load_records("sst2", str(shared_data / "sst2"))[1]
     examples = data.encode(tok, "sst2", records[:256], 64, (64,))
     plan = tensorrt.build_engine(enc_export.path, tmp_path / "enc.plan", int8=True,
                                  calibration=tensorrt.calibration_batches(examples, 64))
