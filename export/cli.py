@@ -150,16 +150,22 @@ def _calibration_file(onnx_path: Path, path: str) -> list[dict]:
     """:func:`tensorrt.calibration_batches` of a data file of the exported model's task,
     tokenised with the tokenizer the model carries."""
     from fedspine_jax import data
+    from fedspine_jax.data_files import read_file
     from fedspine_jax.export import metadata
     from fedspine_jax.export.tensorrt import calibration_batches, read_onnx_meta
 
     meta, entries = read_onnx_meta(onnx_path)
-    if meta.task is None:
-        raise ValueError(f"{onnx_path.name} names no task; --calibration needs one")
+    spec = data.PRESETS.get(meta.task)
+    if spec is None:
+        raise ValueError(f"{onnx_path.name} is a model of the {meta.task or 'unnamed'} task, "
+                         f"whose columns a calibration file cannot name: build the INT8 "
+                         f"engine from the run directory (fedspine export RUN --device-id I "
+                         f"--out x.onnx --engine x.plan --int8), which calibrates on the "
+                         f"device's own data")
     _, files = metadata.parse_props(entries, str(onnx_path))
     tok = metadata.load_tokenizer_files(files, str(onnx_path))
-    records = data.read_file(path, meta.task)
-    examples = data.encode(tok, meta.task, records, meta.max_len, (meta.max_len,))
+    records = read_file(path, spec)
+    examples = data.encode(tok, spec, records, meta.max_len, (meta.max_len,))
     return calibration_batches(examples, meta.max_len)
 
 

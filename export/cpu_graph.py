@@ -28,11 +28,10 @@ match PyTorch's). So the CPU graph is made from the portable file in two steps:
    ``Gelu`` -> ``BiasGelu``); :func:`build` reports the fused op counts.
 
 LayerNorm stays decomposed, on purpose: ONNX Runtime turns a residual ``Add`` followed by
-``LayerNormalization`` into ``SkipLayerNormalization`` when it loads a session, and that
-CPU kernel is slower than the decomposed ops it replaces (BENCHMARKS.md, inference); the
-decomposed form (``E[x^2] - E[x]^2``) matches none of its fusions, so it stays as it is.
-Packing q, k and v into one ``Attention`` op (one matmul instead of three) was measured
-too and did not pay.
+``LayerNormalization`` into ``SkipLayerNormalization`` when it loads a session, a CPU
+kernel that loses to the decomposed ops it replaces, and the decomposed form
+(``E[x^2] - E[x]^2``) matches none of its fusions. q, k and v stay three matmuls. The
+measurements behind both choices are in BENCHMARKS.md (inference).
 
 Pruned layers keep their own head counts (read from each attention's reshape); a layer
 without heads or channels has no such block and is left as it is. Decoders (RMSNorm,

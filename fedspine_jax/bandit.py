@@ -136,7 +136,7 @@ class BanditParams:
 
     Every field is an array, not static metadata, so agents of different configurations
     share one traced program: a sweep stacks the params of its configurations along a
-    leading axis and ``jax.vmap`` s over it (issue 21). A fleet's params are scalars (one
+    leading axis and ``jax.vmap`` s over it. A fleet's params are scalars (one
     configuration for all its agents); rank sets of different sizes are padded to one
     length ``K`` with copies of their last rank and carry their valid count.
 
@@ -471,8 +471,8 @@ def reward(loss_drop: jax.Array, delta_p: jax.Array, importance: jax.Array,
       ``DP_FLOOR_MIN``; so no finite input gives Inf or NaN, and inputs inside the limit
       give the same numbers as without the clip.
 
-    The ``"log"`` variant (``bandit.reward``, ``params.log_reward``) compresses every factor with ``log1p`` after making the
-    two dimensioned ones relative: ``R = slog(dF) * log1p(I) * log1p(dp / dp_floor)
+    The ``"log"`` variant (``bandit.reward``, ``params.log_reward``) compresses every factor
+    with ``log1p`` after making the two dimensioned ones relative: ``R = slog(dF) * log1p(I) * log1p(dp / dp_floor)
     / log1p((dT + eps) / eps)`` with ``slog(x) = sign(x) log1p(|x|)`` (a loss increase
     stays a penalty) and ``I`` clipped at 0. The ``dp`` and ``dT`` factors are then
     ``>= log 2``, and the reward grows logarithmically instead of linearly in each

@@ -745,6 +745,9 @@ def sweep_from_dict(raw: dict | None) -> SweepConfig:
     naming ``sweep.<key>``. Swept values are checked against the bounds and choices of the
     config fields they set (``bandit.discount``, ``bandit.reward``, ...).
     """
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"sweep must be a mapping of keys (sweep.discount, ...), not "
+                          f"{type(raw).__name__} {raw!r}")
     raw = dict(raw or {})
     fields = {f.name: f for f in dataclasses.fields(SweepConfig)}
     unknown = sorted(set(raw) - set(fields))

@@ -301,6 +301,10 @@ def task_spec(cfg_data: DataConfig) -> TaskSpec:
         spec = dataclasses.replace(spec, num_labels=n or len(names))
     else:
         split_template(spec.template)
+        if spec.label_column and not spec.label_names:
+            raise DataError(f"data.label_column={spec.label_column!r} on an instruction task "
+                            f"names the records' categories (for the partition): give their "
+                            f"values in data.label_names, or drop data.label_column")
     if len(spec.splits) not in (1, 2):
         raise DataError(f"data.splits={list(spec.splits)}: give (train, eval) split names, "
                         f"or one (the eval set is then a fixed share of it)")

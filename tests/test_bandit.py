@@ -47,7 +47,7 @@ def test_init_is_a_pytree_of_arrays():
     leaves, treedef = jax.tree.flatten(st)
     assert all(isinstance(x, jax.Array) for x in leaves)
     assert all(x.shape[0] == A for x in jax.tree.leaves(st.replace(params=None)))
-    # The hyperparameters are array leaves (issue 21): another configuration has the same
+    # The hyperparameters are array leaves: another configuration has the same
     # tree structure, so it runs through the same compiled program.
     want = bandit.BanditParams.from_config(CFG)
     for x, y in zip(jax.tree.leaves(st.params), jax.tree.leaves(want)):

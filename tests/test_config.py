@@ -115,6 +115,7 @@ def test_resume_may_change_run_keys_only(tiny_config_path):
     ({"task": "classification", "label_names": [0, 1]}, "data.label_names=[0, 1]: expected"),
     ({"task": "classification", "num_labels": 2, "splits": "train"}, "data.splits='train'"),
     ({"task": "instruction", "template": "{q}"}, "must end with a response header"),
+    ({"task": "instruction", "label_column": "topic"}, "data.label_column='topic' on an"),
     ({"task": "classification", "num_labels": 2, "partition": "flower"}, "data.partition"),
 ])
 def test_data_task_keys_name_the_key(data, needle):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 import warnings
@@ -661,9 +660,10 @@ def test_task_keys_are_checked(keys, message):
         D.task_spec(DataConfig(**keys))
 
 
-def test_parquet_without_pyarrow_is_one_line_naming_the_extra(tmp_path):
-    if importlib.util.find_spec("pyarrow") is not None:
-        pytest.skip("pyarrow is installed")
+def test_parquet_without_pyarrow_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    # an install without the parquet extra: the import of pyarrow fails
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     (tmp_path / "train.parquet").write_bytes(b"PAR1")
     with pytest.raises(D.DataError, match=r"train\.parquet: reading Parquet needs pyarrow: "
                                           r"pip install 'fedspine-jax\[parquet\]'"):

@@ -343,6 +343,25 @@ def test_engine_without_tensorrt_says_how(enc_export, tmp_path, capsys):
     assert "trtexec --onnx=" in capsys.readouterr().err
 
 
+def test_int8_engine_from_an_onnx_file_reads_its_calibration_file(enc_export, shared_data,
+                                                                   tmp_path, capsys):
+    """`--calibration FILE` tokenises a preset task's file with the model's own tokenizer
+    before the builder runs; a bad file is one line naming it."""
+    if tensorrt.available():
+        pytest.skip("tensorrt is installed here")
+    plan = str(tmp_path / "m.plan")
+    calib = str(shared_data / "sst2" / "validation.jsonl")
+    assert main(["export", str(enc_export.path), "--engine", plan, "--int8",
+                 "--calibration", calib]) == 3  # read, tokenised; then no TensorRT
+    assert "--int8 --calib=" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"sentence": "fine", "label": 7}\n')
+    assert main(["export", str(enc_export.path), "--engine", plan, "--int8",
+                 "--calibration", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.jsonl:1" in err[0], err
+
+
 def test_profile_shapes(enc_export, dec_export):
     em, dm = enc_export.meta, dec_export.meta
     assert tensorrt.parse_dims("batch=8, seq=32", em) == {"batch": 8, "seq": 32}

@@ -461,10 +461,12 @@ def test_sweep_spec_grid_random_and_errors(tmp_path):
             load_sweep(path, [bad])
     with pytest.raises(ConfigError, match="federation.bogus"):
         load_sweep(path, ["federation.bogus=1"])
+    for raw in (5, "grid", [1, 2]):  # not a mapping: one ConfigError, not a TypeError
+        with pytest.raises(ConfigError, match="sweep must be a mapping"):
+            sweep_from_dict(raw)
 
 
 def test_random_search_over_continuous_ranges():
-    cfg = from_dict({})
     raw = {"search": "random", "samples": 400,
            "discount": {"low": 0.9, "high": 1.0}, "delta": [0.1, 0.2],
            "exploration": {"low": 1e-3, "high": 1.0, "log": True},
@@ -472,7 +474,8 @@ def test_random_search_over_continuous_ranges():
     spec = sweep_from_dict(raw)
     assert spec.exploration == Range(1e-3, 1.0, True)
     points = sweep.points(spec, 0)
-    assert len(points) == 400 and points == sweep.points(spec, 0) and points != sweep.points(spec, 1)
+    assert len(points) == 400 and points == sweep.points(spec, 0)
+    assert points != sweep.points(spec, 1)
     disc = np.array([p.discount for p in points])
     expl = np.array([p.exploration for p in points])
     assert disc.min() >= 0.9 and disc.max() <= 1.0 and abs(disc.mean() - 0.95) < 0.01
