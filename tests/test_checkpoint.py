@@ -4,6 +4,7 @@ federation states and exact resume, with a tiny fake global LoRA and fake device
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -306,16 +307,18 @@ def _saved_rounds(tmp_path, fed, rounds=(1, 2, 3)) -> dict:
 
 
 def test_flipped_bytes_fall_back_to_the_newest_intact_checkpoint(tmp_path, caplog):
-    """64 flipped bytes in the newest checkpoint's data: orbax reads them back as finite
-    garbage, the digest does not match, and restore takes the round before, with a warning
+    """64 flipped bytes in the newest checkpoint's data: orbax reads them back as garbage
+    without an error, the digest does not match, and restore takes the round before, with a warning
     naming the damaged checkpoint."""
     import orbax.checkpoint as ocp
 
     fed = make_fed()
     saved = _saved_rounds(tmp_path, fed)
     _flip_bytes(tmp_path / "round_00003")
+    # what orbax alone would resume on: it reads the damaged data without an error
     raw = ocp.StandardCheckpointer().restore(tmp_path / "round_00003")
-    assert np.isfinite(raw["extra"]["big"]).all()   # what orbax alone would resume on
+    saved_digest = json.loads((tmp_path / "round_00003" / checkpoint.DIGEST_FILE).read_text())
+    assert checkpoint.tree_digest(raw) != saved_digest["sha256"]
     with caplog.at_level("WARNING", logger="fedspine.checkpoint"):
         got, _, step = checkpoint.restore(tmp_path, fed)
     assert step == 2
