@@ -30,9 +30,10 @@ Runtime reads it. jax2onnx 0.17.1 writes ``ReduceMean`` in its opset-18 form wha
 asked for; ``graph.legalize_reductions`` rewrites it. LayerNorm is exported decomposed
 (jax2onnx's accuracy-first default), not as opset 17's ``LayerNormalization``: TensorRT
 before 8.6 (JetPack 5 ships 8.5) has no importer for the latter, and ONNX Runtime 1.31's CPU
-kernel for it was slower than the decomposed graph (BENCHMARKS.md, inference). The IR version is lowered to 8, the oldest that carries opset 17
-(``graph.lower_ir_version``). Opsets 13-23 are accepted; ONNX Runtime verification rejects
-any graph that an opset cannot express.
+kernel for it was slower than the decomposed graph (BENCHMARKS.md, inference). The IR
+version is lowered to 8, the oldest that carries opset 17 (``graph.lower_ir_version``).
+Opsets 13-23 are accepted; ONNX Runtime verification rejects any graph that an opset cannot
+express.
 
 **After tracing**, ``graph.tensorrt_friendly`` turns jax2onnx's ``Einsum`` linears into
 ``MatMul``, removes empty matmuls of fully pruned FFNs and dead nodes; ``graph.save`` writes

@@ -472,11 +472,12 @@ def reward(loss_drop: jax.Array, delta_p: jax.Array, importance: jax.Array,
       give the same numbers as without the clip.
 
     The ``"log"`` variant (``bandit.reward``, ``params.log_reward``) compresses every factor
-    with ``log1p`` after making the two dimensioned ones relative: ``R = slog(dF) * log1p(I) * log1p(dp / dp_floor)
-    / log1p((dT + eps) / eps)`` with ``slog(x) = sign(x) log1p(|x|)`` (a loss increase
-    stays a penalty) and ``I`` clipped at 0. The ``dp`` and ``dT`` factors are then
-    ``>= log 2``, and the reward grows logarithmically instead of linearly in each
-    factor, which keeps its scale near the O(1) padding of Eq. 5 across tasks and units.
+    with ``log1p`` after making the two dimensioned ones relative:
+    ``R = slog(dF) * log1p(I) * log1p(dp / dp_floor) / log1p((dT + eps) / eps)`` with
+    ``slog(x) = sign(x) log1p(|x|)`` (a loss increase stays a penalty) and ``I`` clipped at
+    0. The ``dp`` and ``dT`` factors are then ``>= log 2``, and the reward grows
+    logarithmically instead of linearly in each factor, which keeps its scale near the O(1)
+    padding of Eq. 5 across tasks and units.
 
     Args:
         loss_drop: ``(..., N)`` decrease of the local loss during the round, dF.

@@ -95,3 +95,28 @@ def tiny_run(shared_data, tmp_path_factory):
     seconds = time.perf_counter() - t0
     assert rc == 0, printed.getvalue()
     return out, json.loads((out / "summary.json").read_text()), printed.getvalue(), seconds
+
+
+@pytest.fixture(scope="session")
+def save_pruned_run():
+    """``save(run, state, step, heads, channels)``: checkpoint ``step`` of ``state`` in
+    ``run/checkpoints`` after pruning device 1 (``heads = (layer, slice)`` of its head mask,
+    ``channels = (layer, slice)`` of its channel mask) and giving the devices ranks 8 / 4 / 2,
+    as a finished run's devices differ; returns the saved state."""
+    import dataclasses
+
+    import numpy as np
+
+    from fedspine_jax import checkpoint
+
+    def save(run, state, step, heads, channels):
+        hm, cm = state.devices.head_masks.copy(), state.devices.channel_masks.copy()
+        hm[(1, *heads)] = 0
+        cm[(1, *channels)] = 0
+        devices = dataclasses.replace(state.devices, head_masks=hm, channel_masks=cm,
+                                      rank=np.array([8, 4, 2], np.int32))
+        state = dataclasses.replace(state, devices=devices)
+        checkpoint.save(run / "checkpoints", step, state, {})
+        return state
+
+    return save

