@@ -42,6 +42,15 @@ Ratios against the peer are taken **in the same run**: ``ort_pruned50_vs_dense``
 average at start and end is printed, and the CPU (``/proc/cpuinfo`` model name and its
 VNNI / AVX-512 / AMX flags) that every row ran on.
 
+**GEMM ceiling** (CPU runs): matrix products are 75-80 % of the dense model's kernel time,
+so how fast our graph can be against the peer is bounded by how fast this CPU multiplies
+matrices. A child times products of the model's three shapes in each library and keeps the
+best rate (``child_ceiling``). With the model's matrix-multiply work (``dense_gflop``; ours
+computes less, the last layer's first row only) the ratios get ``ort_dense_gflops`` and
+``torch_dense_gflops`` (the rate each whole model reached) and ``ort_dense_vs_torch_floor``:
+the ort dense / torch ratio if every one of our FLOPs ran at the faster library's ceiling,
+the lowest that any fp32 graph of this model could reach against the peer on this CPU.
+
 **Accuracy** (``--run DIR --device-id I``): the MiniLM above has a random head, so INT8's
 accuracy is measured on a trained, pruned model instead -- a run's device model, exported
 with ``--int8``: SST-2 validation accuracy (every sentence) of its fp32 CPU graph and of
@@ -258,6 +267,68 @@ def child_memory(spec: dict) -> dict:
     return out
 
 
+def dense_gflop(batch: int, seq: int, first_row_last_layer: bool, d: int = 384,
+                f: int = 1536, layers: int = 6) -> float:
+    """Matrix-multiply GFLOP of one dense MiniLM-L6 forward, ``(batch, seq)`` tokens.
+
+    Per token and layer ``2 (4 D^2 + 2 D F)`` (q, k, v, output projection, FFN), per
+    sequence and layer ``4 S^2 D`` (scores and weighted values). Our exported graph computes
+    the last layer's query, output projection and FFN for the first token only
+    (``first_row_last_layer``), saving ``2 (2 D^2 + 2 D F)`` on the other ``S - 1`` tokens
+    (its attention saving is not counted: the figure is an upper bound of our work).
+    """
+    flop = batch * (seq * layers * 2 * (4 * d * d + 2 * d * f) + layers * 4 * seq * seq * d)
+    if first_row_last_layer:
+        flop -= batch * (seq - 1) * 2 * (2 * d * d + 2 * d * f)
+    return flop / 1e9
+
+
+def child_ceiling(spec: dict) -> dict:
+    """This CPU's fp32 GEMM ceiling for each library: the best GFLOP/s over the model's three
+    matrix-product shapes ``(M, 384) x (384, 384)``, ``x (384, 1536)`` and ``(M, 1536) x
+    (1536, 384)`` at ``M = 128 x seq`` rows, in ONNX Runtime's ``MatMul`` (MLAS, the
+    runtime's session settings) and ``torch.matmul``; all cores, median of 7 calls after a
+    warm-up."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows, rng = 128 * spec["seq"], np.random.default_rng(0)
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+    def gflops(fn, flop: int) -> float:
+        fn()
+        ts = []
+        for _ in range(7):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return flop / statistics.median(ts) / 1e9
+
+    out: dict = {"rows": rows, "shapes": {}}
+    for k, n in ((384, 384), (384, 1536), (1536, 384)):
+        a = rng.standard_normal((rows, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+            [helper.make_tensor_value_info("a", TensorProto.FLOAT, [rows, k])],
+            [helper.make_tensor_value_info("c", TensorProto.FLOAT, [rows, n])],
+            [numpy_helper.from_array(b, "b")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        flop = 2 * rows * k * n
+        out["shapes"][f"{k}x{n}"] = {
+            "ort_gflops": round(gflops(lambda: sess.run(None, {"a": a}), flop), 1),
+            "torch_gflops": round(gflops(lambda: torch.matmul(ta, tb), flop), 1)}
+    for lib in ("ort", "torch"):
+        out[f"{lib}_gflops"] = max(v[f"{lib}_gflops"] for v in out["shapes"].values())
+    out["torch_threads"] = torch.get_num_threads()
+    return out
+
+
 # ---------------------------------------------------------------- the parent
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 
@@ -333,7 +404,8 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         kind, spec = args.child
-        fn = child_latency if kind == "latency" else child_memory
+        fn = {"latency": child_latency, "memory": child_memory,
+              "ceiling": child_ceiling}[kind]
         print(json.dumps(fn(json.loads(spec))))
         return
     load_start = os.getloadavg()[0]
@@ -397,6 +469,18 @@ def main() -> None:
                   for m in ratios})
         r["jax_dense_vs_torch"] = lat("jax", "dense", b) / lat("torch", "dense", b)
         table[str(b)] = {k: round(v, 3) for k, v in r.items()}
+    ceiling = None if args.gpu else run_child("ceiling", {"seq": args.seq}, False)
+    if ceiling:  # the lowest ort dense / torch ratio this CPU's GEMM ceilings allow
+        best = max(ceiling["ort_gflops"], ceiling["torch_gflops"])
+        for b in args.batches:
+            ours = dense_gflop(b, args.seq, first_row_last_layer=True)
+            table[str(b)]["ort_dense_gflops"] = round(ours / lat("ort", "dense", b) * 1e3, 1)
+            table[str(b)]["torch_dense_gflops"] = round(
+                dense_gflop(b, args.seq, first_row_last_layer=False)
+                / lat("torch", "dense", b) * 1e3, 1)
+            table[str(b)]["ort_dense_vs_torch_floor"] = round(
+                ours / best * 1e3 / lat("torch", "dense", b), 3)
+        print(f"GEMM ceiling: {ceiling}", file=sys.stderr)
     half = "ort_pruned50_vs_dense"
     targets = {
         "ort_pruned50_le_0.55x_dense": {b: v[half] <= 0.55 for b, v in table.items()
@@ -427,6 +511,7 @@ def main() -> None:
                     "onnxruntime": onnxruntime.__version__, "jax": jax.__version__,
                     "torch": torch.__version__},
         "models": exported, "latency": latency, "peak_memory_mib": memory,
+        "gemm_ceiling": ceiling,
         "ratios": table, "targets": targets, "sst2_accuracy": accuracy,
         "wall_s": round(time.perf_counter() - t_start, 1)}
     print(json.dumps(out, indent=2))
