@@ -14,6 +14,7 @@ package path) instead of a bare top-level ``fedspine_pb2``.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import tempfile
@@ -22,6 +23,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROTO = HERE / "fedspine.proto"
 OUTPUTS = ("fedspine_pb2.py", "fedspine_pb2_grpc.py")
+# Version stamps the generators write (grpcio-tools' own version, its protobuf's): a patch
+# release of the tools changes them and nothing else, so they are not compared.
+_STAMPS = (re.compile(r"^GRPC_GENERATED_VERSION = '[^']*'$", re.M),
+           re.compile(r"^# Protobuf Python Version: .*$", re.M),
+           re.compile(r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,"
+                      r"\s*\d+,\s*\d+,\s*\d+,"))
 
 
 def generate(dest: Path) -> list[Path]:
@@ -45,6 +52,15 @@ def generate(dest: Path) -> list[Path]:
         return out
 
 
+def same_code(generated: str, committed: str) -> bool:
+    """Whether two generated modules are the same code, version stamps aside."""
+    def strip(text: str) -> str:
+        for stamp in _STAMPS:
+            text = stamp.sub("<version>", text)
+        return text
+    return strip(generated) == strip(committed)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true",
@@ -56,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         stale = [n for n, path in zip(OUTPUTS, generate(Path(tmp)))
-                 if path.read_text() != (HERE / n).read_text()]
+                 if not same_code(path.read_text(), (HERE / n).read_text())]
     if stale:
         print(f"out of date: {stale}; run python -m fedspine_jax.server.codegen")
         return 1

@@ -433,8 +433,21 @@ def test_generated_modules_match_the_proto(tmp_path):
     from fedspine_jax.server import codegen
 
     for path in codegen.generate(tmp_path):
-        assert path.read_text() == (codegen.HERE / path.name).read_text(), (
+        assert codegen.same_code(path.read_text(), (codegen.HERE / path.name).read_text()), (
             f"{path.name} is stale: run python -m fedspine_jax.server.codegen")
+
+
+def test_generated_modules_compare_without_the_tools_version_stamps():
+    from fedspine_jax.server import codegen
+
+    grpc_mod = (codegen.HERE / "fedspine_pb2_grpc.py").read_text()
+    pb2 = (codegen.HERE / "fedspine_pb2.py").read_text()
+    newer = grpc_mod.replace("GRPC_GENERATED_VERSION = '", "GRPC_GENERATED_VERSION = '9")
+    assert newer != grpc_mod and codegen.same_code(newer, grpc_mod)
+    bumped = re.sub(r"(Domain\.PUBLIC,\s*)\d+", r"\g<1>99", pb2)
+    assert bumped != pb2 and codegen.same_code(bumped, pb2)
+    # a change of the code itself is still a difference
+    assert not codegen.same_code(grpc_mod.replace("def ", "def x", 1), grpc_mod)
 
 
 def test_wire_round_trip_and_limits():
