@@ -25,7 +25,10 @@ else a fixed sentence list) tokenised and padded to ``--seq`` (64), at batch 1, 
 **Latency**: one child process loads every (back end, model) and times them round-robin,
 call by call, so that a shared machine's changing load hits all of them alike and the
 ratios -- against the dense model and against the peer -- stay fair (separate processes
-measured minutes apart disagreed by up to 4x for the peer on this box): the median after
+measured minutes apart disagreed by up to 4x for the peer on this box). The order is
+shuffled every round: a call that runs right after PyTorch's is slowed while PyTorch's
+OpenMP threads still spin (ONNX Runtime at batch 1: +25-33 %, measured), and in a fixed
+order the same model would always pay for it. The median after
 two warm-up calls (JAX compiles in the first), at least ``--min-repeats`` calls each, more
 while under ``--budget-s`` seconds per (back end, model) and batch size.
 
@@ -221,8 +224,10 @@ def child_latency(spec: dict) -> dict:
         times = {j: [] for j in jobs}
         start = time.perf_counter()
         budget = spec["budget_s"] * len(jobs)
+        order, rng = list(calls.items()), np.random.default_rng(b)
         while True:
-            for j, call in calls.items():
+            rng.shuffle(order)  # no model always runs right after the same one
+            for j, call in order:
                 t = time.perf_counter()
                 call(feeds)
                 times[j].append(time.perf_counter() - t)
